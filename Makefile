@@ -1,0 +1,50 @@
+# Two commands on a fresh clone: `make run` serves, `make test` tests. Both install what they need
+# into .venv first and are no-ops for the install step when nothing changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# Triton's python-backend wheel pins numpy<2 but is only used for its tritonserver binary; installing
+# it without dependencies keeps numpy 2 (model.py does its I/O over DLPack, see model_repository/).
+PYTRITON := nvidia-pytriton==0.7.0
+
+.PHONY: install install-dev run test lint typecheck unit bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+
+$(VENV)/.serve-installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e .
+	$(PIP) install -q --no-deps $(PYTRITON)
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.serve-installed
+	$(PIP) install -q -c constraints.txt -e '.[dev,export]'
+	touch $@
+
+install: $(VENV)/.serve-installed
+install-dev: $(VENV)/.dev-installed
+
+run: install
+	$(BIN)/palm-serve serve
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install-dev
+	$(BIN)/mypy
+
+test: install-dev lint typecheck
+	$(BIN)/pytest
+
+unit: install-dev
+	$(BIN)/pytest -m "not integration and not slow"
+
+bench: install-dev
+	$(BIN)/python -m loadtest.bench_serving
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

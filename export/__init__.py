@@ -1,0 +1,1 @@
+"""The Palm model: synthetic aerial scenes, PalmNet, training, ONNX/TensorRT export, evaluation."""

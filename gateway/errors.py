@@ -1,0 +1,215 @@
+"""The gateway's exception tree and the one RFC 9457 problem+json handler.
+
+::
+
+    GatewayError                         500  something we did not anticipate
+    ├── InputError                       400  the request itself is wrong
+    │   ├── InvalidParameter             422  a query/form parameter is out of range
+    │   ├── UnsupportedMediaType         415  not an image format we read (PNG named .tif, HTML, VRT)
+    │   ├── CorruptRaster                422  the container is right but its content cannot be decoded
+    │   ├── UnsupportedRaster            422  decodable, but not a layout we can turn into RGB
+    │   ├── RasterTooLarge               413  a budget (pixels, bands, decoded bytes) is exceeded
+    │   ├── UploadTooLarge               413  the upload's byte size is over the cap
+    │   └── DecoderFailed                422  the decoder crashed, ran out of memory or time on this file
+    ├── InferenceUnavailable             503  Triton unreachable or the model not ready (Retry-After)
+    │   └── InferenceTimeout             503  an inference call missed its deadline (Retry-After)
+    └── InferenceError                   502  Triton answered with an error
+
+Domain code raises these; third-party errors are translated at their module boundary with ``from exc``.
+Each class carries its HTTP status, a stable ``type`` slug and a title; the instance carries the detail
+(the reason a user can act on) and optional extension members.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://palm-serve.dev/problems/"
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, **extensions: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extensions = extensions
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InputError(GatewayError):
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+
+class InvalidParameter(InputError):
+    status = 422
+    slug = "invalid-parameter"
+    title = "Invalid parameter"
+
+
+class UnsupportedMediaType(InputError):
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class CorruptRaster(InputError):
+    status = 422
+    slug = "corrupt-raster"
+    title = "Corrupt raster"
+
+
+class UnsupportedRaster(InputError):
+    status = 422
+    slug = "unsupported-raster"
+    title = "Unsupported raster layout"
+
+
+class RasterTooLarge(InputError):
+    status = 413
+    slug = "raster-too-large"
+    title = "Raster exceeds a size budget"
+
+
+class UploadTooLarge(InputError):
+    status = 413
+    slug = "upload-too-large"
+    title = "Upload too large"
+
+
+class DecoderFailed(InputError):
+    status = 422
+    slug = "decoder-failed"
+    title = "Decoding this file failed"
+
+
+class InferenceUnavailable(GatewayError):
+    status = 503
+    slug = "inference-unavailable"
+    title = "Inference server unavailable"
+
+    def __init__(self, detail: str, retry_after_s: int = 5, **extensions: Any) -> None:
+        super().__init__(detail, **extensions)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class InferenceTimeout(InferenceUnavailable):
+    slug = "inference-timeout"
+    title = "Inference timed out"
+
+
+class InferenceError(GatewayError):
+    status = 502
+    slug = "inference-error"
+    title = "Inference server error"
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    slug: str | None = None,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    """Build one RFC 9457 problem+json response."""
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + slug if slug else "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(extensions)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Route every error, ours or the framework's, through problem+json."""
+
+    async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, GatewayError)
+        if exc.status >= 500:
+            logger.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.detail)
+        return problem(
+            exc.status,
+            exc.title,
+            exc.detail,
+            slug=exc.slug,
+            instance=request.url.path,
+            headers=exc.headers(),
+            **exc.extensions,
+        )
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return problem(
+            exc.status_code,
+            _reason(exc.status_code),
+            str(exc.detail),
+            instance=request.url.path,
+            headers=dict(exc.headers or {}),
+        )
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        return problem(
+            422,
+            "Invalid request",
+            detail,
+            slug="invalid-parameter",
+            instance=request.url.path,
+            errors=errors,
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(
+            500,
+            "Internal error",
+            "The server hit an unexpected condition; the error was logged.",
+            slug="internal-error",
+            instance=request.url.path,
+        )
+
+    app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

@@ -1,0 +1,1 @@
+"""Pure, synchronous steps from raster to COCO; only ``raster.py`` touches files."""

@@ -1,0 +1,113 @@
+"""Configuration: one pydantic-settings class, ``PALM_`` prefix, nested groups joined with ``__``.
+
+Examples::
+
+    PALM_DATA_DIR=/srv/palm
+    PALM_TRITON__URL=triton:8001        # use that server; start nothing
+    PALM_LIMITS__MAX_PREDICT_PIXELS=100000000
+
+``PALM_TRITON_URL`` (single underscore) is accepted as an alias of ``PALM_TRITON__URL`` because it is
+the name the docs and docker-compose use.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TritonSettings(BaseModel):
+    """Where inference runs and how the gateway talks to it."""
+
+    url: str | None = Field(
+        default=None,
+        description="host:port of a running Triton gRPC endpoint. Unset: start an embedded tritonserver.",
+    )
+    model_name: str = "palm"
+    model_version: str = "1"
+    model_repository: Path = REPO_ROOT / "model_repository"
+    model_config_name: str = Field(
+        default="cpu", description="Embedded server only: palm/configs/<name>.pbtxt selects the CPU config."
+    )
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one gRPC infer call.")
+    ready_timeout_s: float = Field(default=120.0, gt=0, description="How long the embedded server may take.")
+    batch_size: int = Field(default=8, ge=1, le=64, description="Tiles per gRPC request.")
+    max_inflight: int = Field(default=2, ge=1, le=64, description="Concurrent gRPC requests per image.")
+
+
+class LimitSettings(BaseModel):
+    """Budgets checked before any decode; every one is configurable."""
+
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_predict_pixels: int = Field(default=64_000_000, gt=0, description="Above this /v1/predict answers 413.")
+    max_width: int = Field(default=200_000, gt=0)
+    max_height: int = Field(default=200_000, gt=0)
+    max_bands: int = Field(default=64, gt=0)
+    max_decoded_bytes: int = Field(
+        default=64 * 1024**3, gt=0, description="width x height x bands x bytes per sample of the source."
+    )
+
+
+class TilingSettings(BaseModel):
+    """How images are cut and detections merged; recorded in every COCO ``info``."""
+
+    tile_size: int = Field(default=512, description="Fixed by the model's input shape.")
+    overlap: int = Field(default=128, ge=0, lt=512, description="Pixels shared by neighbouring tiles.")
+    nms_iou: float = Field(default=0.5, gt=0, le=1)
+    score_threshold: float = Field(default=0.3, ge=0, le=1, description="Default when a request sets none.")
+
+
+class DecodeSettings(BaseModel):
+    """Isolated raster decoding (worker processes)."""
+
+    workers: int = Field(default=2, ge=1, le=64)
+    memory_limit_bytes: int = Field(default=3 * 1024**3, gt=0, description="RLIMIT_AS of each decode worker.")
+    file_timeout_s: float = Field(default=600.0, gt=0, description="Wall-clock budget to decode one file.")
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PALM_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Field(default=Path("var"), description="All state: uploads, database, logs.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "INFO"
+    triton: TritonSettings = TritonSettings()
+    limits: LimitSettings = LimitSettings()
+    tiling: TilingSettings = TilingSettings()
+    decode: DecodeSettings = DecodeSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _triton_url_alias(cls, data: Any) -> Any:
+        url = os.environ.get("PALM_TRITON_URL")
+        if url and isinstance(data, dict):
+            triton = data.get("triton") or {}
+            if isinstance(triton, dict) and not triton.get("url"):
+                data["triton"] = {**triton, "url": url}
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.tiling.tile_size != 512:
+            raise ValueError("tiling.tile_size is fixed at 512 by the model's input shape")
+        if self.tiling.overlap * 2 > self.tiling.tile_size:
+            raise ValueError("tiling.overlap must be at most half the tile size")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built on first use (never at import time)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""The only package that imports ``tritonclient``: client, embedded-server launcher, codecs."""
