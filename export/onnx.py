@@ -1,0 +1,300 @@
+"""ONNX export of PalmNet, torch-vs-onnxruntime parity, and the model card.
+
+``python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt`` writes
+``model_repository/palm/1/model.onnx`` (one file, opset 18, dynamic batch) and ``model_card.json`` next to
+it. Batch norms are folded into the convolutions before export so the ONNX initializers carry the
+torch ``state_dict`` names one-to-one; the architecture config rides along as ONNX metadata, so
+:func:`load_torch_twin` can rebuild the exact torch model behind any exported file.
+
+Parity is measured as an order-insensitive distance between the two ``[K, 6]`` outputs of each tile:
+``max_i min_j max_c |a_ic - b_jc|`` taken both ways, because two peaks whose scores differ by float
+noise may swap places in the top-K order without changing the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+
+from export.model import (
+    CATEGORIES,
+    TILE,
+    PalmNet,
+    PalmNetConfig,
+    conv_flops,
+    fold_batchnorm,
+    folded_skeleton,
+)
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+DEFAULT_ONNX = Path("model_repository/palm/1/model.onnx")
+MODEL_NAME = "palm"
+CONFIG_KEY = "palmnet_config"
+
+
+def export_onnx(model: PalmNet, path: Path, opset: int = OPSET) -> Path:
+    """Export ``model`` (batch norms folded) to a single ONNX file with a dynamic batch axis.
+
+    Args:
+        model: a trained or untrained PalmNet (left unchanged).
+        path: where to write the ``.onnx`` file; parent folders are created.
+        opset: ONNX opset, at least 17.
+
+    Returns:
+        ``path``.
+    """
+    folded = fold_batchnorm(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, 3, TILE, TILE, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(
+        folded,
+        (example,),
+        input_names=["images"],
+        output_names=["detections"],
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes={"images": {0: batch}},
+        external_data=False,
+        verbose=False,
+    )
+    assert program is not None
+    proto = program.model_proto
+    proto.producer_name = "palm-serve export.onnx"
+    meta = proto.metadata_props.add()
+    meta.key = CONFIG_KEY
+    meta.value = json.dumps(model.config.to_json(), sort_keys=True)
+    onnx.checker.check_model(proto)
+    onnx.save_model(proto, str(path))
+    return path
+
+
+def load_torch_twin(path: Path) -> PalmNet:
+    """Rebuild the (batch-norm-folded, eval-mode) torch model that an exported ONNX file came from.
+
+    Raises:
+        ValueError: if the file lacks the PalmNet config metadata or its weights do not fit it.
+    """
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    if CONFIG_KEY not in props:
+        raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata; not exported by export.onnx")
+    model = folded_skeleton(PalmNetConfig.from_json(json.loads(props[CONFIG_KEY])))
+    inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    # The exporter's optimiser deduplicates identical initializers and drops all-zero biases, so a
+    # bias is found through the Conv node that consumes the named weight, and a missing one is zero.
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.input[1].endswith(".weight") and node.input[1] in inits:
+            bias_name = node.input[1][: -len("weight")] + "bias"
+            if len(node.input) > 2 and node.input[2] in inits:
+                inits.setdefault(bias_name, inits[node.input[2]])
+            else:
+                inits.setdefault(bias_name, torch.zeros(inits[node.input[1]].shape[0]))
+    state = model.state_dict()
+    missing = [k for k in state if k not in inits]
+    if missing:
+        raise ValueError(f"{path} lacks weights {missing[:5]}...")
+    model.load_state_dict({k: inits[k] for k in state})
+    return model.eval()
+
+
+def session(path: Path, threads: int = 2) -> ort.InferenceSession:
+    """A CPU onnxruntime session with ``threads`` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def row_distance(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
+    """Order-insensitive L-inf distance between two ``[K, 6]`` outputs (see the module docstring)."""
+    d = np.abs(a[:, None, :] - b[None, :, :]).max(axis=2)
+    return float(max(d.min(axis=1).max(), d.min(axis=0).max()))
+
+
+def parity(model: PalmNet, sess: ort.InferenceSession, tiles: npt.NDArray[np.uint8]) -> dict[str, float]:
+    """Compare torch and onnxruntime on ``uint8`` tiles ``[N, 3, T, T]``.
+
+    Returns:
+        ``max_abs_diff_ordered`` (row by row) and ``max_abs_diff`` (order-insensitive, see module
+        docstring) over all tiles.
+    """
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(tiles)).numpy()
+    out = sess.run(["detections"], {"images": tiles})[0]
+    return {
+        "max_abs_diff_ordered": float(np.abs(ref - out).max()),
+        "max_abs_diff": max(row_distance(r, o) for r, o in zip(ref, out, strict=True)),
+    }
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def contract(config: PalmNetConfig) -> dict[str, Any]:
+    """The input/output contract that Triton and the gateway rely on."""
+    return {
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "UINT8",
+                "shape": [-1, 3, TILE, TILE],
+                "layout": "NCHW, RGB, 0..255; normalisation happens in the graph",
+            }
+        ],
+        "outputs": [
+            {
+                "name": "detections",
+                "datatype": "FP32",
+                "shape": [-1, config.top_k, 6],
+                "layout": "(x1, y1, x2, y2, score, class_id) in tile pixels, score-sorted descending; "
+                f"rows scoring below {config.score_floor} are all-zero padding; class_id is the COCO "
+                "category id as a float",
+            }
+        ],
+        "top_k": config.top_k,
+        "opset": OPSET,
+        "dynamic_batch": True,
+    }
+
+
+def write_card(
+    onnx_path: Path,
+    model: PalmNet,
+    *,
+    version: str,
+    training: dict[str, Any] | None,
+    evaluation: dict[str, Any] | None,
+    parity_figures: dict[str, Any] | None,
+    throughput: dict[str, Any] | None = None,
+    card_path: Path | None = None,
+) -> Path:
+    """Write ``model_card.json`` next to the ONNX file (or at ``card_path``) and return its path."""
+    card: dict[str, Any] = {
+        "name": MODEL_NAME,
+        "version": version,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "file": onnx_path.name,
+        "sha256": sha256(onnx_path),
+        "size_bytes": onnx_path.stat().st_size,
+        "architecture": {
+            "family": "PalmNet (CenterNet-style: heatmap + size + offset at stride 4, FPN neck)",
+            "config": model.config.to_json(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "gflop_per_tile": round(conv_flops(model) / 1e9, 3),
+            "gflop_counting": "2 x multiply-accumulates of every conv/linear layer, one 512x512 tile",
+        },
+        "contract": contract(model.config),
+        "categories": [{"id": cid, "name": name} for cid, name in CATEGORIES],
+        "training": training,
+        "evaluation": evaluation,
+        "parity": parity_figures,
+        "throughput": throughput,
+    }
+    out = card_path or onnx_path.with_name("model_card.json")
+    out.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def update_card(card_path: Path, **sections: Any) -> None:
+    """Replace top-level sections (e.g. ``throughput``) of an existing card, keeping the rest."""
+    card = json.loads(card_path.read_text())
+    card.update(sections)
+    card_path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+
+
+def load_checkpoint(path: Path) -> tuple[PalmNet, dict[str, Any]]:
+    """Load a checkpoint written by ``export.train``: the model and its recorded training config."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = PalmNet(PalmNetConfig.from_json(blob["model_config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), dict(blob["train_config"])
+
+
+def _parity_tiles(seed: int) -> npt.NDArray[np.uint8]:
+    """Random noise tiles plus tiles cut from a rendered scene."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (2, 3, TILE, TILE), dtype=np.uint8)
+    try:
+        from export.synth import render_scene
+    except ImportError:  # pragma: no cover - synth lands after the first export
+        return noise
+    scene = render_scene(seed, 1024)
+    real = np.stack([scene.pixels[:, y : y + TILE, x : x + TILE] for y, x in ((0, 0), (256, 512), (512, 128))])
+    return np.concatenate([noise, real]).astype(np.uint8)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint from export.train")
+    parser.add_argument("--random-init", action="store_true", help="export untrained weights (seeded)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init and parity tiles")
+    parser.add_argument("--out", type=Path, default=DEFAULT_ONNX)
+    parser.add_argument("--version", default="0.0.0-untrained")
+    parser.add_argument("--evaluation", type=Path, help="JSON written by export.evaluate, for the card")
+    parser.add_argument("--throughput", type=Path, help="JSON written by export.bench, for the card")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    torch.set_num_threads(2)
+
+    if args.checkpoint is not None:
+        model, training = load_checkpoint(args.checkpoint)
+    elif args.random_init:
+        torch.manual_seed(args.seed)
+        model, training = PalmNet().eval(), None
+    else:
+        parser.error("give --checkpoint or --random-init")
+
+    export_onnx(model, args.out)
+    twin = load_torch_twin(args.out)
+    sess = session(args.out)
+    figures = parity(model, sess, _parity_tiles(args.seed))
+    twin_figures = parity(twin, sess, _parity_tiles(args.seed + 1))
+    figures["max_abs_diff_folded_twin"] = twin_figures["max_abs_diff"]
+    print(f"torch vs onnxruntime max abs diff: {figures['max_abs_diff']:.3g} (order-insensitive)")
+    print(f"torch vs onnxruntime max abs diff: {figures['max_abs_diff_ordered']:.3g} (row by row)")
+    print(f"folded torch twin vs onnxruntime max abs diff: {twin_figures['max_abs_diff']:.3g}")
+    evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
+    throughput = json.loads(args.throughput.read_text()) if args.throughput else None
+    card = write_card(
+        args.out,
+        model,
+        version=args.version,
+        training=training,
+        evaluation=evaluation,
+        parity_figures=figures,
+        throughput=throughput,
+    )
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, sha256 {sha256(args.out)[:16]}...)")
+    print(f"wrote {card}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
