@@ -46,7 +46,9 @@ class LimitSettings(BaseModel):
     """Budgets checked before any decode; every one is configurable."""
 
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
-    max_predict_pixels: int = Field(default=64_000_000, gt=0, description="Above this /v1/predict answers 413.")
+    max_predict_pixels: int = Field(
+        default=64_000_000, gt=0, description="Above this /v1/predict answers 413."
+    )
     max_width: int = Field(default=200_000, gt=0)
     max_height: int = Field(default=200_000, gt=0)
     max_bands: int = Field(default=64, gt=0)

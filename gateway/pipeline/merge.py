@@ -51,9 +51,7 @@ class Detections:
 
     @staticmethod
     def empty() -> Detections:
-        return Detections(
-            np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int32)
-        )
+        return Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int32))
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from gateway.pipeline.tiling import axis_offsets, tile_count, tile_grid
@@ -17,7 +19,7 @@ def test_axis_covers_every_pixel_with_at_least_the_overlap(length: int, overlap:
         assert offsets == [0]
         return
     assert offsets[-1] == length - 512, "last tile snaps inward to the image edge"
-    for a, b in zip(offsets, offsets[1:], strict=False):
+    for a, b in itertools.pairwise(offsets):
         assert 512 - (b - a) >= overlap, "neighbours share at least the overlap"
     covered = set()
     for o in offsets:
@@ -35,19 +37,27 @@ def test_tile_count_matches_formula() -> None:
 def test_small_image_is_one_padded_tile() -> None:
     (spec,) = tile_grid(300, 200)
     assert (spec.x, spec.y, spec.width, spec.height) == (0, 0, 300, 200)
-    assert not (spec.interior_left or spec.interior_right or spec.interior_top or spec.interior_bottom)
+    assert not (spec.interior_left)
+    assert not (spec.interior_right)
+    assert not (spec.interior_top)
+    assert not (spec.interior_bottom)
 
 
 def test_seams_are_flagged_only_inside_the_image() -> None:
     grid = tile_grid(1000, 600)
     corners = {(s.row, s.col): s for s in grid}
     first = corners[(0, 0)]
-    assert first.interior_right and first.interior_bottom
-    assert not first.interior_left and not first.interior_top
+    assert first.interior_right
+    assert first.interior_bottom
+    assert not first.interior_left
+    assert not first.interior_top
     last = grid[-1]
-    assert last.interior_left and last.interior_top
-    assert not last.interior_right and not last.interior_bottom
-    assert last.x + last.width == 1000 and last.y + last.height == 600
+    assert last.interior_left
+    assert last.interior_top
+    assert not last.interior_right
+    assert not last.interior_bottom
+    assert last.x + last.width == 1000
+    assert last.y + last.height == 600
 
 
 @pytest.mark.parametrize(("length", "overlap"), [(0, 128), (100, 512), (100, -1)])

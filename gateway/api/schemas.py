@@ -1,0 +1,78 @@
+"""Response schemas for the OpenAPI document (responses themselves are rendered by pipeline/coco.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = Field(examples=["https://palm-serve.dev/problems/corrupt-raster"])
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    model: ModelRef
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    sha256: str | None
+
+
+class ImageOut(BaseModel):
+    file_name: str
+    width: int
+    height: int
+    crs: str | None = Field(description='"EPSG:32633"-style, or WKT; null without a CRS')
+    transform: list[float] | None = Field(description="[a, b, c, d, e, f] in rasterio's affine order")
+
+
+class DetectionOut(BaseModel):
+    category_id: int
+    category: str
+    score: float
+    bbox: list[float] = Field(description="[x, y, width, height] in image pixels (COCO convention)")
+    geometry: dict[str, Any] | None = Field(description="GeoJSON Polygon in EPSG:4326; null without a CRS")
+
+
+class TilesOut(BaseModel):
+    total: int
+    skipped: int = Field(description="tiles fully masked by nodata/alpha, never sent to the model")
+
+
+class PredictResponse(BaseModel):
+    model: ModelOut
+    image: ImageOut
+    detections: list[DetectionOut]
+    tiles: TilesOut
+    warnings: list[str]
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
+    for code, text in {
+        400: "Malformed request",
+        413: "Upload or raster over a size budget",
+        415: "Not an image format we read",
+        422: "Invalid parameter, corrupt or undecodable raster",
+        503: "Inference unavailable (see Retry-After)",
+    }.items()
+}

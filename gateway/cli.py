@@ -1,0 +1,153 @@
+"""``palm-serve``: ``serve`` runs the HTTP gateway; ``predict`` runs the same pipeline on local files."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from gateway.settings import Settings, get_settings
+
+logger = logging.getLogger("palm_serve")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="palm-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API (embedded Triton unless PALM_TRITON_URL is set)")
+    serve.add_argument("--host", help="bind address (default PALM_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default PALM_PORT or 8000)")
+
+    predict = sub.add_parser("predict", help="detect objects in local files, no HTTP involved")
+    predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output directory")
+    predict.add_argument("--format", choices=["json", "coco", "geojson"], default="json")
+    predict.add_argument("--score-threshold", type=float, default=None)
+    predict.add_argument("--bands", default=None, help="source bands for R,G,B, e.g. 3,2,1")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    _tune_malloc()
+    if args.command == "serve":
+        return _serve(settings, args.host, args.port)
+    return asyncio.run(_predict(settings, args))
+
+
+def _tune_malloc() -> None:
+    from gateway.triton.codecs import tune_malloc
+
+    tune_malloc()
+
+
+def _serve(settings: Settings, host: str | None, port: int | None) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+async def _predict(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gateway.api.predict import parse_bands
+    from gateway.app import connect_triton
+    from gateway.decode import DecodePool
+    from gateway.errors import GatewayError
+    from gateway.metrics import Metrics
+    from gateway.model_card import load_model_info
+    from gateway.pipeline.coco import ImageResult, to_coco, to_geojson, to_json
+    from gateway.predictor import PredictOptions, Predictor
+
+    threshold = settings.tiling.score_threshold if args.score_threshold is None else args.score_threshold
+    try:
+        options = PredictOptions(score_threshold=threshold, bands=parse_bands(args.bands), max_pixels=None)
+    except GatewayError as exc:
+        print(f"palm-serve: {exc.detail}", file=sys.stderr)
+        return 2
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        print(f"palm-serve: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics()
+    failures = 0
+    results: list[ImageResult] = []
+    used: set[Path] = set()
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(connect_triton(settings, metrics))
+        pool = DecodePool(settings.decode, settings.limits)
+        await pool.start()
+        stack.push_async_callback(pool.close)
+        model = load_model_info(settings.triton)
+        predictor = Predictor(settings, pool, backend, model, metrics)  # type: ignore[arg-type]
+        for path in args.files:
+            bar = tqdm(total=0, desc=path.name, unit="tile", disable=args.no_progress, leave=False)
+
+            def progress(done: int, total: int, bar: Any = bar) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            try:
+                result = await predictor.predict_file(path, path.name, options, progress=progress)
+            except GatewayError as exc:
+                failures += 1
+                bar.close()
+                print(f"{path}: {exc.title}: {exc.detail}", file=sys.stderr)
+                continue
+            bar.close()
+            results.append(result)
+            if args.format == "json":
+                body: dict[str, Any] = to_json(result, model)
+            elif args.format == "coco":
+                body = to_coco([result], model, predictor.tiling_info(threshold))
+            else:
+                body = to_geojson([result], model)
+            target = _output_path(out, path, args.format, used)
+            target.write_text(json.dumps(body))
+            print(f"{path}: {len(result.detections)} detections, {result.tiles_total} tiles -> {target}")
+        if args.format == "coco" and len(results) > 1:
+            combined = out / "predictions.coco.json"
+            combined.write_text(json.dumps(to_coco(results, model, predictor.tiling_info(threshold))))
+            print(f"all files: {combined}")
+        elif args.format == "geojson" and len(results) > 1:
+            combined = out / "predictions.geojson"
+            combined.write_text(json.dumps(to_geojson(results, model)))
+            print(f"all files: {combined}")
+    return 1 if failures else 0
+
+
+def _output_path(out: Path, source: Path, fmt: str, used: set[Path]) -> Path:
+    """``<out>/<stem><suffix>``; inputs sharing a stem in one run get ``-2``, ``-3``, ..."""
+    suffix = {"json": ".json", "coco": ".coco.json", "geojson": ".geojson"}[fmt]
+    target = out / (source.stem + suffix)
+    n = 1
+    while target in used:
+        n += 1
+        target = out / f"{source.stem}-{n}{suffix}"
+    used.add(target)
+    return target
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""What the gateway tells users about the model: Triton's name/version plus the card's sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from gateway.pipeline.coco import ModelInfo
+from gateway.settings import TritonSettings
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "model_card.json"
+ONNX_NAME = "model.onnx"
+
+
+def load_model_info(triton: TritonSettings) -> ModelInfo:
+    """Read ``<repository>/<model>/<version>/model_card.json`` (written by ``python -m export.onnx``).
+
+    The sha256 identifies the exact weights; without a card it is computed from ``model.onnx`` when the
+    repository is local, and left ``None`` when the gateway only knows a remote Triton.
+    """
+    version_dir = Path(triton.model_repository) / triton.model_name / triton.model_version
+    sha256: str | None = None
+    card = version_dir / CARD_NAME
+    try:
+        sha256 = str(json.loads(card.read_text())["sha256"])
+    except FileNotFoundError:
+        onnx = version_dir / ONNX_NAME
+        if onnx.is_file():
+            sha256 = _file_sha256(onnx)
+    except (KeyError, ValueError, OSError) as exc:
+        logger.warning("model card %s is unreadable: %s", card, exc)
+    return ModelInfo(name=triton.model_name, version=triton.model_version, sha256=sha256)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

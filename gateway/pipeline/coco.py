@@ -1,0 +1,218 @@
+"""Results of one image and their COCO / JSON rendering (pure; no I/O).
+
+The COCO document is the same shape for one image (``/v1/predict?format=coco``) and for a bulk job of
+thousands: ``info`` records the model and the tiling/merge parameters that produced it, ``images``
+carry size, sha256 and georeferencing, ``annotations`` carry ``score`` so the file loads both with
+``pycocotools.coco.COCO`` and, as a result list, with ``COCO.loadRes``.
+
+Boxes follow the COCO convention: ``[x, y, width, height]`` in pixels of the original image, ``x, y`` the
+top-left corner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.pipeline.merge import Detections
+
+CATEGORIES: Mapping[int, str] = {1: "palm_tree", 2: "building"}
+SUPERCATEGORIES: Mapping[int, str] = {1: "vegetation", 2: "structure"}
+
+GeoJSONGeometry = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Which model produced a result."""
+
+    name: str
+    version: str
+    sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TilingInfo:
+    """How an image was cut and merged; recorded so results are reproducible."""
+
+    tile_size: int
+    overlap: int
+    nms_iou: float
+    score_threshold: float
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMeta:
+    """The image as the user sent it."""
+
+    file_name: str
+    width: int
+    height: int
+    sha256: str | None = None
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """Merged detections of one image with their EPSG:4326 geometries (``None`` without a CRS)."""
+
+    image: ImageMeta
+    detections: Detections
+    geometries: Sequence[GeoJSONGeometry | None]
+    tiles_total: int = 0
+    tiles_skipped: int = 0
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+def category_name(category_id: int) -> str:
+    return CATEGORIES.get(category_id, f"class_{category_id}")
+
+
+def coco_bbox(box: Sequence[float]) -> list[float]:
+    """``x1, y1, x2, y2`` to COCO ``[x, y, w, h]``, rounded to 1/100 px."""
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
+
+
+def detection_records(result: ImageResult) -> list[dict[str, Any]]:
+    """The ``detections`` list of the plain JSON format."""
+    det = result.detections
+    return [
+        {
+            "category_id": int(det.class_ids[i]),
+            "category": category_name(int(det.class_ids[i])),
+            "score": round(float(det.scores[i]), 4),
+            "bbox": coco_bbox(det.boxes[i]),
+            "geometry": result.geometries[i] if i < len(result.geometries) else None,
+        }
+        for i in range(len(det))
+    ]
+
+
+def to_json(result: ImageResult, model: ModelInfo) -> dict[str, Any]:
+    """The default ``/v1/predict`` body."""
+    image = result.image
+    return {
+        "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
+        "image": {
+            "file_name": image.file_name,
+            "width": image.width,
+            "height": image.height,
+            "crs": image.crs,
+            "transform": list(image.transform) if image.transform is not None else None,
+        },
+        "detections": detection_records(result),
+        "tiles": {"total": result.tiles_total, "skipped": result.tiles_skipped},
+        "warnings": list(image.warnings),
+    }
+
+
+def coco_categories() -> list[dict[str, Any]]:
+    return [
+        {"id": cid, "name": name, "supercategory": SUPERCATEGORIES[cid]} for cid, name in CATEGORIES.items()
+    ]
+
+
+def coco_info(
+    model: ModelInfo, tiling: TilingInfo, description: str = "Palm Serve detections"
+) -> dict[str, Any]:
+    return {
+        "description": description,
+        "version": model.version,
+        "date_created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
+        "tiling": {
+            "tile_size": tiling.tile_size,
+            "overlap": tiling.overlap,
+            "merge": "class-aware greedy NMS in image pixels, whole boxes before seam-truncated ones",
+            "nms_iou": tiling.nms_iou,
+            "score_threshold": tiling.score_threshold,
+        },
+    }
+
+
+class CocoBuilder:
+    """Accumulates images and annotations into one COCO dataset, assigning ids in arrival order.
+
+    Bulk jobs add thousands of images one by one; the builder holds plain dicts only.
+    """
+
+    def __init__(self, model: ModelInfo, tiling: TilingInfo) -> None:
+        self._info = coco_info(model, tiling)
+        self._images: list[dict[str, Any]] = []
+        self._annotations: list[dict[str, Any]] = []
+
+    def add(self, result: ImageResult) -> int:
+        """Append one image and its detections; returns the image id."""
+        image_id = len(self._images) + 1
+        image = result.image
+        self._images.append(
+            {
+                "id": image_id,
+                "file_name": image.file_name,
+                "width": image.width,
+                "height": image.height,
+                "sha256": image.sha256,
+                "crs": image.crs,
+                "transform": list(image.transform) if image.transform is not None else None,
+            }
+        )
+        det = result.detections
+        for i in range(len(det)):
+            bbox = coco_bbox(det.boxes[i])
+            self._annotations.append(
+                {
+                    "id": len(self._annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(det.class_ids[i]),
+                    "bbox": bbox,
+                    "area": round(bbox[2] * bbox[3], 2),
+                    "iscrowd": 0,
+                    "score": round(float(det.scores[i]), 4),
+                    "segmentation": [],
+                }
+            )
+        return image_id
+
+    def build(self) -> dict[str, Any]:
+        return {
+            "info": self._info,
+            "licenses": [],
+            "categories": coco_categories(),
+            "images": self._images,
+            "annotations": self._annotations,
+        }
+
+
+def to_coco(results: Iterable[ImageResult], model: ModelInfo, tiling: TilingInfo) -> dict[str, Any]:
+    """A COCO dataset holding every given image."""
+    builder = CocoBuilder(model, tiling)
+    for result in results:
+        builder.add(result)
+    return builder.build()
+
+
+def to_geojson(results: Iterable[ImageResult], model: ModelInfo) -> dict[str, Any]:
+    """An RFC 7946 FeatureCollection in EPSG:4326; features without a CRS carry ``geometry: null``."""
+    features: list[dict[str, Any]] = []
+    for result in results:
+        for record in detection_records(result):
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": record["geometry"],
+                    "properties": {
+                        "category_id": record["category_id"],
+                        "category": record["category"],
+                        "score": record["score"],
+                        "bbox_px": record["bbox"],
+                        "file_name": result.image.file_name,
+                        "model": f"{model.name}/{model.version}",
+                    },
+                }
+            )
+    return {"type": "FeatureCollection", "features": features}

@@ -1,0 +1,181 @@
+"""One image in, merged and georeferenced detections out: decode → Triton → merge → georeference.
+
+Shared by ``/v1/predict`` and ``palm-serve predict`` (and, later, bulk jobs). Decoding runs in an
+isolated worker process that streams tile batches; up to ``max_inflight`` batches are at Triton at once
+while the next ones decode, so the model never waits on the reader. Per-tile candidates are cut down to
+above-threshold boxes as soon as a batch returns; only those are held until the seam merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.decode import DecodePool, TileBatch
+from gateway.metrics import Metrics
+from gateway.pipeline import geo
+from gateway.pipeline.coco import ImageMeta, ImageResult, ModelInfo, TilingInfo
+from gateway.pipeline.merge import Candidates, merge_candidates, tile_candidates
+from gateway.pipeline.raster import ReadOptions
+from gateway.pipeline.tiling import tile_grid
+from gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with (tiles done, tiles total) as batches complete."""
+
+
+class TileInference(Protocol):
+    """What the predictor needs from an inference backend (the Triton client)."""
+
+    async def infer(self, tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PredictOptions:
+    """Per-request choices."""
+
+    score_threshold: float
+    bands: tuple[int, ...] | None = None
+    max_pixels: int | None = None
+
+
+class Predictor:
+    """Runs the decode → infer → merge → georeference path for one file at a time (many concurrently)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        decode: DecodePool,
+        inference: TileInference,
+        model: ModelInfo,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.decode = decode
+        self.inference = inference
+        self.model = model
+        self.metrics = metrics
+
+    def tiling_info(self, score_threshold: float) -> TilingInfo:
+        t = self.settings.tiling
+        return TilingInfo(t.tile_size, t.overlap, t.nms_iou, score_threshold)
+
+    async def predict_file(
+        self,
+        path: Path,
+        file_name: str,
+        options: PredictOptions,
+        *,
+        sha256: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ImageResult:
+        """Detect objects in the raster at ``path``.
+
+        Raises:
+            GatewayError: a subclass naming why the file or the inference failed.
+        """
+        tiling = self.settings.tiling
+        triton = self.settings.triton
+        started = time.perf_counter()
+        read = ReadOptions(bands=options.bands, max_pixels=options.max_pixels)
+        candidates: list[Candidates] = []
+        async with self.decode.open(path, read) as session:
+            info = session.info
+            specs = tile_grid(info.width, info.height, tiling.tile_size, tiling.overlap)
+            total = len(specs)
+            done = 0
+            inflight: set[asyncio.Task[list[Candidates]]] = set()
+
+            async def run(batch: TileBatch) -> list[Candidates]:
+                raw = await self._infer(batch)
+                return [
+                    tile_candidates(
+                        raw[i],
+                        spec,
+                        options.score_threshold,
+                        None if batch.valid is None else batch.valid[i],
+                    )
+                    for i, spec in enumerate(batch.specs)
+                ]
+
+            def collect(task: asyncio.Task[list[Candidates]]) -> None:
+                nonlocal done
+                result = task.result()
+                candidates.extend(result)
+                done += len(result)
+                if progress is not None:
+                    progress(done + session.skipped, total)
+
+            try:
+                async for batch in session.batches(specs, triton.batch_size):
+                    if len(inflight) >= triton.max_inflight:
+                        finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                        for task in finished:
+                            collect(task)
+                    inflight.add(asyncio.create_task(run(batch)))
+                while inflight:
+                    finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    for task in finished:
+                        collect(task)
+            finally:
+                for task in inflight:
+                    task.cancel()
+                if inflight:
+                    await asyncio.gather(*inflight, return_exceptions=True)
+            skipped = session.skipped
+        if progress is not None:
+            progress(total, total)
+        decoded = time.perf_counter()
+        merged = merge_candidates(candidates, iou=tiling.nms_iou)
+        merged_at = time.perf_counter()
+        geometries = await asyncio.to_thread(geo.box_polygons, merged.boxes, info)
+        finished_at = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.tiles.labels("inferred").inc(total - skipped)
+            self.metrics.tiles.labels("skipped").inc(skipped)
+            self.metrics.stage_latency.labels("decode_infer").observe(decoded - started)
+            self.metrics.stage_latency.labels("merge").observe(merged_at - decoded)
+            self.metrics.stage_latency.labels("georeference").observe(finished_at - merged_at)
+        return ImageResult(
+            image=ImageMeta(
+                file_name=file_name,
+                width=info.width,
+                height=info.height,
+                sha256=sha256,
+                crs=info.crs,
+                transform=info.transform,
+                warnings=tuple(info.warnings),
+            ),
+            detections=merged,
+            geometries=geometries,
+            tiles_total=total,
+            tiles_skipped=skipped,
+            timings={
+                "decode_infer_s": decoded - started,
+                "merge_s": merged_at - decoded,
+                "georeference_s": finished_at - merged_at,
+            },
+        )
+
+    async def _infer(self, batch: TileBatch) -> npt.NDArray[np.float32]:
+        start = time.perf_counter()
+        try:
+            return await self.inference.infer(batch.pixels)
+        except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.triton_errors.labels(type(exc).__name__).inc()
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.triton_latency.observe(time.perf_counter() - start)
+                self.metrics.triton_batch_tiles.observe(len(batch.specs))

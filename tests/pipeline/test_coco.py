@@ -1,0 +1,85 @@
+"""COCO / JSON / GeoJSON rendering, checked by loading the output the way users do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from gateway.pipeline.coco import (
+    ImageMeta,
+    ImageResult,
+    ModelInfo,
+    TilingInfo,
+    to_coco,
+    to_geojson,
+    to_json,
+)
+from gateway.pipeline.merge import Detections
+
+MODEL = ModelInfo("palm", "1", "ab" * 32)
+TILING = TilingInfo(512, 128, 0.5, 0.3)
+
+
+def result(name: str, n: int, georef: bool = True) -> ImageResult:
+    boxes = np.array([[10 + 40 * i, 20, 40 + 40 * i, 55] for i in range(n)], np.float32)
+    polygon = {"type": "Polygon", "coordinates": [[[1, 2], [1, 3], [2, 3], [2, 2], [1, 2]]]}
+    return ImageResult(
+        image=ImageMeta(
+            file_name=name,
+            width=640,
+            height=480,
+            sha256="cd" * 32,
+            crs="EPSG:32633" if georef else None,
+            transform=(0.3, 0.0, 500000.0, 0.0, -0.3, 4000000.0) if georef else None,
+        ),
+        detections=Detections(
+            boxes,
+            np.linspace(0.9, 0.5, n, dtype=np.float32),
+            np.array([1, 2] * (n // 2) + [1] * (n % 2), np.int32),
+        ),
+        geometries=[polygon if georef else None] * n,
+        tiles_total=2,
+    )
+
+
+def test_coco_loads_with_pycocotools_and_as_results(tmp_path: Path) -> None:
+    doc = to_coco([result("a.tif", 3), result("b.tif", 2, georef=False)], MODEL, TILING)
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(doc))
+    coco = COCO(str(path))
+    assert sorted(coco.getCatIds()) == [1, 2]
+    assert coco.loadCats(1)[0]["name"] == "palm_tree"
+    assert len(coco.getImgIds()) == 2
+    assert len(coco.getAnnIds(imgIds=[1])) == 3
+    first = coco.loadAnns(coco.getAnnIds(imgIds=[1]))[0]
+    assert first["bbox"] == [10.0, 20.0, 30.0, 35.0]
+    assert first["area"] == 30.0 * 35.0
+    results = coco.loadRes(doc["annotations"])
+    assert len(results.getAnnIds()) == 5
+    assert doc["info"]["model"]["sha256"] == MODEL.sha256
+    assert doc["info"]["tiling"]["overlap"] == 128
+    assert doc["images"][0]["crs"] == "EPSG:32633"
+    assert doc["images"][1]["transform"] is None
+
+
+def test_json_format_shape() -> None:
+    body = to_json(result("scene.tif", 2), MODEL)
+    assert body["model"] == {"name": "palm", "version": "1", "sha256": MODEL.sha256}
+    assert body["image"]["transform"] == [0.3, 0.0, 500000.0, 0.0, -0.3, 4000000.0]
+    det = body["detections"][1]
+    assert det["category"] == "building"
+    assert det["category_id"] == 2
+    assert det["bbox"] == [50.0, 20.0, 30.0, 35.0]
+    assert det["geometry"]["type"] == "Polygon"
+
+
+def test_geojson_is_a_feature_collection_with_null_geometry_without_crs() -> None:
+    doc = to_geojson([result("a.tif", 1), result("b.png", 1, georef=False)], MODEL)
+    assert doc["type"] == "FeatureCollection"
+    geoms = [f["geometry"] for f in doc["features"]]
+    assert geoms[0]["type"] == "Polygon"
+    assert geoms[1] is None
+    assert doc["features"][0]["properties"]["category"] == "palm_tree"
