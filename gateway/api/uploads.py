@@ -117,7 +117,8 @@ class _PartCollector:
             self.size += len(chunk)
             if self.size > self.max_bytes:
                 raise UploadTooLarge(
-                    f"upload exceeds {self.max_bytes} bytes; use palm-serve predict or a bulk job for larger files",
+                    f"upload exceeds {self.max_bytes} bytes; "
+                    "use palm-serve predict or a bulk job for larger files",
                     limit_bytes=self.max_bytes,
                 )
             self.hasher.update(chunk)
