@@ -1,0 +1,322 @@
+"""Async gRPC client for the ``palm`` model on Triton, with errors in the gateway's own terms.
+
+One ``grpc.aio`` channel carries everything. Control calls (ready, metadata, config, statistics) use
+the stub generated in ``tritonclient.grpc``; ``ModelInfer`` sends bytes from
+:class:`~gateway.triton.codecs.InferRequestEncoder` (one copy of the tiles instead of four), measured 2x
+faster at batch 8 than ``tritonclient.grpc.aio.InferenceServerClient.infer`` (loadtest/bench_triton.py).
+
+Error translation, the only place ``tritonclient``/``grpc`` errors become ours::
+
+    grpc UNAVAILABLE, CANCELLED by the server, RESOURCE_EXHAUSTED,
+    "model not ready/unknown"                          -> InferenceUnavailable (503, Retry-After)
+    grpc DEADLINE_EXCEEDED while connected             -> InferenceTimeout     (503, Retry-After)
+    grpc DEADLINE_EXCEEDED, server never reached       -> InferenceUnavailable
+    any other status, or a response off the contract   -> InferenceError       (502)
+
+Every call has a deadline (``settings.request_timeout_s`` unless given), and calls never wait for a
+connection that is down (``wait_for_ready`` off), so an unreachable server fails fast.
+
+A client is bound to the event loop of its first call (a ``grpc.aio`` rule); create one per loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
+from gateway.settings import TritonSettings
+from gateway.triton.codecs import OUTPUT_NAME, InferRequestEncoder, decode_detections, tune_malloc
+
+logger = logging.getLogger(__name__)
+
+_MODEL_INFER: Final = "/inference.GRPCInferenceService/ModelInfer"
+CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    # After a restart of the embedded server, reconnect within a second instead of gRPC's default
+    # backoff that grows to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+_UNAVAILABLE_CODES: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+_NOT_READY_HINTS: Final = (
+    "not ready",
+    "unknown model",
+    "is not found",
+    "no available versions",
+    "not available",
+    "unavailable",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the server says about the model it serves."""
+
+    name: str
+    version: str
+    platform: str
+    backend: str
+    max_batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    """Cumulative counters of one model version since the server started.
+
+    ``inference_count`` counts tiles, ``execution_count`` model executions: with dynamic batching the
+    second is smaller. ``batch_executions`` maps an executed batch size to how often it ran.
+    """
+
+    inference_count: int
+    execution_count: int
+    success_count: int
+    failure_count: int
+    queue_ns: int
+    compute_infer_ns: int
+    batch_executions: dict[int, int] = field(default_factory=dict)
+
+
+class TritonClient:
+    """Talks to one Triton gRPC endpoint about one model.
+
+    Example::
+
+        async with TritonClient(triton.grpc_url, settings.triton) as client:
+            detections = await client.infer(tiles)  # [N, 512, 6] float32
+
+    Args:
+        url: ``host:port`` of Triton's gRPC endpoint.
+        settings: Model name/version and ``request_timeout_s``.
+        retry_after_s: ``Retry-After`` carried by the unavailability errors.
+        malloc_tuning: Call :func:`~gateway.triton.codecs.tune_malloc` for this process (idempotent);
+            large requests are about 2x faster with it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        settings: TritonSettings | None = None,
+        *,
+        retry_after_s: int = 5,
+        malloc_tuning: bool = True,
+    ) -> None:
+        self.url = url
+        self.settings = settings or TritonSettings()
+        self.retry_after_s = retry_after_s
+        self._encoder = InferRequestEncoder(self.settings.model_name, self.settings.model_version)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+        self._infer_call: Any = None
+        if malloc_tuning:
+            tune_malloc()
+
+    # -- inference ----------------------------------------------------------------------------------
+
+    async def infer(
+        self, tiles: npt.NDArray[np.uint8], *, timeout_s: float | None = None, request_id: str = ""
+    ) -> npt.NDArray[np.float32]:
+        """Run the model on a batch of tiles.
+
+        Args:
+            tiles: uint8 ``[N, 3, 512, 512]``, C-contiguous to avoid a copy. N may exceed the model's
+                ``max_batch_size`` only if the server allows it; send at most that many per call.
+            timeout_s: Deadline of this call; ``settings.request_timeout_s`` when ``None``.
+            request_id: Echoed by Triton in its logs and response.
+
+        Returns:
+            Read-only float32 ``[N, 512, 6]``: ``x1, y1, x2, y2, score, class_id`` per detection slot.
+
+        Raises:
+            TypeError: ``tiles`` is not uint8.
+            ValueError: ``tiles`` does not have shape ``[N, 3, 512, 512]``.
+            InferenceUnavailable: The server is unreachable or the model not ready.
+            InferenceTimeout: The deadline passed while the server was working on it.
+            InferenceError: The server answered with an error, or with an off-contract output.
+        """
+        payload = self._encoder.encode(tiles, request_id)
+        batch = tiles.shape[0]
+        self._connect()
+        try:
+            response = await self._infer_call(payload, timeout=self._deadline(timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, f"infer of {batch} tile(s)") from exc
+        return self._detections(response, batch)
+
+    def _detections(self, response: Any, batch: int) -> npt.NDArray[np.float32]:
+        for index, output in enumerate(response.outputs):
+            if output.name != OUTPUT_NAME:
+                continue
+            if index >= len(response.raw_output_contents):
+                break
+            try:
+                return decode_detections(
+                    response.raw_output_contents[index],
+                    datatype=output.datatype,
+                    shape=list(output.shape),
+                    batch=batch,
+                )
+            except ValueError as exc:
+                raise InferenceError(f"Triton at {self.url}: {exc}") from exc
+        raise InferenceError(f"Triton at {self.url} returned no raw {OUTPUT_NAME!r} output")
+
+    # -- control plane ------------------------------------------------------------------------------
+
+    async def model_ready(self, *, timeout_s: float | None = None) -> bool:
+        """Whether the server is reachable and reports the model version ready.
+
+        Never raises for an unreachable or failing server: that is simply "not ready".
+        """
+        self._connect()
+        request = service_pb2.ModelReadyRequest(
+            name=self.settings.model_name, version=self.settings.model_version
+        )
+        try:
+            response = await self._stub.ModelReady(request, timeout=self._deadline(timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            logger.debug("model_ready on %s: %s %s", self.url, exc.code(), exc.details())
+            return False
+        return bool(response.ready)
+
+    async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
+        """Name, version, platform and backend of the served model.
+
+        Raises:
+            InferenceUnavailable: The server is unreachable or the model not loaded.
+            InferenceTimeout: No answer within the deadline.
+            InferenceError: Any other server error.
+        """
+        self._connect()
+        name, version = self.settings.model_name, self.settings.model_version
+        deadline = self._deadline(timeout_s)
+        try:
+            metadata, config = await asyncio.gather(
+                self._stub.ModelMetadata(
+                    service_pb2.ModelMetadataRequest(name=name, version=version), timeout=deadline
+                ),
+                self._stub.ModelConfig(
+                    service_pb2.ModelConfigRequest(name=name, version=version), timeout=deadline
+                ),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, "model metadata") from exc
+        served = (
+            version if version in metadata.versions else (metadata.versions[-1] if metadata.versions else "")
+        )
+        return ModelInfo(
+            name=metadata.name,
+            version=served,
+            platform=metadata.platform,
+            backend=config.config.backend,
+            max_batch_size=int(config.config.max_batch_size),
+        )
+
+    async def statistics(self, *, timeout_s: float | None = None) -> ModelStatistics:
+        """Triton's cumulative inference statistics for the model version.
+
+        Raises:
+            InferenceUnavailable: The server is unreachable or the model not loaded.
+            InferenceTimeout: No answer within the deadline.
+            InferenceError: Any other server error.
+        """
+        self._connect()
+        request = service_pb2.ModelStatisticsRequest(
+            name=self.settings.model_name, version=self.settings.model_version
+        )
+        try:
+            response = await self._stub.ModelStatistics(request, timeout=self._deadline(timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, "model statistics") from exc
+        if not response.model_stats:
+            raise InferenceUnavailable(
+                f"Triton at {self.url} has no statistics for {self.settings.model_name!r}",
+                retry_after_s=self.retry_after_s,
+            )
+        stats = response.model_stats[0]
+        inference = stats.inference_stats
+        return ModelStatistics(
+            inference_count=int(stats.inference_count),
+            execution_count=int(stats.execution_count),
+            success_count=int(inference.success.count),
+            failure_count=int(inference.fail.count),
+            queue_ns=int(inference.queue.ns),
+            compute_infer_ns=int(inference.compute_infer.ns),
+            batch_executions={int(b.batch_size): int(b.compute_infer.count) for b in stats.batch_stats},
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled. Idempotent."""
+        channel, self._channel = self._channel, None
+        self._stub = self._infer_call = None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> TritonClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Create the channel on first use, inside the running loop (grpc.aio binds it there)."""
+        if self._channel is not None:
+            return
+        self._channel = grpc.aio.insecure_channel(self.url, options=list(CHANNEL_OPTIONS))
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._infer_call = self._channel.unary_unary(
+            _MODEL_INFER,
+            request_serializer=None,  # payload is already bytes
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+            _registered_method=True,
+        )
+
+    def _deadline(self, timeout_s: float | None) -> float:
+        return self.settings.request_timeout_s if timeout_s is None else timeout_s
+
+    def _translate(self, exc: grpc.aio.AioRpcError, what: str) -> InferenceUnavailable | InferenceError:
+        """Map a gRPC failure to the gateway's error tree (see the module docstring)."""
+        code = exc.code()
+        details = (exc.details() or "").strip()
+        where = f"Triton at {self.url}"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if self._connected():
+                return InferenceTimeout(
+                    f"{where}: {what} exceeded its deadline", retry_after_s=self.retry_after_s
+                )
+            return InferenceUnavailable(
+                f"{where} is not reachable ({what} timed out before a connection was made)",
+                retry_after_s=self.retry_after_s,
+            )
+        if code in _UNAVAILABLE_CODES:
+            return InferenceUnavailable(
+                f"{where} is unavailable ({what}: {code.name}: {details})", retry_after_s=self.retry_after_s
+            )
+        lowered = details.lower()
+        if self.settings.model_name in details and any(hint in lowered for hint in _NOT_READY_HINTS):
+            return InferenceUnavailable(
+                f"{where}: model {self.settings.model_name!r} is not ready ({details})",
+                retry_after_s=self.retry_after_s,
+            )
+        return InferenceError(f"{where}: {what} failed: {code.name}: {details}")
+
+    def _connected(self) -> bool:
+        channel = self._channel
+        return channel is not None and channel.get_state() == grpc.ChannelConnectivity.READY

@@ -1,0 +1,212 @@
+"""Bytes on the wire of a ``palm`` inference call, without extra copies; and malloc tuning.
+
+The model contract is fixed: input ``images`` UINT8 ``[N, 3, 512, 512]``, output ``detections`` FP32
+``[N, 512, 6]`` with rows ``(x1, y1, x2, y2, score, class_id)``.
+
+Why encode by hand: ``tritonclient``'s ``InferInput.set_data_from_numpy`` copies the array into
+``bytes``, protobuf copies it into the message and again when serialising, and gRPC copies it once more.
+:class:`InferRequestEncoder` writes the few header bytes of a ``ModelInferRequest`` itself (cached per
+batch size) and appends the tile buffer as field 7 (``raw_input_contents``) with a single copy. gRPC's
+Python API only accepts ``bytes`` for a request, so that one copy cannot be avoided, and a reusable
+buffer cannot be handed over either; :func:`tune_malloc` makes the allocation cheap instead.
+
+Wire format (proto3, ``grpc_service.proto``)::
+
+    ModelInferRequest   1 model_name  2 model_version  3 id  5 inputs  6 outputs  7 raw_input_contents
+    InferInputTensor    1 name  2 datatype  3 shape (packed int64)
+    InferRequestedOutputTensor  1 name
+
+This module is pure: no ``tritonclient`` import, no I/O.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME: Final = "images"
+INPUT_DATATYPE: Final = "UINT8"
+OUTPUT_NAME: Final = "detections"
+OUTPUT_DATATYPE: Final = "FP32"
+TILE_SHAPE: Final = (3, 512, 512)
+MAX_DETECTIONS: Final = 512
+DETECTION_FIELDS: Final = 6  # x1, y1, x2, y2, score, class_id
+
+# glibc's largest accepted mmap threshold on 64-bit is 32 MiB; a batch of 32 tiles (25 MB) fits below.
+MALLOC_MMAP_THRESHOLD_BYTES: Final = 32 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD_BYTES: Final = 256 * 1024 * 1024
+_M_TRIM_THRESHOLD: Final = -1
+_M_MMAP_THRESHOLD: Final = -3
+
+_WIRE_LEN: Final = 2  # length-delimited wire type
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: tag, length, payload."""
+    return _varint(number << 3 | _WIRE_LEN) + _varint(len(payload)) + payload
+
+
+def check_tiles(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Validate a batch of tiles against the model's input contract.
+
+    Args:
+        tiles: uint8 array ``[N, 3, 512, 512]``, N >= 1.
+
+    Returns:
+        The same array if it is C-contiguous, else a C-contiguous copy.
+
+    Raises:
+        TypeError: Not a numpy array, or not uint8 (never send float32: 4x the bytes).
+        ValueError: Wrong shape or an empty batch.
+    """
+    if not isinstance(tiles, np.ndarray):
+        raise TypeError(f"tiles must be a numpy array, got {type(tiles).__name__}")
+    if tiles.dtype != np.uint8:
+        raise TypeError(f"tiles must be uint8, got {tiles.dtype}")
+    if tiles.ndim != 4 or tuple(tiles.shape[1:]) != TILE_SHAPE or tiles.shape[0] < 1:
+        raise ValueError(f"tiles must have shape [N>=1, 3, 512, 512], got {list(tiles.shape)}")
+    return np.ascontiguousarray(tiles)
+
+
+class InferRequestEncoder:
+    """Serialises ``ModelInferRequest`` messages for one model, copying the tiles exactly once.
+
+    Args:
+        model_name: Triton model name.
+        model_version: Version string; empty selects the server's policy.
+    """
+
+    def __init__(self, model_name: str, model_version: str = "") -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        prefix = _field(1, model_name.encode())
+        if model_version:
+            prefix += _field(2, model_version.encode())
+        self._prefix = prefix
+        self._requested_output = _field(6, _field(1, OUTPUT_NAME.encode()))
+        self._headers: dict[int, bytes] = {}
+
+    def _header(self, batch: int) -> bytes:
+        header = self._headers.get(batch)
+        if header is None:
+            shape = b"".join(_varint(d) for d in (batch, *TILE_SHAPE))
+            tensor = _field(1, INPUT_NAME.encode()) + _field(2, INPUT_DATATYPE.encode()) + _field(3, shape)
+            header = _field(5, tensor) + self._requested_output
+            if len(self._headers) < 256:
+                self._headers[batch] = header
+        return header
+
+    def encode(self, tiles: npt.NDArray[np.uint8], request_id: str = "") -> bytes:
+        """The serialised request for ``tiles``.
+
+        Args:
+            tiles: uint8 ``[N, 3, 512, 512]``; a non-contiguous array costs one more copy.
+            request_id: Optional id Triton echoes back and logs.
+
+        Returns:
+            Protobuf bytes, ready for the ``ModelInfer`` RPC.
+
+        Raises:
+            TypeError: See :func:`check_tiles`.
+            ValueError: See :func:`check_tiles`.
+        """
+        tiles = check_tiles(tiles)
+        request_field = _field(3, request_id.encode()) if request_id else b""
+        raw = memoryview(tiles.data).cast("B")
+        return b"".join(
+            (
+                self._prefix,
+                request_field,
+                self._header(tiles.shape[0]),
+                _varint(7 << 3 | _WIRE_LEN),
+                _varint(raw.nbytes),
+                raw,
+            )
+        )
+
+
+def decode_detections(
+    raw: bytes, *, datatype: str, shape: Sequence[int], batch: int
+) -> npt.NDArray[np.float32]:
+    """Turn the raw ``detections`` output of a response into an array, without copying.
+
+    Args:
+        raw: The output's ``raw_output_contents`` entry.
+        datatype: The datatype Triton reported for it.
+        shape: The shape Triton reported for it.
+        batch: The number of tiles that were sent.
+
+    Returns:
+        A read-only float32 view ``[batch, 512, 6]`` over ``raw``; copy it before modifying.
+
+    Raises:
+        ValueError: The output does not follow the model contract.
+    """
+    expected = (batch, MAX_DETECTIONS, DETECTION_FIELDS)
+    if datatype != OUTPUT_DATATYPE or tuple(shape) != expected:
+        raise ValueError(
+            f"output {OUTPUT_NAME!r} is {datatype} {list(shape)}, expected {OUTPUT_DATATYPE} {list(expected)}"
+        )
+    expected_bytes = int(np.prod(expected)) * 4
+    if len(raw) != expected_bytes:
+        raise ValueError(f"output {OUTPUT_NAME!r} has {len(raw)} bytes, expected {expected_bytes}")
+    return np.frombuffer(raw, dtype="<f4").reshape(expected)
+
+
+_malloc_tuned = False
+
+
+def tune_malloc(
+    mmap_threshold: int = MALLOC_MMAP_THRESHOLD_BYTES, trim_threshold: int = MALLOC_TRIM_THRESHOLD_BYTES
+) -> bool:
+    """Make glibc keep large blocks on the heap for this process (idempotent).
+
+    With the default dynamic threshold every multi-megabyte request buffer is a fresh ``mmap``, and
+    its pages fault in on every call; measured, that halves gRPC throughput on 6 MB requests. Raising
+    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` lets those buffers reuse already-mapped heap pages.
+    Child processes get the same through ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``.
+
+    Args:
+        mmap_threshold: Allocations at least this large still use ``mmap``.
+        trim_threshold: Free heap top kept before memory is returned to the OS.
+
+    Returns:
+        ``True`` if glibc accepted both settings (or did already), ``False`` elsewhere.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        logger.debug("mallopt is not available; malloc left untuned")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    _malloc_tuned = ok
+    logger.debug(
+        "mallopt mmap_threshold=%s trim_threshold=%s accepted=%s", mmap_threshold, trim_threshold, ok
+    )
+    return ok

@@ -1,0 +1,131 @@
+"""Triton python backend for ``palm``: the ONNX model on onnxruntime, CPU only.
+
+Selected with ``tritonserver --model-config-name=cpu`` (``configs/cpu.pbtxt``); the production GPU path
+(``config.pbtxt``) uses Triton's own onnxruntime backend and never loads this file.
+
+Batching: Triton's dynamic batcher hands ``execute`` every request that waited in its queue. Their
+``images`` tensors are concatenated along the batch axis and run as ONE onnxruntime call (one big GEMM
+per layer beats many small ones), then the ``detections`` are split back, request by request, in order.
+
+I/O goes through DLPack only. The stub bundled with the ``nvidia-pytriton`` wheel was built against
+numpy<2; with numpy 2 its ``as_numpy()`` reads zeros and ``Tensor(name, ndarray)`` sends empty tensors,
+silently. ``np.from_dlpack(tensor)`` and ``Tensor.from_dlpack(name, array)`` are correct with numpy>=2.4.
+
+Errors: a request that cannot be decoded gets its own error response; the others in the batch still
+run. If onnxruntime itself fails, every request of that batch gets the error (they shared the call).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "detections"
+TILE_SHAPE = (3, 512, 512)
+
+
+def _parameter(config: dict[str, Any], key: str, default: str) -> str:
+    """One ``parameters { key: ... value { string_value: ... } }`` entry of the model config."""
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
+    return value.strip() or default
+
+
+def available_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware, unlike ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class TritonPythonModel:
+    """One model instance: one onnxruntime session."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        """Load ``<model dir>/<version>/<onnx_file>`` into an onnxruntime CPU session.
+
+        Config parameters (all optional, strings):
+            ``onnx_file``: file name inside the version directory (default ``model.onnx``).
+            ``intra_op_threads``: threads of one onnxruntime call; ``0`` or unset means every core this
+                process may use (``os.sched_getaffinity``) divided by the instance count.
+        """
+        self.model_config = config = json.loads(args["model_config"])
+        self.logger = pb_utils.Logger
+        onnx_file = _parameter(config, "onnx_file", "model.onnx")
+        path = os.path.join(args["model_repository"], args["model_version"], onnx_file)
+
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        threads = int(_parameter(config, "intra_op_threads", "0"))
+        if threads <= 0:
+            threads = max(1, available_cores() // instances)
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Triton owns the process; spinning threads would steal the cores the next batch needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.output_names = [OUTPUT_NAME]
+        self.logger.log_info(
+            f"palm: loaded {path} on onnxruntime {ort.__version__} with {threads} intra-op threads"
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """Run every valid request of this batch in one onnxruntime call; answer each in order."""
+        responses: list[Any] = [None] * len(requests)
+        batch: list[np.ndarray] = []
+        owners: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                batch.append(self._decode(request))
+                owners.append(index)
+            except ValueError as exc:
+                responses[index] = _error_response(str(exc))
+
+        if batch:
+            images = batch[0] if len(batch) == 1 else np.concatenate(batch, axis=0)
+            try:
+                (detections,) = self.session.run(self.output_names, {INPUT_NAME: images})
+            except Exception as exc:  # onnxruntime raises several unrelated types
+                message = f"palm: onnxruntime failed on a batch of {images.shape[0]} tiles: {exc}"
+                self.logger.log_error(message)
+                for index in owners:
+                    responses[index] = _error_response(message)
+            else:
+                offset = 0
+                for index, tiles in zip(owners, batch, strict=True):
+                    count = tiles.shape[0]
+                    part = np.ascontiguousarray(detections[offset : offset + count])
+                    offset += count
+                    tensor = pb_utils.Tensor.from_dlpack(OUTPUT_NAME, part)
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor])
+        return responses
+
+    def finalize(self) -> None:
+        """Release the session before the stub exits."""
+        self.session = None
+
+    @staticmethod
+    def _decode(request: Any) -> np.ndarray:
+        """The request's ``images`` as a uint8 [n, 3, 512, 512] array (a view over Triton's memory)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, INPUT_NAME)
+        if tensor is None:
+            raise ValueError(f"input {INPUT_NAME!r} is missing")
+        array = np.from_dlpack(tensor)
+        if array.dtype != np.uint8:
+            raise ValueError(f"input {INPUT_NAME!r} must be UINT8, got {array.dtype}")
+        if array.ndim != 4 or tuple(array.shape[1:]) != TILE_SHAPE or array.shape[0] < 1:
+            raise ValueError(f"input {INPUT_NAME!r} must be [N, 3, 512, 512], got {list(array.shape)}")
+        return array
+
+
+def _error_response(message: str) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
