@@ -117,9 +117,12 @@ class PalmNet(nn.Module):
         self.heatmap = nn.Conv2d(cfg.head, cfg.num_classes, 1)
         self.regress = nn.Conv2d(cfg.head, 4, 1)  # (log w, log h, offset x, offset y)
         # Focal-loss prior: start every cell at p = 0.01 so early training is not swamped by negatives.
-        nn.init.constant_(self.heatmap.bias, -4.6)
-        nn.init.zeros_(self.regress.weight)
-        nn.init.constant_(self.regress.bias, 0.0)
+        with torch.no_grad():
+            self.heatmap.bias.fill_(-4.6)  # type: ignore[union-attr]
+            self.regress.weight.zero_()
+            self.regress.bias.zero_()  # type: ignore[union-attr]
+        self.mean: Tensor
+        self.inv_std: Tensor
 
     def normalise(self, images: Tensor) -> Tensor:
         """``uint8`` (or float in 0..255) RGB to the network's input scale."""
@@ -185,7 +188,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     ``y = gamma * (W x + b - mu) / sqrt(var + eps) + beta`` becomes ``W' x + b'`` with
     ``W' = W * s``, ``b' = (b - mu) * s + beta`` and ``s = gamma / sqrt(var + eps)``.
     """
-    assert bn.running_mean is not None and bn.running_var is not None
+    assert bn.running_mean is not None
+    assert bn.running_var is not None
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
     conv.weight = nn.Parameter(conv.weight.detach() * scale.view(-1, 1, 1, 1))
@@ -205,7 +209,9 @@ def fold_batchnorm(model: PalmNet) -> PalmNet:
     with torch.no_grad():
         for module in folded.modules():
             if isinstance(module, ConvBNReLU) and isinstance(module[1], nn.BatchNorm2d):
-                _fold(module[0], module[1])
+                conv = module[0]
+                assert isinstance(conv, nn.Conv2d)
+                _fold(conv, module[1])
                 module[1] = nn.Identity()
             elif isinstance(module, ResBlock) and isinstance(module.bn2, nn.BatchNorm2d):
                 _fold(module.conv2, module.bn2)
