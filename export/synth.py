@@ -120,14 +120,14 @@ class Scene:
 
     def pixel_to_lonlat(self, x: float, y: float) -> tuple[float, float]:
         """WGS84 ``(lon, lat)`` of pixel coordinates ``(x, y)`` (pixel edges; centres are ``+0.5``)."""
-        e, n = self.transform * (x, y)
+        e, n = self.transform @ (x, y)
         lon, lat = warp_transform(self.crs, "EPSG:4326", [e], [n])
         return float(lon[0]), float(lat[0])
 
     def lonlat_to_pixel(self, lon: float, lat: float) -> tuple[float, float]:
         """Pixel coordinates ``(x, y)`` of a WGS84 ``(lon, lat)``."""
         e, n = warp_transform("EPSG:4326", self.crs, [lon], [lat])
-        x, y = ~self.transform * (float(e[0]), float(n[0]))
+        x, y = ~self.transform @ (float(e[0]), float(n[0]))
         return float(x), float(y)
 
 
@@ -523,6 +523,9 @@ class _Palm:
     length: F32  # frond lengths, px
     width: float  # frond max half-width, px
     height: float  # m
+    tints: F32  # [fronds, 3] colour per frond
+    lit: F32  # [fronds] brightness per frond
+    hub: float  # brightness of the crown's centre
 
 
 def _palm_coverage(p: _Palm, px: F32, py: F32, ox: float = 0.0, oy: float = 0.0) -> tuple[F32, F32, F32]:
@@ -550,8 +553,11 @@ def _palm_coverage(p: _Palm, px: F32, py: F32, ox: float = 0.0, oy: float = 0.0)
     return np.maximum(best, hub).astype(np.float32), frond, np.stack([tb, edge]).astype(np.float32)
 
 
-def _make_palm(cv: _Canvas, cx: float, cy: float, diameter_m: float) -> _Palm:
-    rng = cv.rng
+def _make_palm(
+    cv: _Canvas, cx: float, cy: float, diameter_m: float, rng: np.random.Generator | None = None
+) -> _Palm:
+    """All of a palm's random choices (shape and colour), drawn from ``rng`` (the scene's by default)."""
+    rng = cv.rng if rng is None else rng
     radius = diameter_m / 2 / cv.gsd
     # Reserve the crown's core so no bush or broadleaf tree is later planted inside it.
     core = cv.window(cx - radius / 2, cy - radius / 2, cx + radius / 2, cy + radius / 2)
@@ -563,7 +569,16 @@ def _make_palm(cv: _Canvas, cx: float, cy: float, diameter_m: float) -> _Palm:
     length = (radius * rng.uniform(0.78, 1.0, count)).astype(np.float32)
     length[int(rng.integers(count))] = radius  # the crown's extent is its longest frond
     width = max(radius * rng.uniform(0.07, 0.12), 0.4)
-    return _Palm(cx, cy, radius, phi, length, width, rng.uniform(5.0, 16.0))
+    # Per-frond light: fronds pointing towards the sun tilt their upper surface into it.
+    lit = 0.78 + 0.3 * (np.cos(phi) * cv.sun[0] + np.sin(phi) * cv.sun[1]) + rng.normal(0, 0.06, count)
+    base = _jitter(rng, ((70, 104, 44), (84, 116, 50), (62, 92, 46), (96, 120, 58))[rng.integers(4)], 0.05)
+    tints = np.repeat(base[None, :], count, axis=0)
+    dead = rng.random(count) < 0.08
+    tints[dead] = _jitter(rng, (150, 132, 80), 0.05)
+    return _Palm(
+        cx, cy, radius, phi, length, width, rng.uniform(5.0, 16.0),
+        tints, lit.astype(np.float32), rng.uniform(0.55, 0.75),
+    )  # fmt: skip
 
 
 def _palm_shadow(cv: _Canvas, p: _Palm) -> None:
@@ -584,28 +599,20 @@ def _palm_shadow(cv: _Canvas, p: _Palm) -> None:
 
 
 def _palm_draw(cv: _Canvas, p: _Palm, record: bool = True) -> None:
-    rng = cv.rng
     win = cv.window(p.cx - p.radius - 2, p.cy - p.radius - 2, p.cx + p.radius + 2, p.cy + p.radius + 2)
     if win is None:
         return
     px, py = _grid(win)
     cov, frond, te = _palm_coverage(p, px, py)
     t, edge = te[0], np.clip(te[1], 0, 1)
-    count = len(p.phi)
-    # Per-frond light: fronds pointing towards the sun tilt their upper surface into it.
-    lit = 0.78 + 0.3 * (np.cos(p.phi) * cv.sun[0] + np.sin(p.phi) * cv.sun[1]) + rng.normal(0, 0.06, count)
-    base = _jitter(cv.rng, ((70, 104, 44), (84, 116, 50), (62, 92, 46), (96, 120, 58))[rng.integers(4)], 0.05)
-    tints = np.repeat(base[None, :], count, axis=0)
-    dead = rng.random(count) < 0.08
-    tints[dead] = _jitter(rng, (150, 132, 80), 0.05)
     # Fronds arch down towards their tips, so they darken along their length; the midrib catches
     # light, the leaflets at the frond's edge less so; the hub is shaded by the fronds around it.
     hub = t < 0
     along = (1.12 - 0.4 * np.clip(t, 0, 1) ** 1.5) * (1.12 - 0.28 * edge)
-    along = np.where(hub, np.float32(rng.uniform(0.55, 0.75)), along).astype(np.float32)
+    along = np.where(hub, np.float32(p.hub), along).astype(np.float32)
     c0, r0, c1, r1 = win
     tex = 1.0 + 0.1 * cv.texture[r0:r1, c0:c1]
-    colour = tints[frond] * (lit[frond].astype(np.float32) * along * tex)[..., None]
+    colour = p.tints[frond] * (p.lit[frond] * along * tex)[..., None]
     cv.paint(win, cov, colour)
     if record:
         cv.record(cov >= 0.5, win, PALM)
@@ -773,6 +780,7 @@ def render_scene(
     *,
     palms: Sequence[PalmAt] = (),
     populate: bool = True,
+    shadows: bool = True,
 ) -> Scene:
     """Render one scene.
 
@@ -782,6 +790,7 @@ def render_scene(
         gsd: metres per pixel in ``[0.3, 0.6]``; drawn from that range when None.
         palms: extra palms at known pixel positions (drawn last, on top, and recorded as ground truth).
         populate: False renders only land cover plus ``palms`` (for tests that need a known layout).
+        shadows: False leaves out every cast shadow (for tests that compare drawn pixels with boxes).
 
     Returns:
         The scene with its ground truth.
@@ -816,13 +825,16 @@ def render_scene(
             _water(cv)
         roads = _roads(cv)
         trees = _populate(cv, roads)
-    extra = [_make_palm(cv, p.x, p.y, p.diameter_m) for p in palms]
+    # Requested palms draw from their own stream, so adding one changes only its crown and shadow.
+    own = np.random.default_rng([seed, 1])
+    extra = [_make_palm(cv, p.x, p.y, p.diameter_m, own) for p in palms]
     for palm in [*trees, *extra]:
         _palm_shadow(cv, palm)
     # Shadows land on the ground and on objects drawn before the trees (buildings, cars, bushes).
     darkness = np.float32(rng.uniform(0.38, 0.55))
-    cv.rgb *= (1.0 - darkness * cv.shadow)[..., None]
-    cv.rgb[..., 2] += np.float32(6.0) * cv.shadow  # skylight makes shadows slightly blue
+    if shadows:
+        cv.rgb *= (1.0 - darkness * cv.shadow)[..., None]
+        cv.rgb[..., 2] += np.float32(6.0) * cv.shadow  # skylight makes shadows slightly blue
     cv.shadow[...] = 0
     for palm in trees:
         _palm_draw(cv, palm)
