@@ -1,0 +1,127 @@
+"""The wire format between the gateway and its decode workers (JSON metadata, raw pixel payloads).
+
+Requests (gateway → worker, stdin): one JSON object per line, ``{"op": ...}``:
+
+* ``open``: ``path``, ``options`` (:class:`ReadOptions` fields), ``limits`` (:class:`LimitSettings`).
+* ``tiles``: ``specs`` (lists of :class:`TileSpec` fields), ``batch_size``.
+* ``cancel``: stop the current ``tiles`` stream after the batch in flight.
+* ``close``: close the open raster.
+
+Replies (worker → gateway, the worker's original stdout): frames of a 12-byte header
+``<u32 meta length><u64 payload length>``, a JSON object, then the payload bytes:
+
+* ``ready`` (``pid``) once at start; ``info`` (``info``: :class:`RasterInfo` fields) after ``open``;
+* ``batch`` (``indices`` into the ``specs`` sent, ``valid``: whether masks follow) with the payload
+  ``uint8 [n, 3, 512, 512]`` then, if ``valid``, ``bool [n, 512, 512]``;
+* ``end`` (``skipped``, ``cancelled``) after the last batch; ``closed`` after ``close``;
+* ``error`` (``error``: a GatewayError class name, ``detail``, ``extensions``, ``recycle``: the worker
+  exits after sending it).
+
+Metadata is JSON, never pickle, so a worker compromised by a hostile file cannot make the gateway run
+code by what it sends back; sizes are checked against what was asked for before anything is read.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, fields
+from typing import Any, Final
+
+from gateway.errors import (
+    CorruptRaster,
+    DecoderFailed,
+    GatewayError,
+    InvalidParameter,
+    RasterTooLarge,
+    UnsupportedMediaType,
+    UnsupportedRaster,
+)
+from gateway.pipeline.raster import RasterInfo, ReadOptions
+from gateway.pipeline.tiling import TILE_SIZE, TileSpec
+
+HEADER: Final = struct.Struct("<IQ")
+MAX_META_BYTES: Final = 1024 * 1024
+TILE_PIXEL_BYTES: Final = 3 * TILE_SIZE * TILE_SIZE
+TILE_MASK_BYTES: Final = TILE_SIZE * TILE_SIZE
+
+ERRORS: Final[dict[str, type[GatewayError]]] = {
+    cls.__name__: cls
+    for cls in (
+        UnsupportedMediaType,
+        CorruptRaster,
+        UnsupportedRaster,
+        RasterTooLarge,
+        InvalidParameter,
+        DecoderFailed,
+    )
+}
+"""The only error types a worker may report; anything else becomes :class:`DecoderFailed`."""
+
+
+def request(op: str, **fields_: Any) -> bytes:
+    """One request line."""
+    return json.dumps({"op": op, **fields_}, separators=(",", ":")).encode() + b"\n"
+
+
+def frame(meta: dict[str, Any], payload_length: int = 0) -> bytes:
+    """Header and metadata of one reply; ``payload_length`` bytes must follow."""
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    return HEADER.pack(len(body), payload_length) + body
+
+
+def spec_to_wire(spec: TileSpec) -> list[int | bool]:
+    return [getattr(spec, f.name) for f in fields(TileSpec)]
+
+
+def spec_from_wire(values: list[Any]) -> TileSpec:
+    names = [f.name for f in fields(TileSpec)]
+    if len(values) != len(names):
+        raise ValueError(f"a tile spec has {len(names)} fields, got {len(values)}")
+    return TileSpec(**dict(zip(names, values, strict=True)))
+
+
+def options_to_wire(options: ReadOptions) -> dict[str, Any]:
+    return asdict(options)
+
+
+def options_from_wire(values: dict[str, Any]) -> ReadOptions:
+    bands = values.get("bands")
+    drivers = values.get("drivers")
+    return ReadOptions(
+        bands=tuple(int(b) for b in bands) if bands is not None else None,
+        max_pixels=values.get("max_pixels"),
+        drivers=tuple(str(d) for d in drivers) if drivers is not None else None,
+    )
+
+
+def info_to_wire(info: RasterInfo) -> dict[str, Any]:
+    return asdict(info)
+
+
+def info_from_wire(values: dict[str, Any]) -> RasterInfo:
+    """Rebuild a :class:`RasterInfo` (JSON turned its tuples into lists)."""
+
+    def tup(value: Any) -> Any:
+        return tuple(tup(v) for v in value) if isinstance(value, list) else value
+
+    known = {f.name for f in fields(RasterInfo)}
+    return RasterInfo(**{k: tup(v) for k, v in values.items() if k in known})
+
+
+def error_to_wire(exc: GatewayError, *, recycle: bool = False) -> dict[str, Any]:
+    name = type(exc).__name__ if type(exc).__name__ in ERRORS else "DecoderFailed"
+    return {
+        "kind": "error",
+        "error": name,
+        "detail": exc.detail,
+        "extensions": exc.extensions,
+        "recycle": recycle,
+    }
+
+
+def error_from_wire(meta: dict[str, Any]) -> GatewayError:
+    cls = ERRORS.get(str(meta.get("error")), DecoderFailed)
+    extensions = meta.get("extensions")
+    detail = str(meta.get("detail") or "The decoder failed on this file.")
+    return cls(detail, **(extensions if isinstance(extensions, dict) else {}))

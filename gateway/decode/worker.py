@@ -1,0 +1,219 @@
+"""A decode worker process: ``python -m gateway.decode.worker --memory-limit BYTES --parent-pid PID``.
+
+Started by :class:`~gateway.decode.pool.DecodePool`, never by hand. It serves one raster at a time over
+the protocol in :mod:`gateway.decode.protocol`, under an address-space limit (``RLIMIT_AS``), with core
+dumps off, and dies with its parent (``PR_SET_PDEATHSIG``). Its original stdout carries frames only:
+file descriptor 1 is pointed at stderr so nothing a C library prints can corrupt the stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import faulthandler
+import json
+import logging
+import os
+import resource
+import select
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.decode import protocol
+from gateway.errors import DecoderFailed, GatewayError
+from gateway.pipeline.raster import RasterReader, ReadOptions, open_raster
+from gateway.pipeline.tiling import TILE_SIZE, TileSpec
+from gateway.settings import LimitSettings
+
+logger = logging.getLogger("gateway.decode.worker")
+
+Opener = Callable[[Path, LimitSettings, ReadOptions], RasterReader]
+"""How the worker opens a file; tests inject one that crashes on purpose."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+class _Channel:
+    """Requests in (JSON lines on ``fd_in``), frames out (on ``fd_out``)."""
+
+    def __init__(self, fd_in: int, fd_out: int) -> None:
+        self.fd_in = fd_in
+        self.fd_out = fd_out
+        self._pending = b""
+
+    def receive(self, block: bool = True) -> dict[str, Any] | None:
+        """The next request; ``None`` when none is waiting (``block=False``) or at end of input."""
+        while b"\n" not in self._pending:
+            if not block and not select.select([self.fd_in], [], [], 0)[0]:
+                return None
+            chunk = os.read(self.fd_in, 65536)
+            if not chunk:
+                raise EOFError
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise ValueError("a request must be a JSON object")
+        return message
+
+    def send(self, meta: dict[str, Any], *payload: memoryview) -> None:
+        length = sum(p.nbytes for p in payload)
+        self._write(memoryview(protocol.frame(meta, length)))
+        for part in payload:
+            self._write(part.cast("B"))
+
+    def _write(self, data: memoryview) -> None:
+        while data:
+            written = os.write(self.fd_out, data)
+            data = data[written:]
+
+
+def main(argv: Sequence[str] | None = None, opener: Opener = open_raster) -> int:
+    """Run the worker until its input closes."""
+    parser = argparse.ArgumentParser(prog="gateway.decode.worker")
+    parser.add_argument("--memory-limit", type=int, required=True, help="RLIMIT_AS in bytes")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    data_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _harden(args.memory_limit, args.parent_pid)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"decode-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("rasterio").setLevel(logging.ERROR)
+    channel = _Channel(0, data_fd)
+    try:
+        channel.send({"kind": "ready", "pid": os.getpid()})
+        _serve(channel, opener, args.memory_limit)
+    except (EOFError, BrokenPipeError):
+        pass
+    return 0
+
+
+def _harden(memory_limit: int, parent_pid: int) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = memory_limit if hard == resource.RLIM_INFINITY else min(memory_limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        raise SystemExit(0)
+    faulthandler.enable()  # a crash leaves a Python traceback in the gateway's log
+
+
+def _serve(channel: _Channel, opener: Opener, memory_limit: int) -> None:
+    reader: RasterReader | None = None
+    while True:
+        message = channel.receive()
+        assert message is not None
+        op = message.get("op")
+        try:
+            if op == "open":
+                if reader is not None:
+                    reader.close()
+                    reader = None
+                reader = opener(
+                    Path(str(message["path"])),
+                    LimitSettings(**message["limits"]),
+                    protocol.options_from_wire(message.get("options") or {}),
+                )
+                channel.send({"kind": "info", "info": protocol.info_to_wire(reader.info)})
+            elif op == "tiles":
+                if reader is None:
+                    raise RuntimeError("tiles requested before open")
+                specs = [protocol.spec_from_wire(s) for s in message["specs"]]
+                _stream(channel, reader, specs, int(message["batch_size"]))
+            elif op == "close":
+                if reader is not None:
+                    reader.close()
+                    reader = None
+                channel.send({"kind": "closed"})
+            elif op == "cancel":
+                channel.send({"kind": "end", "skipped": 0, "cancelled": True})
+            else:
+                raise RuntimeError(f"unknown request {op!r}")
+        except GatewayError as exc:
+            channel.send(protocol.error_to_wire(exc))
+        except MemoryError:
+            channel.send(
+                protocol.error_to_wire(
+                    DecoderFailed(
+                        "Decoding this file needs more memory than a decode worker may use "
+                        f"({memory_limit / 1024**3:.1f} GiB).",
+                        cause="memory",
+                    ),
+                    recycle=True,
+                )
+            )
+            return
+        except (EOFError, BrokenPipeError):
+            raise
+        except Exception as exc:
+            logger.exception("decode worker failed on request %r", op)
+            channel.send(
+                protocol.error_to_wire(
+                    DecoderFailed(
+                        f"The decoder failed unexpectedly on this file ({type(exc).__name__}).",
+                        cause="internal",
+                    ),
+                    recycle=True,
+                )
+            )
+            return
+
+
+def _stream(channel: _Channel, reader: RasterReader, specs: list[TileSpec], batch_size: int) -> None:
+    """Send the tiles of ``specs`` in batches; stop early on ``cancel``."""
+    batch_size = max(1, batch_size)
+    position = {id(spec): i for i, spec in enumerate(specs)}
+    pixels = np.empty((batch_size, 3, TILE_SIZE, TILE_SIZE), np.uint8)
+    valid = np.empty((batch_size, TILE_SIZE, TILE_SIZE), np.bool_)
+    indices: list[int] = []
+    masked = False
+
+    def flush() -> bool:
+        nonlocal masked
+        n = len(indices)
+        parts = [pixels[:n].data]
+        if masked:
+            parts.append(valid[:n].data)
+        channel.send({"kind": "batch", "indices": indices, "valid": masked}, *parts)
+        indices.clear()
+        masked = False
+        request = channel.receive(block=False)
+        if request is not None and request.get("op") != "cancel":
+            raise RuntimeError(f"unexpected request {request.get('op')!r} while streaming")
+        return request is not None
+
+    for tile in reader.tiles(specs):
+        slot = len(indices)
+        pixels[slot] = tile.pixels
+        if tile.valid is not None:
+            if not masked:
+                valid[:slot] = True
+                masked = True
+            valid[slot] = tile.valid
+        elif masked:
+            valid[slot] = True
+        indices.append(position[id(tile.spec)])
+        if len(indices) == batch_size and flush():
+            channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": True})
+            return
+    if indices and flush():
+        channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": True})
+        return
+    channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": False})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

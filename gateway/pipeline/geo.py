@@ -1,0 +1,261 @@
+"""Where pixels become places: pure georeferencing, no file I/O.
+
+A raster's affine transform ``(a, b, c, d, e, f)`` (rasterio order) maps a pixel *corner* coordinate
+``(x, y)`` (``(0, 0)`` is the top-left corner of the top-left pixel, ``(0.5, 0.5)`` its centre) to CRS
+coordinates::
+
+    X = a * x + b * y + c
+    Y = d * x + e * y + f
+
+``b`` and ``d`` are non-zero for rotated or sheared rasters, so a pixel box is georeferenced by
+transforming all four of its corners (never just two), then reprojecting them to EPSG:4326.
+
+Output follows RFC 7946: longitude before latitude, closed rings (first vertex repeated last),
+exterior rings counter-clockwise. A box whose ring crosses the antimeridian is cut in two at 180°
+and returned as a ``MultiPolygon``. A box that cannot be placed on WGS 84 (no CRS, a non-Earth CRS,
+non-finite coordinates) gets ``None``; georeferencing never raises for a user's file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from rasterio._err import CPLE_BaseError
+from rasterio.crs import CRS
+from rasterio.errors import CRSError, RasterioError
+from rasterio.warp import transform as warp_transform
+
+logger = logging.getLogger(__name__)
+
+WGS84 = "EPSG:4326"
+FloatArray = npt.NDArray[np.float64]
+GeoJSON = dict[str, Any]
+
+
+class Georeferenced(Protocol):
+    """Anything carrying a CRS string and an affine transform (e.g. ``RasterInfo``)."""
+
+    @property
+    def crs(self) -> str | None: ...
+
+    @property
+    def transform(self) -> Sequence[float] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Georef:
+    """A CRS (``"EPSG:32633"``, ``"ESRI:102039"`` or WKT) and an affine transform in rasterio order."""
+
+    crs: str
+    transform: tuple[float, float, float, float, float, float]
+
+    @staticmethod
+    def of(source: Georeferenced | Georef | None) -> Georef | None:
+        """The georeference of ``source``, or ``None`` when it lacks a CRS or a transform."""
+        if source is None:
+            return None
+        if isinstance(source, Georef):
+            return source
+        crs, transform = source.crs, source.transform
+        if not crs or transform is None or len(transform) < 6:
+            return None
+        values = tuple(float(v) for v in transform[:6])
+        return Georef(crs, (values[0], values[1], values[2], values[3], values[4], values[5]))
+
+    def to_crs(self, xs: npt.ArrayLike, ys: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+        """Pixel corner coordinates to CRS coordinates (the affine transform)."""
+        a, b, c, d, e, f = self.transform
+        x = np.asarray(xs, dtype=np.float64)
+        y = np.asarray(ys, dtype=np.float64)
+        with np.errstate(all="ignore"):  # extreme transforms overflow to inf; callers check finiteness
+            return a * x + b * y + c, d * x + e * y + f
+
+    def from_crs(self, xs: npt.ArrayLike, ys: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+        """CRS coordinates to pixel corner coordinates (the inverse affine transform).
+
+        Raises:
+            ValueError: the transform is singular.
+        """
+        a, b, c, d, e, f = self.transform
+        det = a * e - b * d
+        if det == 0 or not math.isfinite(det):
+            raise ValueError("the geotransform is not invertible")
+        gx = np.asarray(xs, dtype=np.float64) - c
+        gy = np.asarray(ys, dtype=np.float64) - f
+        return (e * gx - b * gy) / det, (-d * gx + a * gy) / det
+
+
+def pixels_to_lonlat(
+    georef: Georeferenced | Georef, xs: npt.ArrayLike, ys: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray]:
+    """Pixel corner coordinates to WGS 84 longitude/latitude (NaN where not transformable).
+
+    Raises:
+        ValueError: ``georef`` has no CRS or transform, or the CRS cannot be interpreted.
+    """
+    ref = _require(georef)
+    x, y = ref.to_crs(xs, ys)
+    return _reproject(ref.crs, WGS84, x, y)
+
+
+def pixel_to_lonlat(georef: Georeferenced | Georef, x: float, y: float) -> tuple[float, float]:
+    """One pixel corner coordinate to ``(lon, lat)``; use ``x + 0.5, y + 0.5`` for a pixel centre.
+
+    Raises:
+        ValueError: ``georef`` has no CRS or transform, the CRS cannot be interpreted, or the point
+            has no WGS 84 position.
+    """
+    lon, lat = pixels_to_lonlat(georef, [x], [y])
+    if not (math.isfinite(lon[0]) and math.isfinite(lat[0])):
+        raise ValueError(f"pixel ({x}, {y}) has no WGS 84 position in this CRS")
+    return float(lon[0]), float(lat[0])
+
+
+def lonlat_to_pixel(georef: Georeferenced | Georef, lon: float, lat: float) -> tuple[float, float]:
+    """``(lon, lat)`` in WGS 84 to the pixel corner coordinate ``(x, y)`` (fractional).
+
+    Raises:
+        ValueError: ``georef`` has no CRS or transform, the CRS cannot be interpreted, the transform is
+            singular, or the point cannot be projected.
+    """
+    ref = _require(georef)
+    gx, gy = _reproject(WGS84, ref.crs, np.array([lon], np.float64), np.array([lat], np.float64))
+    if not (math.isfinite(gx[0]) and math.isfinite(gy[0])):
+        raise ValueError(f"({lon}, {lat}) cannot be projected to this CRS")
+    px, py = ref.from_crs(gx, gy)
+    return float(px[0]), float(py[0])
+
+
+def can_georeference(crs: str, transform: Sequence[float], width: int, height: int) -> bool:
+    """Whether any of the corners or the centre of a ``width x height`` image has a WGS 84 position.
+
+    Some of them may not (a geostationary image's corners look into space); boxes there get ``None``.
+    """
+    ref = Georef.of(_Plain(crs, transform))
+    if ref is None:
+        return False
+    xs = np.array([0, width, width, 0, width / 2], np.float64)
+    ys = np.array([0, 0, height, height, height / 2], np.float64)
+    try:
+        lon, lat = pixels_to_lonlat(ref, xs, ys)
+    except ValueError:
+        return False
+    placed = np.isfinite(lon) & np.isfinite(lat) & (np.abs(lat) <= 90)
+    return bool(placed.any())
+
+
+def box_polygons(boxes: npt.ArrayLike, georef: Georeferenced | Georef | None) -> list[GeoJSON | None]:
+    """GeoJSON geometries in EPSG:4326 for pixel boxes.
+
+    Args:
+        boxes: ``(N, 4)`` ``x1, y1, x2, y2`` in pixel corner coordinates (as merged detections are).
+        georef: a :class:`Georef` or anything with ``crs``/``transform`` (e.g. ``RasterInfo``).
+
+    Returns:
+        One geometry per box, in order: a ``Polygon`` (or a ``MultiPolygon`` when the box crosses the
+        antimeridian), or ``None`` for every box when ``georef`` lacks a CRS or transform, or for a box
+        that has no WGS 84 position.
+    """
+    array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    ref = Georef.of(georef)
+    if ref is None or array.shape[0] == 0:
+        return [None] * array.shape[0]
+    # Corners in ring order: top-left, top-right, bottom-right, bottom-left.
+    xs = array[:, [0, 2, 2, 0]]
+    ys = array[:, [1, 1, 3, 3]]
+    try:
+        lon, lat = pixels_to_lonlat(ref, xs.ravel(), ys.ravel())
+    except ValueError:
+        logger.warning("cannot georeference boxes from CRS %.60s", ref.crs)
+        return [None] * array.shape[0]
+    lon = lon.reshape(-1, 4)
+    lat = lat.reshape(-1, 4)
+    return [_geometry(lon[i], lat[i]) for i in range(array.shape[0])]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plain:
+    crs: str | None
+    transform: Sequence[float] | None
+
+
+def _require(georef: Georeferenced | Georef) -> Georef:
+    ref = Georef.of(georef)
+    if ref is None:
+        raise ValueError("no CRS or no geotransform: positions are pixel-only")
+    return ref
+
+
+@lru_cache(maxsize=64)
+def _crs(text: str) -> CRS:
+    try:
+        return CRS.from_user_input(text)
+    except CRSError as exc:
+        raise ValueError(f"the CRS cannot be interpreted: {exc}") from exc
+
+
+def _reproject(src: str, dst: str, xs: FloatArray, ys: FloatArray) -> tuple[FloatArray, FloatArray]:
+    shape = np.shape(xs)
+    x = np.asarray(xs, np.float64).ravel()
+    y = np.asarray(ys, np.float64).ravel()
+    if src == dst:
+        return x.reshape(shape), y.reshape(shape)
+    finite = np.isfinite(x) & np.isfinite(y)
+    out_x = np.full(x.shape, np.nan)
+    out_y = np.full(y.shape, np.nan)
+    if not finite.any():
+        return out_x.reshape(shape), out_y.reshape(shape)
+    try:
+        tx, ty = warp_transform(_crs(src), _crs(dst), x[finite].tolist(), y[finite].tolist())
+    except (RasterioError, CPLE_BaseError, CRSError) as exc:
+        raise ValueError(f"cannot transform between these CRSs: {exc}") from exc
+    out_x[finite] = tx
+    out_y[finite] = ty
+    return out_x.reshape(shape), out_y.reshape(shape)
+
+
+def _geometry(lon: FloatArray, lat: FloatArray) -> GeoJSON | None:
+    if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))) or np.any(np.abs(lat) > 90):
+        return None
+    ring = [(float(x), float(y)) for x, y in zip(lon, lat, strict=True)]
+    if max(lon) - min(lon) > 180:
+        unwrapped = [(x + 360.0 if x < 0 else x, y) for x, y in ring]
+        east = _clip(unwrapped, keep_below=True)
+        west = [(x - 360.0, y) for x, y in _clip(unwrapped, keep_below=False)]
+        parts = [_closed_ccw(p) for p in (east, west) if len(p) >= 3]
+        if len(parts) == 2:
+            return {"type": "MultiPolygon", "coordinates": [[p] for p in parts]}
+        if parts:
+            return {"type": "Polygon", "coordinates": [parts[0]]}
+        return None
+    return {"type": "Polygon", "coordinates": [_closed_ccw(ring)]}
+
+
+def _clip(ring: list[tuple[float, float]], keep_below: bool) -> list[tuple[float, float]]:
+    """Sutherland-Hodgman clip of a ring against the meridian ``lon = 180``."""
+
+    def inside(p: tuple[float, float]) -> bool:
+        return p[0] <= 180.0 if keep_below else p[0] >= 180.0
+
+    out: list[tuple[float, float]] = []
+    for i, current in enumerate(ring):
+        previous = ring[i - 1]
+        if inside(current) != inside(previous):
+            t = (180.0 - previous[0]) / (current[0] - previous[0])
+            out.append((180.0, previous[1] + t * (current[1] - previous[1])))
+        if inside(current):
+            out.append(current)
+    return out
+
+
+def _closed_ccw(ring: list[tuple[float, float]]) -> list[list[float]]:
+    area2 = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:] + ring[:1], strict=True))
+    ordered = ring if area2 >= 0 else ring[::-1]
+    return [[x, y] for x, y in [*ordered, ordered[0]]]

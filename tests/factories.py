@@ -1,0 +1,180 @@
+"""Seeded raster fixtures: every test image is written here, from a seed, never committed.
+
+``make_geotiff`` writes a GeoTIFF with the layout under test (bands, dtype, nodata, alpha, internal
+mask, palette, CRS or none, rotated transform, GCPs, tiled or striped, any compression GDAL has) and
+``synthetic_bands`` regenerates the exact samples it wrote by default, so a test can assert that the
+pixel at ``(x, y)`` of a tile is the pixel at ``(x, y)`` of the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+from affine import Affine
+from rasterio.control import GroundControlPoint
+from rasterio.enums import ColorInterp
+from rasterio.windows import Window
+
+DEFAULT_ORIGIN = (500_000.0, 4_000_000.0)  # UTM metres: easting, northing of the top-left corner
+DEFAULT_PIXEL_SIZE = 0.5
+
+RANGES: dict[str, tuple[float, float]] = {
+    "uint8": (0, 255),
+    "int8": (-100, 100),
+    "uint16": (100, 4000),
+    "int16": (-1000, 3000),
+    "uint32": (0, 100_000),
+    "int32": (-50_000, 50_000),
+    "float32": (-1.0, 1.0),
+    "float64": (-1000.0, 1000.0),
+}
+
+
+def north_up(
+    origin: tuple[float, float] = DEFAULT_ORIGIN,
+    pixel_size: float = DEFAULT_PIXEL_SIZE,
+    rotation_deg: float = 0.0,
+) -> Affine:
+    """A north-up (or, with ``rotation_deg``, rotated) transform with its top-left corner at ``origin``."""
+    return Affine.translation(*origin) * Affine.rotation(rotation_deg) * Affine.scale(pixel_size, -pixel_size)
+
+
+def synthetic_bands(
+    width: int, height: int, bands: int = 3, dtype: str = "uint8", seed: int = 0
+) -> npt.NDArray[Any]:
+    """Seeded ``(bands, height, width)`` samples spread over :data:`RANGES` for ``dtype``."""
+    rng = np.random.default_rng(seed)
+    low, high = RANGES[dtype]
+    unit = rng.random((bands, height, width))
+    values = low + unit * (high - low)
+    if np.dtype(dtype).kind in "iu":
+        values = np.rint(values)
+    return values.astype(dtype)
+
+
+def make_geotiff(
+    path: Path,
+    width: int = 64,
+    height: int = 64,
+    bands: int = 3,
+    dtype: str = "uint8",
+    crs: str | None = "EPSG:32633",
+    nodata: float | None = None,
+    *,
+    seed: int = 0,
+    data: npt.NDArray[Any] | None = None,
+    transform: Affine | None = None,
+    colorinterp: Sequence[ColorInterp] | None = None,
+    mask: npt.NDArray[np.bool_] | None = None,
+    palette: Mapping[int, tuple[int, ...]] | None = None,
+    gcps: Sequence[GroundControlPoint] | None = None,
+    gcp_crs: str | None = "EPSG:4326",
+    tiled: bool = True,
+    blocksize: int = 256,
+    compress: str | None = "deflate",
+    overviews: Sequence[int] = (),
+    **creation_options: Any,
+) -> Path:
+    """Write a GeoTIFF and return its path.
+
+    Args:
+        path: where to write.
+        width, height, bands, dtype: the raster's shape and sample type.
+        crs: e.g. ``"EPSG:32633"``; ``None`` writes no CRS (and, unless ``transform`` is given, no
+            geotransform either).
+        nodata: the nodata value of every band.
+        seed: seeds :func:`synthetic_bands` when ``data`` is not given.
+        data: ``(bands, height, width)`` samples to write instead of the seeded ones.
+        transform: the geotransform; north-up 0.5 m pixels at :data:`DEFAULT_ORIGIN` by default.
+        colorinterp: colour interpretation per band (e.g. ``[gray, alpha]``; ``alpha`` marks an alpha
+            band).
+        mask: an internal per-dataset mask, True where valid.
+        palette: a colour table for band 1 (``{index: (r, g, b[, a])}``).
+        gcps: ground control points instead of a geotransform (in ``gcp_crs``).
+        tiled, blocksize: tiled with square blocks, or striped with ``blocksize`` rows per strip.
+        compress: any GDAL GTiff compression (``deflate``, ``lzw``, ``zstd``, ``jpeg``, ``webp``, ...).
+        overviews: internal overview factors to build (e.g. ``(2, 4)``).
+        creation_options: more GTiff creation options (``photometric="RGB"``, ``interleave="band"``).
+    """
+    pixels = data if data is not None else synthetic_bands(width, height, bands, dtype, seed)
+    if pixels.shape != (bands, height, width):
+        raise ValueError(f"data has shape {pixels.shape}, expected {(bands, height, width)}")
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": bands,
+        "dtype": dtype,
+        "nodata": nodata,
+        **creation_options,
+    }
+    if compress is not None:
+        profile["compress"] = compress
+    if tiled:
+        profile.update(tiled=True, blockxsize=blocksize, blockysize=blocksize)
+    else:
+        profile.update(tiled=False, blockysize=blocksize)
+    if gcps is None:
+        if crs is not None:
+            profile["crs"] = crs
+        if transform is not None or crs is not None:
+            profile["transform"] = transform if transform is not None else north_up()
+    env = rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_PAM_ENABLED=False)
+    with env, rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+        if gcps is not None:
+            dst.gcps = (list(gcps), gcp_crs)
+        if colorinterp is not None:
+            dst.colorinterp = list(colorinterp)
+        if palette is not None:
+            dst.write_colormap(1, dict(palette))
+        if mask is not None:
+            dst.write_mask(np.where(mask, 255, 0).astype(np.uint8))
+        if overviews:
+            dst.build_overviews(list(overviews))
+    return path
+
+
+def write_large_rgb(
+    path: Path, width: int, height: int, *, tiled: bool, compress: str = "deflate", seed: int = 0
+) -> Path:
+    """A big compressible RGB GeoTIFF written block row by block row (bounded memory).
+
+    Content is smooth fields plus noise, so DEFLATE compresses it about as well as aerial imagery.
+    """
+    block = 512 if tiled else 16
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": north_up(),
+        "compress": compress,
+        "photometric": "RGB",
+        "tiled": tiled,
+        "blockysize": block,
+        "BIGTIFF": "IF_SAFER",
+    }
+    if tiled:
+        profile["blockxsize"] = block
+    rng = np.random.default_rng(seed)
+    xs = np.arange(width, dtype=np.float32)
+    rows = 512
+    with rasterio.Env(GDAL_PAM_ENABLED=False), rasterio.open(path, "w", **profile) as dst:
+        for y0 in range(0, height, rows):
+            h = min(rows, height - y0)
+            ys = np.arange(y0, y0 + h, dtype=np.float32)[:, None]
+            band = np.empty((3, h, width), np.uint8)
+            for b in range(3):
+                field = 110 + 60 * np.sin(xs / (90 + 20 * b)) * np.cos(ys / (70 + 15 * b))
+                noise = rng.integers(0, 24, size=(h, width), dtype=np.uint8)
+                band[b] = (field + noise).astype(np.uint8)
+            dst.write(band, window=Window(0, y0, width, h))
+    return path
