@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Protocol
 
 import anyio.to_thread
 from fastapi import FastAPI
@@ -24,18 +23,10 @@ from gateway.decode import DecodePool
 from gateway.errors import install_problem_handlers
 from gateway.metrics import Metrics
 from gateway.model_card import load_model_info
-from gateway.predictor import Predictor
+from gateway.predictor import InferenceBackend, Predictor
 from gateway.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-
-
-class InferenceBackend(Protocol):
-    """The predictor's and readiness probe's view of Triton."""
-
-    async def infer(self, tiles: object) -> object: ...
-    async def model_ready(self) -> bool: ...
-    async def close(self) -> None: ...
 
 
 def create_app(
@@ -73,7 +64,7 @@ def create_app(
                 settings=settings,
                 metrics=metrics,
                 model=model,
-                predictor=Predictor(settings, pool, backend, model, metrics),  # type: ignore[arg-type]
+                predictor=Predictor(settings, pool, backend, model, metrics),
                 readiness=backend,
             )
             logger.info("gateway up: model %s/%s sha256=%s", model.name, model.version, model.sha256)

@@ -61,6 +61,7 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
         port=port if port is not None else settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=30,
+        access_log=False,  # the gateway logs each request itself, with its request id
     )
     return 0
 
@@ -99,7 +100,7 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
         await pool.start()
         stack.push_async_callback(pool.close)
         model = load_model_info(settings.triton)
-        predictor = Predictor(settings, pool, backend, model, metrics)  # type: ignore[arg-type]
+        predictor = Predictor(settings, pool, backend, model, metrics)
         for path in args.files:
             bar = tqdm(total=0, desc=path.name, unit="tile", disable=args.no_progress, leave=False)
 

@@ -34,10 +34,18 @@ ProgressCallback = Callable[[int, int], None]
 """Called with (tiles done, tiles total) as batches complete."""
 
 
-class TileInference(Protocol):
-    """What the predictor needs from an inference backend (the Triton client)."""
+class InferenceBackend(Protocol):
+    """What the gateway needs from an inference server (normally the Triton gRPC client)."""
 
-    async def infer(self, tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
+    async def infer(self, tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """uint8 ``[N, 3, 512, 512]`` tiles to float32 ``[N, K, 6]`` detections."""
+        ...
+
+    async def model_ready(self) -> bool:
+        """Whether the model takes requests now; bounded time, never raises."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +64,7 @@ class Predictor:
         self,
         settings: Settings,
         decode: DecodePool,
-        inference: TileInference,
+        inference: InferenceBackend,
         model: ModelInfo,
         metrics: Metrics | None = None,
     ) -> None:

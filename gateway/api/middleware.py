@@ -7,7 +7,6 @@ import re
 import secrets
 import time
 
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.metrics import Metrics
@@ -32,7 +31,6 @@ class ObservabilityMiddleware:
         incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER, b"")
         request_id = incoming if _SAFE_ID.match(incoming) else secrets.token_hex(8).encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
-        route = _route_template(scope)
         method = scope.get("method", "GET")
         status = 500
         start = time.perf_counter()
@@ -51,6 +49,8 @@ class ObservabilityMiddleware:
         finally:
             self.metrics.http_inflight.dec()
             elapsed = time.perf_counter() - start
+            # The router records the matched route in the (shared) scope; its path is the template.
+            route = str(getattr(scope.get("route"), "path", "unmatched"))
             self.metrics.http_requests.labels(route, method, str(status)).inc()
             self.metrics.http_latency.labels(route, method).observe(elapsed)
             logger.info(
@@ -61,13 +61,3 @@ class ObservabilityMiddleware:
                 elapsed * 1000,
                 extra={"request_id": request_id.decode(), "route": route, "status": status},
             )
-
-
-def _route_template(scope: Scope) -> str:
-    app = scope.get("app")
-    router = getattr(app, "router", None)
-    for route in getattr(router, "routes", ()):
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", "unmatched"))
-    return "unmatched"

@@ -79,7 +79,7 @@ def tile_candidates(
         edge_px: distance to a seam under which a box counts as truncated.
     """
     raw = np.asarray(raw, dtype=np.float32)
-    keep = raw[:, 4] >= max(score_threshold, np.finfo(np.float32).tiny)
+    keep = raw[:, 4] >= max(float(score_threshold), float(np.finfo(np.float32).tiny))
     rows = raw[keep]
     cx = (rows[:, 0] + rows[:, 2]) * 0.5
     cy = (rows[:, 1] + rows[:, 3]) * 0.5
