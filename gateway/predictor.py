@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import geo
 from gateway.pipeline.coco import ImageMeta, ImageResult, ModelInfo, TilingInfo
 from gateway.pipeline.merge import Candidates, merge_candidates, tile_candidates
-from gateway.pipeline.raster import ReadOptions
+from gateway.pipeline.raster import ReadOptions, drivers_for_name
 from gateway.pipeline.tiling import tile_grid
 from gateway.settings import Settings
 
@@ -95,7 +95,9 @@ class Predictor:
         tiling = self.settings.tiling
         triton = self.settings.triton
         started = time.perf_counter()
-        read = ReadOptions(bands=options.bands, max_pixels=options.max_pixels)
+        read = ReadOptions(
+            bands=options.bands, max_pixels=options.max_pixels, drivers=drivers_for_name(file_name)
+        )
         candidates: list[Candidates] = []
         async with self.decode.open(path, read) as session:
             info = session.info

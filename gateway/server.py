@@ -1,0 +1,42 @@
+"""Run a gateway app under uvicorn in a background thread (benchmarks, tests, notebooks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", startup_timeout_s: float = 180.0) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port until the block exits; yields its base URL.
+
+    Raises:
+        RuntimeError: the server did not finish its startup (lifespan) within ``startup_timeout_s``.
+    """
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn exited during startup (see the log for the lifespan error)")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(10)
+            raise RuntimeError(f"uvicorn did not start within {startup_timeout_s:.0f}s")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
