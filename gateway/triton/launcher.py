@@ -14,8 +14,9 @@ onnxruntime). :class:`EmbeddedTriton` owns that child process:
 * **supervision**: a daemon thread waits on the child; if it dies, the thread cleans up and respawns
   it after ``backoff_initial_s``, doubling up to ``backoff_max_s`` while restarts keep failing, and
   back to the initial delay once a server stayed up for ``stable_after_s``.
-* **cleanup**: the child leads its own process group (the python backend's stubs inherit it) and gets
-  ``PR_SET_PDEATHSIG`` so it dies with the supervisor thread even if we are killed. Stopping sends
+* **cleanup**: the child leads its own process group (the python backend's stubs inherit it) and, via
+  ``setpriv --pdeathsig`` where util-linux has it, gets SIGTERM when the supervisor thread dies, even
+  if this process is SIGKILLed (the stubs notice their parent is gone and exit). Stopping sends
   SIGTERM to the group, then SIGKILL after ``stop_timeout_s``, then sweeps stragglers found by our
   unique shared-memory prefix. That prefix (``shm-region-prefix-name``) also names every
   ``/dev/shm/triton_python_backend_shm_region_palm_<pid>_<token>_*`` region of this server, so only
@@ -29,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import functools
 import importlib.util
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,8 +67,8 @@ MALLOC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD_BYTES),
 }
 
-_PR_SET_PDEATHSIG = 1
 _LOG_TAIL_BYTES = 4000
+_PORT_CLASH = "ddress already in use"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,21 +133,25 @@ def free_ports(count: int) -> list[int]:
         return ports
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when the spawning thread dies."""
-    if not sys.platform.startswith("linux"):
-        return None
+@functools.cache
+def parent_death_prefix() -> tuple[str, ...]:
+    """``setpriv --pdeathsig TERM --`` if this system's ``setpriv`` supports it, else nothing.
+
+    The kernel signals the child when the *thread* that spawned it exits, which is why the supervisor
+    thread (alive exactly as long as the server should be) does all spawning. A wrapper instead of a
+    ``preexec_fn``: Python then spawns without ``fork()``, which gRPC's threads in this process make
+    unsafe.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    # Bound before fork: the child only makes one syscall through an already-resolved symbol.
-    arg = ctypes.c_ulong(signal.SIGTERM)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, arg)
-
-    return preexec
+        probe = subprocess.run(
+            [setpriv, "--pdeathsig", "TERM", "--", "true"], capture_output=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return (setpriv, "--pdeathsig", "TERM", "--") if probe.returncode == 0 else ()
 
 
 class EmbeddedTriton:
@@ -375,8 +381,10 @@ class EmbeddedTriton:
                 return
             if outcome == "stopped":
                 raise InferenceUnavailable("embedded tritonserver was stopped while starting")
-            # Exited early: most likely a port taken between free_ports() and bind; try fresh ones.
-            if outcome == "timeout" or attempts >= 3 or time.monotonic() >= deadline:
+            # A port taken between free_ports() and bind is worth another try with fresh ports; a model
+            # that fails to load is not.
+            port_clash = outcome == "exited" and _PORT_CLASH in self._log_tail()
+            if not port_clash or attempts >= 3 or time.monotonic() >= deadline:
                 raise InferenceUnavailable(
                     f"embedded tritonserver did not get model {self.settings.model_name!r} ready "
                     f"({outcome} after {attempts} attempt(s), ready_timeout_s="
@@ -463,8 +471,6 @@ class EmbeddedTriton:
                 env=self._environment(),
                 cwd=self.state_dir,
                 start_new_session=True,  # own process group: the stubs inherit it, killpg gets all
-                # One prctl syscall between fork and exec; see _parent_death_signal.
-                preexec_fn=_parent_death_signal(),
             )
 
     def _command(self) -> list[str]:
@@ -472,6 +478,7 @@ class EmbeddedTriton:
         assert self._ports is not None
         s = self.settings
         command = [
+            *parent_death_prefix(),
             str(self._distribution.binary),
             f"--model-repository={Path(s.model_repository).resolve()}",
             f"--backend-directory={self.state_dir / 'backends'}",

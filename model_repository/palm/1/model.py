@@ -9,7 +9,8 @@ per layer beats many small ones), then the ``detections`` are split back, reques
 
 I/O goes through DLPack only. The stub bundled with the ``nvidia-pytriton`` wheel was built against
 numpy<2; with numpy 2 its ``as_numpy()`` reads zeros and ``Tensor(name, ndarray)`` sends empty tensors,
-silently. ``np.from_dlpack(tensor)`` and ``Tensor.from_dlpack(name, array)`` are correct with numpy>=2.4.
+silently. ``np.from_dlpack(tensor)`` and ``Tensor.from_dlpack(name, capsule)`` are correct with
+numpy>=2.4 (see ``_output_tensor`` for the one wrinkle left).
 
 Errors: a request that cannot be decoded gets its own error response; the others in the batch still
 run. If onnxruntime itself fails, every request of that batch gets the error (they shared the call).
@@ -17,6 +18,7 @@ run. If onnxruntime itself fails, every request of that batch gets the error (th
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from typing import Any
@@ -28,6 +30,18 @@ import triton_python_backend_utils as pb_utils
 INPUT_NAME = "images"
 OUTPUT_NAME = "detections"
 TILE_SHAPE = (3, 512, 512)
+
+# The stub renames a capsule it consumed to "used_dlpack"; numpy's capsule destructor only knows the
+# standard "used_dltensor" and otherwise prints a ValueError traceback for every tensor (the memory is
+# fine: the stub calls the DLPack deleter itself). Module-level bytes: the name must outlive capsules.
+_STUB_USED_NAME = b"used_dlpack"
+_STANDARD_USED_NAME = b"used_dltensor"
+_capsule_is_valid = ctypes.pythonapi.PyCapsule_IsValid
+_capsule_is_valid.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_is_valid.restype = ctypes.c_int
+_capsule_set_name = ctypes.pythonapi.PyCapsule_SetName
+_capsule_set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_set_name.restype = ctypes.c_int
 
 
 def _parameter(config: dict[str, Any], key: str, default: str) -> str:
@@ -105,7 +119,7 @@ class TritonPythonModel:
                     count = tiles.shape[0]
                     part = np.ascontiguousarray(detections[offset : offset + count])
                     offset += count
-                    tensor = pb_utils.Tensor.from_dlpack(OUTPUT_NAME, part)
+                    tensor = _output_tensor(OUTPUT_NAME, part)
                     responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor])
         return responses
 
@@ -125,6 +139,15 @@ class TritonPythonModel:
         if array.ndim != 4 or tuple(array.shape[1:]) != TILE_SHAPE or array.shape[0] < 1:
             raise ValueError(f"input {INPUT_NAME!r} must be [N, 3, 512, 512], got {list(array.shape)}")
         return array
+
+
+def _output_tensor(name: str, array: np.ndarray) -> Any:
+    """A ``pb_utils.Tensor`` over ``array`` via DLPack, marking the capsule consumed the standard way."""
+    capsule = array.__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    if _capsule_is_valid(capsule, _STUB_USED_NAME):
+        _capsule_set_name(capsule, _STANDARD_USED_NAME)
+    return tensor
 
 
 def _error_response(message: str) -> Any:

@@ -1,0 +1,91 @@
+"""Every ``.pbtxt`` in the model repository parses into Triton's ModelConfig and keeps the contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from gateway.settings import REPO_ROOT
+
+MODEL_DIR = REPO_ROOT / "model_repository" / "palm"
+CONFIG_FILES = sorted(MODEL_DIR.rglob("*.pbtxt"))
+
+
+def load(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def by_name(name: str) -> mc.ModelConfig:
+    return load(MODEL_DIR / name)
+
+
+def test_the_three_configs_exist() -> None:
+    names = {p.relative_to(MODEL_DIR).as_posix() for p in CONFIG_FILES}
+    assert {"config.pbtxt", "configs/cpu.pbtxt", "configs/tensorrt.pbtxt"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.relative_to(MODEL_DIR).as_posix())
+def test_config_parses_and_keeps_the_contract(path: Path) -> None:
+    config = load(path)
+
+    assert config.name == "palm"
+    assert config.max_batch_size >= 1
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("images", mc.TYPE_UINT8, [3, 512, 512])
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("detections", mc.TYPE_FP32, [512, 6])
+    ]
+    assert list(config.version_policy.specific.versions) == [1]
+    batching = config.dynamic_batching
+    assert config.HasField("dynamic_batching")
+    assert all(1 <= size <= config.max_batch_size for size in batching.preferred_batch_size)
+    assert 0 < batching.max_queue_delay_microseconds <= 5000
+    for warmup in config.model_warmup:
+        assert 1 <= warmup.batch_size <= config.max_batch_size
+        tensor = warmup.inputs["images"]
+        assert (tensor.data_type, list(tensor.dims)) == (mc.TYPE_UINT8, [3, 512, 512])
+        assert tensor.zero_data or tensor.random_data
+
+
+def test_production_config_is_onnxruntime_on_gpu_with_tensorrt_fp16() -> None:
+    config = by_name("config.pbtxt")
+
+    assert config.backend == "onnxruntime"
+    assert config.max_batch_size >= 32
+    assert {g.kind for g in config.instance_group} == {mc.ModelInstanceGroup.KIND_GPU}
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert accelerator.parameters["precision_mode"] == "FP16"
+    assert accelerator.parameters["trt_profile_max_shapes"] == f"images:{config.max_batch_size}x3x512x512"
+    assert max(config.dynamic_batching.preferred_batch_size) == config.max_batch_size
+    assert {w.batch_size for w in config.model_warmup} >= {1, config.max_batch_size}
+
+
+def test_tensorrt_config_serves_a_prebuilt_plan() -> None:
+    config = by_name("configs/tensorrt.pbtxt")
+
+    assert config.platform == "tensorrt_plan"
+    assert config.backend == "tensorrt"
+    assert config.default_model_filename == "model.plan"
+    assert {g.kind for g in config.instance_group} == {mc.ModelInstanceGroup.KIND_GPU}
+    assert config.max_batch_size == by_name("config.pbtxt").max_batch_size
+
+
+def test_cpu_config_runs_model_py_on_the_cpu() -> None:
+    config = by_name("configs/cpu.pbtxt")
+
+    assert config.backend == "python"
+    assert {g.kind for g in config.instance_group} == {mc.ModelInstanceGroup.KIND_CPU}
+    assert config.parameters["onnx_file"].string_value == "model.onnx"
+    assert int(config.parameters["intra_op_threads"].string_value) >= 0
+    assert (MODEL_DIR / "1" / "model.py").is_file()
+
+
+def test_a_misspelled_field_does_not_parse() -> None:
+    """The parser is strict: the check above would catch a typo in any config."""
+    with pytest.raises(text_format.ParseError):
+        text_format.Parse('name: "palm"\nmax_batch_sise: 8\n', mc.ModelConfig())
