@@ -8,6 +8,7 @@ pixel at ``(x, y)`` of a tile is the pixel at ``(x, y)`` of the image.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import numpy.typing as npt
 import rasterio
 from affine import Affine
 from rasterio.control import GroundControlPoint
+from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
-from rasterio.windows import Window
+from rasterio.errors import NotGeoreferencedWarning
 
 DEFAULT_ORIGIN = (500_000.0, 4_000_000.0)  # UTM metres: easting, northing of the top-left corner
 DEFAULT_PIXEL_SIZE = 0.5
@@ -41,7 +43,7 @@ def north_up(
     rotation_deg: float = 0.0,
 ) -> Affine:
     """A north-up (or, with ``rotation_deg``, rotated) transform with its top-left corner at ``origin``."""
-    return Affine.translation(*origin) * Affine.rotation(rotation_deg) * Affine.scale(pixel_size, -pixel_size)
+    return Affine.translation(*origin) @ Affine.rotation(rotation_deg) @ Affine.scale(pixel_size, -pixel_size)
 
 
 def synthetic_bands(
@@ -125,10 +127,28 @@ def make_geotiff(
         if transform is not None or crs is not None:
             profile["transform"] = transform if transform is not None else north_up()
     env = rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_PAM_ENABLED=False)
-    with env, rasterio.open(path, "w", **profile) as dst:
+    with warnings.catch_warnings(), env:
+        # Pixel-only fixtures are deliberate.
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        _write(path, profile, pixels, gcps, gcp_crs, colorinterp, palette, mask, overviews)
+    return path
+
+
+def _write(
+    path: Path,
+    profile: dict[str, Any],
+    pixels: npt.NDArray[Any],
+    gcps: Sequence[GroundControlPoint] | None,
+    gcp_crs: str | None,
+    colorinterp: Sequence[ColorInterp] | None,
+    palette: Mapping[int, tuple[int, ...]] | None,
+    mask: npt.NDArray[np.bool_] | None,
+    overviews: Sequence[int],
+) -> None:
+    with rasterio.open(path, "w", **profile) as dst:
         dst.write(pixels)
         if gcps is not None:
-            dst.gcps = (list(gcps), gcp_crs)
+            dst.gcps = (list(gcps), CRS.from_user_input(gcp_crs) if gcp_crs else CRS())
         if colorinterp is not None:
             dst.colorinterp = list(colorinterp)
         if palette is not None:
@@ -137,44 +157,15 @@ def make_geotiff(
             dst.write_mask(np.where(mask, 255, 0).astype(np.uint8))
         if overviews:
             dst.build_overviews(list(overviews))
-    return path
 
 
-def write_large_rgb(
-    path: Path, width: int, height: int, *, tiled: bool, compress: str = "deflate", seed: int = 0
-) -> Path:
-    """A big compressible RGB GeoTIFF written block row by block row (bounded memory).
-
-    Content is smooth fields plus noise, so DEFLATE compresses it about as well as aerial imagery.
-    """
-    block = 512 if tiled else 16
-    profile: dict[str, Any] = {
-        "driver": "GTiff",
-        "width": width,
-        "height": height,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:32633",
-        "transform": north_up(),
-        "compress": compress,
-        "photometric": "RGB",
-        "tiled": tiled,
-        "blockysize": block,
-        "BIGTIFF": "IF_SAFER",
-    }
-    if tiled:
-        profile["blockxsize"] = block
-    rng = np.random.default_rng(seed)
-    xs = np.arange(width, dtype=np.float32)
-    rows = 512
-    with rasterio.Env(GDAL_PAM_ENABLED=False), rasterio.open(path, "w", **profile) as dst:
-        for y0 in range(0, height, rows):
-            h = min(rows, height - y0)
-            ys = np.arange(y0, y0 + h, dtype=np.float32)[:, None]
-            band = np.empty((3, h, width), np.uint8)
-            for b in range(3):
-                field = 110 + 60 * np.sin(xs / (90 + 20 * b)) * np.cos(ys / (70 + 15 * b))
-                noise = rng.integers(0, 24, size=(h, width), dtype=np.uint8)
-                band[b] = (field + noise).astype(np.uint8)
-            dst.write(band, window=Window(0, y0, width, h))
+def make_image(path: Path, data: npt.NDArray[np.uint8], driver: str = "PNG", **options: Any) -> Path:
+    """Write ``data`` (``(bands, height, width)`` uint8) as a plain PNG or JPEG (no georeferencing)."""
+    bands, height, width = data.shape
+    with warnings.catch_warnings(), rasterio.Env(GDAL_PAM_ENABLED=False):
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(
+            path, "w", driver=driver, width=width, height=height, count=bands, dtype="uint8", **options
+        ) as dst:
+            dst.write(data)
     return path

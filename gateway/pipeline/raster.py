@@ -23,9 +23,10 @@ Reading policy (also in ``docs/raster-policy.md``):
 * **Bands.** Red/green/blue by colour interpretation where the file declares them (in any band order);
   otherwise 1 band → grey replicated to RGB; a palette band → palette expanded (entries with alpha 0 are
   masked); 2 bands → band 1 as grey (band 2 is the alpha if so declared, else ignored with a warning);
-  3 bands → bands 1, 2, 3; 4+ bands → the first three non-alpha bands, with a warning. ``bands=(r, g, b)``
-  (1-based) or ``bands=(k,)`` (grey) overrides the choice. CMYK is converted to RGB. A band layout is
-  never an error; only a band number outside the file is (:class:`InvalidParameter`).
+  3 bands → bands 1, 2, 3; 4+ bands → the first three non-alpha bands, with a warning.
+  ``bands=(r, g, b)`` (1-based) or ``bands=(k,)`` (grey) overrides the choice. GDAL itself turns CMYK
+  and YCbCr into RGB. A band layout is never an error; only a band number outside the file is
+  (:class:`InvalidParameter`).
 * **Sample type.** ``uint8`` is used as is (1/2/4-bit data is scaled to 0-255). Every other type is
   stretched per band from its 2nd to its 98th percentile onto 0-255 (``round(255 * (v - p2) / (p98 -
   p2))``, clipped). The percentiles are computed once per file, before the first tile, from the
@@ -197,7 +198,7 @@ class RasterInfo:
         georef: where ``crs``/``transform`` come from: ``"transform"``, ``"gcps"`` (affine fitted to
             ground control points) or ``"none"``.
         band_map: 1-based source bands that become red, green, blue (equal for grey).
-        colour: how bands become RGB: ``"rgb"``, ``"grey"``, ``"palette"`` or ``"cmyk"``.
+        colour: how bands become RGB: ``"rgb"``, ``"grey"`` or ``"palette"``.
         alpha_band: 1-based band used as alpha, if any.
         masking: sources of invalid pixels: any of ``"nodata"``, ``"nan"``, ``"alpha"``, ``"mask"``,
             ``"palette-alpha"``.
@@ -691,7 +692,7 @@ def _check_budgets(src: Any, limits: LimitSettings, options: ReadOptions) -> Non
 class _Plan:
     """How the source bands become uint8 RGB and a validity mask (mutable while opening only)."""
 
-    colour: str  # rgb | grey | palette | cmyk
+    colour: str  # rgb | grey | palette
     band_map: tuple[int, int, int]
     colour_bands: tuple[int, ...]  # unique source bands that carry colour, in first-use order
     read_bands: tuple[int, ...]  # colour bands + alpha, the bands read per window
@@ -770,12 +771,6 @@ class _Plan:
             lut = np.ascontiguousarray(self.palette[:, :3].T)
             np.take(lut, _palette_index(samples[self.band_map[0]], self.palette), axis=1, out=out)
             return
-        if self.colour == "cmyk":
-            cyan, magenta, yellow, black = (samples[b].astype(np.uint16) for b in self.colour_bands)
-            white = 255 - black
-            for c, ink in enumerate((cyan, magenta, yellow)):
-                out[c] = ((255 - ink) * white + 127) // 255
-            return
         if self.scaling == "nbits":
             top = (1 << self.nbits) - 1
             for c in range(self.channels):
@@ -823,6 +818,8 @@ def _plan_bands(src: Any, options: ReadOptions) -> _Plan:
             f"The bands have different sample types ({', '.join(sorted(dtypes))}); "
             "convert them to one type first."
         )
+    if count < 1:
+        raise UnsupportedRaster("The image has no bands.")
     notes: list[str] = []
     alpha = next((i + 1 for i, ci in enumerate(interp) if ci == ColorInterp.alpha), None)
     colour = "rgb"
@@ -848,15 +845,6 @@ def _plan_bands(src: Any, options: ReadOptions) -> _Plan:
             interp.index(ColorInterp.green) + 1,
             interp.index(ColorInterp.blue) + 1,
         )
-    elif count >= 4 and all(
-        ci in interp for ci in (ColorInterp.cyan, ColorInterp.magenta, ColorInterp.yellow, ColorInterp.black)
-    ):
-        colour = "cmyk"
-        band_map = (
-            interp.index(ColorInterp.cyan) + 1,
-            interp.index(ColorInterp.magenta) + 1,
-            interp.index(ColorInterp.yellow) + 1,
-        )
     elif interp[0] == ColorInterp.palette:
         colour, band_map = "palette", (1, 1, 1)
     elif count <= 2:
@@ -869,15 +857,13 @@ def _plan_bands(src: Any, options: ReadOptions) -> _Plan:
             colour, band_map = "grey", (picks[0],) * 3
         else:
             band_map = (picks[0], picks[1], picks[2])
-        if count > 3 + (alpha is not None) or interp[0] != ColorInterp.gray or len(picks) < 3:
+        if count - (alpha is not None) > 3:
             names = ", ".join(ci.name for ci in interp[:8])
             notes.append(
                 f"{count} bands ({names}) without red/green/blue colour interpretation: bands "
                 f"{','.join(map(str, band_map))} are read as R,G,B; choose others with bands=."
             )
     colour_bands = tuple(dict.fromkeys(band_map))
-    if colour == "cmyk":
-        colour_bands = (*band_map, interp.index(ColorInterp.black) + 1)
     if colour == "grey" and interp[band_map[0] - 1] == ColorInterp.palette:
         colour = "palette"
     read_bands = colour_bands + ((alpha,) if alpha is not None and alpha not in colour_bands else ())
@@ -888,12 +874,6 @@ def _plan_bands(src: Any, options: ReadOptions) -> _Plan:
         if palette is None:
             colour = "grey"
             notes.append("The palette band has no usable colour table; it is read as grey.")
-    if colour == "cmyk" and dtype != np.uint8:
-        colour, band_map = "rgb", (1, 2, 3)
-        colour_bands = (1, 2, 3)
-        read_bands = (1, 2, 3)
-        notes.append(f"{dtype} CMYK is not converted: bands 1,2,3 are read as R,G,B.")
-
     flags = [set(src.mask_flag_enums[b - 1]) for b in colour_bands]
     internal_mask = any(MaskFlags.per_dataset in f and MaskFlags.alpha not in f for f in flags) or any(
         not f for f in flags
@@ -910,7 +890,7 @@ def _plan_bands(src: Any, options: ReadOptions) -> _Plan:
             nbits = int(structure["NBITS"])
         except ValueError:
             nbits = 8
-    if colour in ("palette", "cmyk"):
+    if colour == "palette":
         scaling = "none"
     elif dtype == np.uint8:
         scaling = "nbits" if 1 <= nbits < 8 else "none"

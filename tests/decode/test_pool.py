@@ -1,0 +1,248 @@
+"""The decode pool: same tiles as in-process reading, errors crossing the process boundary, crashes,
+memory and time limits failing one file only, bounded concurrency, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from gateway.decode import DecodePool, TileBatch
+from gateway.errors import (
+    CorruptRaster,
+    DecoderFailed,
+    GatewayError,
+    InvalidParameter,
+    RasterTooLarge,
+    UnsupportedMediaType,
+)
+from gateway.pipeline.raster import ReadOptions, open_raster
+from gateway.pipeline.tiling import tile_grid
+from gateway.settings import DecodeSettings, LimitSettings
+from tests.factories import make_geotiff
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+CRASHING_WORKER = [sys.executable, str(Path(__file__).with_name("crashing_worker.py"))]
+LIMITS = LimitSettings()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def decode_children() -> set[int]:
+    """Live child processes of this test process that are decode workers."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"worker" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def pool() -> AsyncIterator[DecodePool]:
+    async with DecodePool(DecodeSettings(workers=2), LIMITS, worker_command=CRASHING_WORKER) as started:
+        yield started
+    assert decode_children() == set()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pool")
+    mask = np.ones((700, 1100), bool)
+    mask[:, 580:] = False  # the right column of tiles (x >= 588) has no valid pixel
+    mask[100:150, 100:300] = False
+    html = root / "page.tif"
+    html.write_bytes(b"<html><body>502</body></html>")
+    corrupt = make_geotiff(root / "corrupt.tif", width=1024, height=1024, blocksize=256)
+    data = bytearray(corrupt.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2048] = bytes(2048)
+    corrupt.write_bytes(bytes(data))
+    made = {
+        "masked": make_geotiff(root / "masked.tif", width=1100, height=700, mask=mask, photometric="RGB"),
+        "small": make_geotiff(root / "small.tif", width=300, height=200, bands=1, dtype="uint16"),
+        "html": html,
+        "corrupt": corrupt,
+    }
+    for prefix in ("abort", "segv", "hog", "hang", "exit"):
+        made[prefix] = root / f"{prefix}-file.tif"
+        made[prefix].write_bytes(b"II*\x00")
+    return made
+
+
+async def decode_all(
+    pool: DecodePool, path: Path, batch_size: int = 8, **options: object
+) -> tuple[list[TileBatch], int]:
+    async with pool.open(path, ReadOptions(**options)) as session:  # type: ignore[arg-type]
+        specs = tile_grid(session.info.width, session.info.height)
+        batches = [b async for b in session.batches(specs, batch_size)]
+        return batches, session.skipped
+
+
+async def test_pool_tiles_equal_in_process_tiles(pool: DecodePool, files: dict[str, Path]) -> None:
+    batches, skipped = await decode_all(pool, files["masked"], batch_size=3)
+    with open_raster(files["masked"], LIMITS) as reader:
+        expected = list(reader.tiles(tile_grid(1100, 700)))
+        assert skipped == reader.skipped > 0
+    assert all(0 < len(b.specs) <= 3 for b in batches)
+    got = [
+        (spec, b.pixels[i], None if b.valid is None else b.valid[i])
+        for b in batches
+        for i, spec in enumerate(b.specs)
+    ]
+    assert [g[0] for g in got] == [t.spec for t in expected]
+    for (_, pixels, valid), tile in zip(got, expected, strict=True):
+        assert pixels.shape == (3, 512, 512)
+        np.testing.assert_array_equal(pixels, tile.pixels)
+        if tile.valid is None:
+            assert valid is None or valid.all()
+        else:
+            assert valid is not None
+            np.testing.assert_array_equal(valid, tile.valid)
+
+
+async def test_session_reports_raster_info(pool: DecodePool, files: dict[str, Path]) -> None:
+    async with pool.open(files["small"]) as session:
+        info = session.info
+    with open_raster(files["small"], LIMITS) as reader:
+        assert info == reader.info
+    assert info.stretch is not None
+    assert info.transform == (0.5, 0.0, 500_000.0, 0.0, -0.5, 4_000_000.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "error", "text"),
+    [
+        ("html", {}, UnsupportedMediaType, "HTML page"),
+        ("corrupt", {}, CorruptRaster, "cannot be decoded"),
+        ("masked", {"max_pixels": 1000}, RasterTooLarge, "batch job"),
+        ("masked", {"bands": (9,)}, InvalidParameter, "between 1 and 3"),
+    ],
+)
+async def test_errors_cross_the_process_boundary(
+    pool: DecodePool,
+    files: dict[str, Path],
+    name: str,
+    options: dict[str, object],
+    error: type[GatewayError],
+    text: str,
+) -> None:
+    before = pool.pids
+    with pytest.raises(error, match=text) as caught:
+        await decode_all(pool, files[name], **options)
+    assert type(caught.value) is error
+    assert pool.pids == before  # an ordinary refusal keeps the worker
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("abort", "aborted \\(SIGABRT\\)"),
+        ("segv", "SIGSEGV"),
+        ("exit", "exited \\(status 3\\)"),
+        ("hog", "more memory than a decode worker may use"),
+    ],
+)
+async def test_a_crash_fails_only_that_file(
+    pool: DecodePool, files: dict[str, Path], name: str, text: str
+) -> None:
+    before = set(pool.pids)
+    with pytest.raises(DecoderFailed, match=text) as caught:
+        await decode_all(pool, files[name])
+    assert caught.value.status == 422
+    batches, _ = await decode_all(pool, files["small"])  # the pool keeps serving
+    assert len(batches) == 1
+    for _ in range(100):  # the lost worker is replaced in the background
+        if len(pool.pids) == 2 and set(pool.pids) != before:
+            break
+        await asyncio.sleep(0.1)
+    assert len(pool.pids) == 2
+    assert len(before - set(pool.pids)) == 1
+    assert set(pool.pids) == decode_children()
+
+
+async def test_leaving_a_stream_early_keeps_the_worker(pool: DecodePool, files: dict[str, Path]) -> None:
+    before = pool.pids
+    async with pool.open(files["masked"]) as session:
+        async for _ in session.batches(tile_grid(1100, 700), 1):
+            break
+    assert pool.pids == before
+    batches, _ = await decode_all(pool, files["masked"])
+    assert sum(len(b.specs) for b in batches) > 0
+
+
+async def test_a_cancelled_request_replaces_its_worker(pool: DecodePool, files: dict[str, Path]) -> None:
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async with pool.open(files["masked"]) as session:
+            async for _ in session.batches(tile_grid(1100, 700), 1):
+                started.set()
+                await asyncio.sleep(3600)
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    batches, _ = await decode_all(pool, files["small"])
+    assert len(batches) == 1
+    for _ in range(100):
+        if len(pool.pids) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert set(pool.pids) == decode_children()
+
+
+async def test_time_budget_stops_a_hung_decoder(files: dict[str, Path]) -> None:
+    settings = DecodeSettings(workers=1, file_timeout_s=1.0)
+    async with DecodePool(settings, LIMITS, worker_command=CRASHING_WORKER) as pool:
+        first = pool.pids
+        started = time.monotonic()
+        with pytest.raises(DecoderFailed, match="longer than its 1 s budget"):
+            await decode_all(pool, files["hang"])
+        assert time.monotonic() - started < 10
+        batches, _ = await decode_all(pool, files["small"])
+        assert len(batches) == 1
+        used = first + pool.pids
+    assert not any(alive(pid) for pid in used)
+
+
+async def test_concurrency_is_bounded_by_the_pool_size(files: dict[str, Path]) -> None:
+    async with DecodePool(DecodeSettings(workers=1), LIMITS) as pool:
+        used = pool.pids
+        entered = asyncio.Event()
+
+        async def second() -> int:
+            async with pool.open(files["small"]) as session:
+                entered.set()
+                return session.info.width
+
+        async with pool.open(files["masked"]):
+            waiting = asyncio.create_task(second())
+            await asyncio.sleep(0.5)
+            assert not entered.is_set()  # queued behind the first file
+        assert await asyncio.wait_for(waiting, 30) == 300
+    assert not any(alive(pid) for pid in used)
