@@ -961,7 +961,11 @@ def _sample_windows(width: int, height: int, block_shape: tuple[int, int]) -> li
 
 
 class _TileCutter:
-    """The rolling row buffer behind :meth:`RasterReader.tiles` (see the module docstring)."""
+    """The rolling row buffer behind :meth:`RasterReader.tiles` (see the module docstring).
+
+    A ring: image row ``r`` lives at buffer row ``r % capacity``, so dropping rows that no later tile
+    needs costs nothing (no memmove); a tile whose rows wrap around the ring is copied in two parts.
+    """
 
     def __init__(self, reader: RasterReader, specs: Sequence[TileSpec]) -> None:
         self.reader = reader
@@ -976,11 +980,15 @@ class _TileCutter:
         self.x1 = min(info.width, math.ceil(x1 / block_w) * block_w)
         self.step = block_h * max(1, ROWS_PER_READ // block_h) if block_h <= 2 * TILE_SIZE else TILE_SIZE
         tallest = max(s.height for s in self.specs)
-        capacity = min(info.height, tallest + 2 * self.step)
+        # Rows held: from the start of the read band holding a tile's top to the end of the one holding
+        # its bottom, i.e. fewer than tallest + 2 x step; a multiple of step keeps every read unwrapped.
+        self.capacity = min(info.height, math.ceil((tallest + 2 * self.step) / self.step) * self.step)
         width = self.x1 - self.x0
-        self.pixels = np.zeros((self.plan.channels, capacity, width), np.uint8)
-        self.valid: BoolArray | None = np.ones((capacity, width), np.bool_) if self.plan.can_mask else None
-        self.top = 0  # image row held at buffer row 0
+        self.pixels = np.zeros((self.plan.channels, self.capacity, width), np.uint8)
+        self.valid: BoolArray | None = (
+            np.ones((self.capacity, width), np.bool_) if self.plan.can_mask else None
+        )
+        self.top = 0  # first image row held
         self.bottom = 0  # one past the last image row held
         per_column = self.step * len(self.plan.read_bands) * self.plan.dtype.itemsize
         columns = max(block_w, (CONVERT_CHUNK_BYTES // max(per_column, 1)) // block_w * block_w)
@@ -1000,27 +1008,32 @@ class _TileCutter:
         start = (y0 // self.step) * self.step
         if start >= self.bottom:
             self.top = self.bottom = start
-        elif start > self.top:
-            keep = self.bottom - start
-            shift = start - self.top
-            self.pixels[:, :keep] = self.pixels[:, shift : shift + keep]
-            if self.valid is not None:
-                self.valid[:keep] = self.valid[shift : shift + keep]
-            self.top = start
+        else:
+            self.top = max(self.top, start)
         height = self.reader.info.height
         while self.bottom < y1:
             end = min(height, self.bottom + self.step)
             self._fill(self.bottom, end)
             self.bottom = end
+        assert self.bottom - self.top <= self.capacity
+
+    def _ring(self, y: int, height: int) -> list[tuple[slice, slice]]:
+        """``(tile rows, buffer rows)`` pairs covering image rows ``[y, y + height)``."""
+        r = y % self.capacity
+        first = min(height, self.capacity - r)
+        parts = [(slice(0, first), slice(r, r + first))]
+        if first < height:
+            parts.append((slice(first, height), slice(0, height - first)))
+        return parts
 
     def _fill(self, y0: int, y1: int) -> None:
         """Decode image rows ``[y0, y1)`` into the buffer (block-aligned, column chunk by chunk)."""
         plan, reader = self.plan, self.reader
-        r0, r1 = y0 - self.top, y1 - self.top
+        ((_, rows),) = self._ring(y0, y1 - y0)  # reads start on multiples of step: never wrapped
         for c0 in range(self.x0, self.x1, self.chunk_cols):
             c1 = min(self.x1, c0 + self.chunk_cols)
             window = Window(c0, y0, c1 - c0, y1 - y0)
-            out = self.pixels[:, r0:r1, c0 - self.x0 : c1 - self.x0]
+            out = self.pixels[:, rows, c0 - self.x0 : c1 - self.x0]
             if plan.direct:
                 reader._read(list(plan.band_map[: plan.channels]), window, out=out)
                 samples: Samples = {b: out[plan.band_map.index(b)] for b in plan.colour_bands}
@@ -1033,7 +1046,7 @@ class _TileCutter:
                 continue
             mask = reader._read_mask(plan.colour_bands[0], window) if plan.internal_mask else None
             valid = plan.validity(samples, mask)
-            target = self.valid[r0:r1, c0 - self.x0 : c1 - self.x0]
+            target = self.valid[rows, c0 - self.x0 : c1 - self.x0]
             if valid is None:
                 target[...] = True
             else:
@@ -1041,26 +1054,24 @@ class _TileCutter:
                 out[:, ~valid] = 0
 
     def _cut(self, spec: TileSpec) -> Tile | None:
-        r0 = spec.y - self.top
-        c0 = spec.x - self.x0
-        rows = slice(r0, r0 + spec.height)
-        cols = slice(c0, c0 + spec.width)
+        cols = slice(spec.x - self.x0, spec.x - self.x0 + spec.width)
+        parts = self._ring(spec.y, spec.height)
         padded = spec.width < TILE_SIZE or spec.height < TILE_SIZE
         valid: BoolArray | None = None
-        if self.valid is not None:
-            window_valid = self.valid[rows, cols]
+        if self.valid is not None or padded:
+            valid = np.zeros((TILE_SIZE, TILE_SIZE), np.bool_)
+            for tile_rows, buffer_rows in parts:
+                valid[tile_rows, : spec.width] = True if self.valid is None else self.valid[buffer_rows, cols]
+            window_valid = valid[: spec.height, : spec.width]
             if not window_valid.any():
                 return None
-            if padded or not window_valid.all():
-                valid = np.zeros((TILE_SIZE, TILE_SIZE), np.bool_)
-                valid[: spec.height, : spec.width] = window_valid
-        elif padded:
-            valid = np.zeros((TILE_SIZE, TILE_SIZE), np.bool_)
-            valid[: spec.height, : spec.width] = True
+            if not padded and window_valid.all():
+                valid = None
         pixels = (
             np.zeros((3, TILE_SIZE, TILE_SIZE), np.uint8)
             if padded
             else np.empty((3, TILE_SIZE, TILE_SIZE), np.uint8)
         )
-        pixels[:, : spec.height, : spec.width] = self.pixels[:, rows, cols]
+        for tile_rows, buffer_rows in parts:
+            pixels[:, tile_rows, : spec.width] = self.pixels[:, buffer_rows, cols]
         return Tile(spec, pixels, valid)
