@@ -15,9 +15,10 @@ budget (``DecodeSettings.file_timeout_s``, counted while the gateway waits on th
 runs inference) fails *that file* with :class:`DecoderFailed`; the worker is killed if needed and
 replaced in the background, and the pool keeps serving.
 
-Backpressure: a worker writes a batch into a pipe and blocks until the gateway reads it, so at most
-one decoded batch waits in the worker and at most one is being read in the gateway (plus a bounded
-pipe/stream buffer), whatever the image size. Sessions take a worker from the idle queue: at most
+Backpressure: a worker writes a batch into a 1 MiB pipe and blocks until the gateway reads it; the
+gateway reads only when the consumer asks for the next batch, straight from the pipe into the batch's
+arrays (one copy, no stream buffer). So at most one decoded batch waits in the worker and one is being
+read in the gateway, whatever the image size. Sessions take a worker from the idle queue: at most
 ``DecodeSettings.workers`` files decode at once and further requests wait their turn (first come,
 first served).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -49,8 +51,9 @@ from gateway.settings import DecodeSettings, LimitSettings
 
 logger = logging.getLogger(__name__)
 
-STREAM_BUFFER_BYTES: Final = 1024 * 1024
-"""asyncio buffers at most about twice this per worker pipe beyond the frame being read."""
+PIPE_BYTES: Final = 1024 * 1024
+"""Capacity of each worker's output pipe: the only buffering between a worker and the gateway."""
+_F_SETPIPE_SZ: Final = 1031
 CONTROL_TIMEOUT_S: Final = 10.0
 """Deadline for protocol housekeeping (close, cancel) before a worker is declared stuck."""
 WORKER_ENV: Final = {
@@ -68,9 +71,9 @@ class TileBatch:
 
     Attributes:
         specs: the windows, one per tile.
-        pixels: ``uint8 [n, 3, 512, 512]`` RGB, channel-first; read-only.
+        pixels: ``uint8 [n, 3, 512, 512]`` RGB, channel-first, C-contiguous.
         valid: ``bool [n, 512, 512]`` (False for padding, nodata, alpha 0, masked), or ``None`` when
-            every pixel of every tile in the batch is valid; read-only.
+            every pixel of every tile in the batch is valid.
     """
 
     specs: tuple[TileSpec, ...]
@@ -87,15 +90,14 @@ class _WorkerLost(Exception):
 
 
 class _Worker:
-    """One worker process and its pipes."""
+    """One worker process: requests on its stdin, frames read from its stdout pipe."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, frames_fd: int) -> None:
         self.process = process
         self.pid = process.pid
         assert process.stdin is not None
-        assert process.stdout is not None
         self.stdin = process.stdin
-        self.stdout = process.stdout
+        self.frames = _PipeReader(frames_fd)
 
     @property
     def alive(self) -> bool:
@@ -105,15 +107,26 @@ class _Worker:
         self.stdin.write(data)
         await self.stdin.drain()
 
-    async def receive(self, max_payload: int) -> tuple[dict[str, Any], bytes]:
-        header = await self.stdout.readexactly(protocol.HEADER.size)
+    async def receive(self, max_payload: int) -> tuple[dict[str, Any], npt.NDArray[np.uint8]]:
+        """The next frame: its metadata and its payload (read straight into a fresh array).
+
+        Raises:
+            EOFError: the worker's output ended (it exited or crashed).
+            ValueError: the frame is malformed or larger than asked for.
+        """
+        header = bytearray(protocol.HEADER.size)
+        await self.frames.readinto(memoryview(header))
         meta_length, payload_length = protocol.HEADER.unpack(header)
         if meta_length > protocol.MAX_META_BYTES or payload_length > max_payload:
             raise ValueError(f"oversized frame ({meta_length} + {payload_length} bytes)")
-        meta = json.loads(await self.stdout.readexactly(meta_length))
+        body = bytearray(meta_length)
+        await self.frames.readinto(memoryview(body))
+        meta = json.loads(body)
         if not isinstance(meta, dict):
             raise ValueError("frame metadata is not an object")
-        payload = await self.stdout.readexactly(payload_length) if payload_length else b""
+        payload = np.empty(payload_length, np.uint8)
+        if payload_length:
+            await self.frames.readinto(payload.data)
         return meta, payload
 
     async def stop(self, grace_s: float = 2.0) -> None:
@@ -134,7 +147,49 @@ class _Worker:
     async def reap(self) -> int | None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.process.wait(), 5.0)
+        if not self.alive:
+            self.frames.close()
         return self.process.returncode
+
+
+class _PipeReader:
+    """Reads a worker's output pipe straight into caller buffers (one copy, no stream buffer).
+
+    Nothing is read until a frame is asked for, so a worker that is ahead of its consumer blocks on a
+    full pipe: that is the backpressure.
+    """
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+
+    async def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` completely.
+
+        Raises:
+            EOFError: the pipe closed first.
+        """
+        loop = asyncio.get_running_loop()
+        while view.nbytes:
+            try:
+                count = os.readv(self.fd, [view])
+            except BlockingIOError:
+                readable = loop.create_future()
+                loop.add_reader(self.fd, readable.set_result, None)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(self.fd)
+                continue
+            if count == 0:
+                raise EOFError("the worker's output ended")
+            view = view[count:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
 class DecodePool:
@@ -232,19 +287,27 @@ class DecodePool:
     # -- worker lifecycle ---------------------------------------------------------------------------
 
     async def _spawn(self) -> _Worker:
-        process = await asyncio.create_subprocess_exec(
-            *self._command,
-            "--memory-limit",
-            str(self.settings.memory_limit_bytes),
-            "--parent-pid",
-            str(os.getpid()),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, **WORKER_ENV},
-            limit=STREAM_BUFFER_BYTES,
-            start_new_session=True,  # a terminal's Ctrl-C reaches the gateway, which stops workers
-        )
-        worker = _Worker(process)
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # fewer wake-ups per batch than the default 64 KiB
+            fcntl.fcntl(read_fd, _F_SETPIPE_SZ, PIPE_BYTES)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._command,
+                "--memory-limit",
+                str(self.settings.memory_limit_bytes),
+                "--parent-pid",
+                str(os.getpid()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=write_fd,
+                env={**os.environ, **WORKER_ENV},
+                start_new_session=True,  # a terminal's Ctrl-C reaches the gateway, which stops workers
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        worker = _Worker(process, read_fd)
         self._workers.add(worker)
         try:
             meta, _ = await asyncio.wait_for(worker.receive(0), timeout=60.0)
@@ -254,7 +317,7 @@ class DecodePool:
             worker.kill()
             await worker.reap()
             self._workers.discard(worker)
-            if isinstance(exc, (asyncio.IncompleteReadError, TimeoutError, ValueError)):
+            if isinstance(exc, (EOFError, TimeoutError, ValueError)):
                 raise RuntimeError(
                     f"decode worker exited during start ({worker.process.returncode})"
                 ) from exc
@@ -405,7 +468,7 @@ class DecodeSession:
             raise exc.failure from None
 
     def _batch(
-        self, meta: dict[str, Any], payload: bytes, specs: list[TileSpec], batch_size: int
+        self, meta: dict[str, Any], payload: npt.NDArray[np.uint8], specs: list[TileSpec], batch_size: int
     ) -> TileBatch:
         indices = meta.get("indices")
         if not isinstance(indices, list) or not 0 < len(indices) <= batch_size:
@@ -417,14 +480,9 @@ class DecodeSession:
         expected = n * (protocol.TILE_PIXEL_BYTES + (protocol.TILE_MASK_BYTES if masked else 0))
         if len(payload) != expected:
             raise self._lost(f"batch of {n} tiles carries {len(payload)} bytes, expected {expected}")
-        pixels = np.frombuffer(payload, np.uint8, n * protocol.TILE_PIXEL_BYTES).reshape(
-            n, 3, TILE_SIZE, TILE_SIZE
-        )
-        valid = None
-        if masked:
-            valid = np.frombuffer(
-                payload, np.bool_, n * protocol.TILE_MASK_BYTES, offset=n * protocol.TILE_PIXEL_BYTES
-            ).reshape(n, TILE_SIZE, TILE_SIZE)
+        split = n * protocol.TILE_PIXEL_BYTES
+        pixels = payload[:split].reshape(n, 3, TILE_SIZE, TILE_SIZE)
+        valid = payload[split:].view(np.bool_).reshape(n, TILE_SIZE, TILE_SIZE) if masked else None
         return TileBatch(tuple(specs[i] for i in indices), pixels, valid)
 
     # -- plumbing -----------------------------------------------------------------------------------
@@ -436,7 +494,7 @@ class DecodeSession:
         except (ConnectionError, OSError) as exc:
             raise await self._lost_worker("its input pipe closed") from exc
 
-    async def _receive(self, max_payload: int) -> tuple[dict[str, Any], bytes]:
+    async def _receive(self, max_payload: int) -> tuple[dict[str, Any], npt.NDArray[np.uint8]]:
         """The next frame, charging the wait to the file's time budget."""
         assert self._worker is not None
         remaining = self._budget_s - self._used_s
@@ -453,7 +511,7 @@ class DecodeSession:
                     cause="timeout",
                 )
             ) from None
-        except asyncio.IncompleteReadError as exc:
+        except EOFError as exc:
             raise await self._lost_worker("its output ended") from exc
         except (ValueError, UnicodeDecodeError) as exc:
             raise self._lost(f"malformed frame: {exc}") from exc

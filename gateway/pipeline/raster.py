@@ -370,10 +370,15 @@ class RasterReader:
             self._stack.enter_context(rasterio.Env(**GDAL_ENV))
             self._src = self._open(driver)
             self._stack.callback(self._src.close)
-            _check_budgets(self._src, limits, options)
-            self._plan = _plan_bands(self._src, options)
-            self._plan.stretch = self._compute_stretch()
-            self.info = self._describe(driver)
+            try:
+                _check_budgets(self._src, limits, options)
+                self._plan = _plan_bands(self._src, options)
+                self._plan.stretch = self._compute_stretch()
+                self.info = self._describe(driver)
+            except (RasterioError, CPLE_BaseError) as exc:
+                raise CorruptRaster(
+                    f"The file's metadata cannot be read ({self._reason(exc)}); it may be damaged."
+                ) from exc
         except BaseException:
             self._stack.close()
             raise
@@ -898,7 +903,7 @@ def _plan_bands(src: Any, options: ReadOptions) -> _Plan:
         scaling = "percentile"
     block_h, block_w = (int(v) for v in src.block_shapes[0])
     block_bytes = block_h * block_w * len(read_bands) * dtype.itemsize
-    if block_bytes > MAX_BLOCK_BYTES and src.compression is not None and block_h > 1:
+    if block_bytes > MAX_BLOCK_BYTES and block_h > 1:
         raise UnsupportedRaster(
             f"The image is stored in blocks of {block_w:,} x {block_h:,} pixels "
             f"({block_bytes / 1024**2:,.0f} MiB decoded each); blocks above "

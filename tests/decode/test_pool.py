@@ -169,6 +169,7 @@ async def test_a_crash_fails_only_that_file(
     pool: DecodePool, files: dict[str, Path], name: str, text: str
 ) -> None:
     before = set(pool.pids)
+    fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(DecoderFailed, match=text) as caught:
         await decode_all(pool, files[name])
     assert caught.value.status == 422
@@ -181,6 +182,7 @@ async def test_a_crash_fails_only_that_file(
     assert len(pool.pids) == 2
     assert len(before - set(pool.pids)) == 1
     assert set(pool.pids) == decode_children()
+    assert len(os.listdir("/proc/self/fd")) == fds  # the lost worker's pipes are closed
 
 
 async def test_leaving_a_stream_early_keeps_the_worker(pool: DecodePool, files: dict[str, Path]) -> None:

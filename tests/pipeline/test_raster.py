@@ -25,6 +25,7 @@ from gateway.errors import (
     UnsupportedMediaType,
     UnsupportedRaster,
 )
+from gateway.pipeline import raster
 from gateway.pipeline.raster import (
     RasterInfo,
     ReadOptions,
@@ -676,3 +677,10 @@ def test_missing_codec_is_unsupported(geotiff: GeoTiffFactory) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(UnsupportedRaster, match="missing codec JXL"):
         read(path)
+
+
+def test_giant_blocks_are_refused(geotiff: GeoTiffFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = geotiff(width=128, height=128, tiled=True, blocksize=64)
+    monkeypatch.setattr(raster, "MAX_BLOCK_BYTES", 64 * 64 * 3 - 1)
+    with pytest.raises(UnsupportedRaster, match="Re-save it tiled"):
+        open_raster(path, LIMITS)
