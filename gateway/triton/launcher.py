@@ -526,8 +526,10 @@ class EmbeddedTriton:
             link = backend / name
             if link.is_symlink() and Path(os.readlink(link)) == target:
                 continue
-            link.unlink(missing_ok=True)
-            link.symlink_to(target)
+            # Atomic replace: two services sharing a data dir must never see a missing link.
+            staging = backend / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+            staging.symlink_to(target)
+            os.replace(staging, link)
 
     # -- cleanup ------------------------------------------------------------------------------------
 

@@ -47,6 +47,10 @@ _set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
 _STUB_USED = b"used_dlpack"
 
 
+class FakeModelException(Exception):
+    pass
+
+
 class FakeTensor:
     def __init__(self, name: str, array: np.ndarray) -> None:
         self.name, self.array = name, array
@@ -85,6 +89,7 @@ def fake_pb_utils() -> types.ModuleType:
     module.Tensor = FakeTensor  # type: ignore[attr-defined]
     module.InferenceResponse = FakeResponse  # type: ignore[attr-defined]
     module.TritonError = FakeError  # type: ignore[attr-defined]
+    module.TritonModelException = FakeModelException  # type: ignore[attr-defined]
     module.Logger = FakeLogger  # type: ignore[attr-defined]
     module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
     return module
@@ -228,3 +233,13 @@ def test_initialize_honours_an_explicit_thread_count(model_module: types.ModuleT
     _initialize(model_module, tmp_path, {"onnx_file": "tiny.onnx", "intra_op_threads": "1"})
 
     assert "with 1 intra-op threads" in FakeLogger.messages[-1]
+
+
+def test_initialize_names_a_missing_onnx_file(model_module: types.ModuleType, tmp_path: Path) -> None:
+    model = model_module.TritonPythonModel()
+    config = {"parameters": {"onnx_file": {"string_value": "absent.onnx"}}}
+
+    with pytest.raises(FakeModelException, match=r"absent\.onnx does not exist"):
+        model.initialize(
+            {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_version": "1"}
+        )

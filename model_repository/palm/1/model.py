@@ -73,6 +73,8 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         onnx_file = _parameter(config, "onnx_file", "model.onnx")
         path = os.path.join(args["model_repository"], args["model_version"], onnx_file)
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(f"palm: {path} does not exist")
 
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         threads = int(_parameter(config, "intra_op_threads", "0"))
