@@ -13,8 +13,8 @@ Safety, in the order it is applied:
    network, a bounded block cache; see the comments on each option.
 3. **Budgets right after open, before any decode**: width, height, bands and decoded bytes
    (:class:`~gateway.settings.LimitSettings`) and the caller's pixel limit (:attr:`ReadOptions.max_pixels`)
-   raise :class:`RasterTooLarge`. Opening reads only the TIFF directory, so a 300-byte file claiming
-   100,000 x 100,000 pixels is refused in milliseconds.
+   raise :class:`RasterTooLarge`. Opening reads only the TIFF directory, so a 262-byte file claiming
+   65,535 bands or a sparse one claiming 100,000 x 100,000 pixels is refused in milliseconds.
 4. **Every rasterio/GDAL error is translated** to :class:`CorruptRaster`, :class:`UnsupportedRaster` or
    :class:`UnsupportedMediaType` (``raise ... from exc``) with the GDAL reason, minus the server path.
 
@@ -29,10 +29,11 @@ Reading policy (also in ``docs/raster-policy.md``):
   (:class:`InvalidParameter`).
 * **Sample type.** ``uint8`` is used as is (1/2/4-bit data is scaled to 0-255). Every other type is
   stretched per band from its 2nd to its 98th percentile onto 0-255 (``round(255 * (v - p2) / (p98 -
-  p2))``, clipped). The percentiles are computed once per file, before the first tile, from the
-  smallest overview of at least 256 px a side when the file has overviews, else from up to
-  :data:`STRETCH_SAMPLE_PIXELS` pixels in whole blocks chosen by a seeded random draw; so every tile of a
-  file shares one scale, and the same file always gives the same pixels. Scale/offset metadata does not
+  p2))``, clipped). The percentiles are computed once per file, before the first tile, from all pixels
+  of images up to :data:`STRETCH_SAMPLE_PIXELS`, else from the most detailed internal overview within
+  that many pixels (and at least 256 px a side), else from whole blocks chosen by a seeded random draw
+  up to that many pixels; so every tile of a file shares one scale, and the same file always gives the
+  same pixels. Only valid pixels count. Scale/offset metadata does not
   matter (a percentile stretch is invariant to it).
 * **Validity.** A pixel is invalid when every selected colour band equals its nodata value, when a
   float sample is NaN or infinite, when the alpha band is 0, when the internal (dataset) mask is 0, when
@@ -49,9 +50,9 @@ Reading is block-aligned and streaming: :meth:`RasterReader.tiles` reads horizon
 height is a multiple of the file's block (tile or strip) height, converts them to uint8 RGB once, and
 keeps a rolling buffer of at most ``tile + 2 x band height`` rows, so each block is decoded once even
 though neighbouring tiles overlap, and memory is about ``4 x width x (512 + 2 x band height)`` bytes
-whatever the image height. Striped files are read strip by strip, without re-encoding. A compressed
-block larger than :data:`MAX_BLOCK_BYTES` (e.g. a whole image in one strip) is refused with
-:class:`UnsupportedRaster`, since decoding it would need the whole image in memory.
+whatever the image height. Striped files are read strip by strip, without re-encoding. A block larger
+than :data:`MAX_BLOCK_BYTES` (e.g. a whole compressed image in one strip) is refused with
+:class:`UnsupportedRaster`, since decoding it would need that much memory at once.
 """
 
 from __future__ import annotations
@@ -375,6 +376,17 @@ class RasterReader:
                 self._plan = _plan_bands(self._src, options)
                 self._plan.stretch = self._compute_stretch()
                 self.info = self._describe(driver)
+                logger.debug(
+                    "opened %s %dx%dx%d %s as %s, scaling %s, masking %s",
+                    driver,
+                    self.info.width,
+                    self.info.height,
+                    self.info.count,
+                    self.info.dtype,
+                    self.info.colour,
+                    self.info.scaling,
+                    self.info.masking,
+                )
             except (RasterioError, CPLE_BaseError) as exc:
                 raise CorruptRaster(
                     f"The file's metadata cannot be read ({self._reason(exc)}); it may be damaged."
@@ -408,13 +420,16 @@ class RasterReader:
         self.skipped = 0
         if not specs:
             return
+        width, height = self.info.width, self.info.height
         for spec in specs:
-            if spec.x < 0 or spec.y < 0 or spec.x + spec.width > self.info.width:
-                raise ValueError(f"tile window outside the image: {spec}")
-            if spec.y + spec.height > self.info.height or not 0 < spec.width <= TILE_SIZE:
-                raise ValueError(f"tile window outside the image: {spec}")
-            if not 0 < spec.height <= TILE_SIZE:
-                raise ValueError(f"tile window outside the image: {spec}")
+            inside = (
+                spec.x >= 0
+                and spec.y >= 0
+                and spec.x + spec.width <= width
+                and spec.y + spec.height <= height
+            )
+            if not (inside and 0 < spec.width <= TILE_SIZE and 0 < spec.height <= TILE_SIZE):
+                raise ValueError(f"tile window outside the image or larger than a tile: {spec}")
         yield from _TileCutter(self, specs).run()
 
     # -- internals ---------------------------------------------------------------------------------
