@@ -22,7 +22,6 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -193,8 +192,9 @@ def _require(georef: Georeferenced | Georef) -> Georef:
     return ref
 
 
-@lru_cache(maxsize=64)
 def _crs(text: str) -> CRS:
+    # Not cached: GDAL spatial reference objects must not be shared between threads, and callers run
+    # this in worker threads; parsing costs about a millisecond per image.
     try:
         return CRS.from_user_input(text)
     except CRSError as exc:
