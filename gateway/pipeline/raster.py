@@ -95,6 +95,8 @@ BoolArray = npt.NDArray[np.bool_]
 Samples = dict[int, npt.NDArray[Any]]
 """Source samples of one window, by 1-based band number."""
 
+BASE_CACHE_BYTES: Final = 64 * 1024**2
+
 GDAL_ENV: Final[dict[str, str | int]] = {
     # Never list the upload's directory: GDAL would otherwise look for sidecars (.aux.xml, .msk, .ovr,
     # world files) next to the file, i.e. read files the user did not send, and pay a readdir per open.
@@ -114,10 +116,10 @@ GDAL_ENV: Final[dict[str, str | int]] = {
     "GDAL_HTTP_CONNECTTIMEOUT": "1",
     "GDAL_HTTP_TIMEOUT": "1",
     "PROJ_NETWORK": "OFF",
-    # A bounded block cache (bytes): holds the largest block we accept (MAX_BLOCK_BYTES) so a strip is
-    # decoded once even when read in several row bands, and stays far below a decode worker's
-    # address-space limit.
-    "GDAL_CACHEMAX": 256 * 1024**2,
+    # A small block cache (bytes): each block is read once (see _TileCutter), so the cache only serves
+    # GDAL's own block handling. Files whose blocks are taller than one read get a cache that holds a
+    # block (RasterReader raises it), so such a block is still decoded once.
+    "GDAL_CACHEMAX": BASE_CACHE_BYTES,
     # One decoding thread per reader: parallelism comes from the decode worker pool, and extra GDAL
     # threads would each reserve address space under the workers' RLIMIT_AS.
     "GDAL_NUM_THREADS": "1",
@@ -374,6 +376,10 @@ class RasterReader:
             try:
                 _check_budgets(self._src, limits, options)
                 self._plan = _plan_bands(self._src, options)
+                block_h, block_w = self._plan.block_shape
+                if block_h > _read_step(block_h):  # one block spans several reads: keep it cached
+                    block_bytes = block_h * block_w * len(self._plan.read_bands) * self._plan.dtype.itemsize
+                    self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=BASE_CACHE_BYTES + block_bytes))
                 self._plan.stretch = self._compute_stretch()
                 self.info = self._describe(driver)
                 logger.debug(
@@ -960,6 +966,14 @@ def _palette_table(src: Any, band: int, dtype: np.dtype[Any]) -> UInt8Array | No
     return table
 
 
+def _read_step(block_height: int) -> int:
+    """Rows per read: a multiple of the block height near :data:`ROWS_PER_READ`, or a tile's height
+    for blocks taller than two tiles (which are then read in several steps from GDAL's cache)."""
+    if block_height > 2 * TILE_SIZE:
+        return TILE_SIZE
+    return block_height * max(1, ROWS_PER_READ // block_height)
+
+
 def _sample_windows(width: int, height: int, block_shape: tuple[int, int]) -> list[Window]:
     """Whole blocks drawn by a seeded random choice, up to :data:`STRETCH_SAMPLE_PIXELS` pixels."""
     block_h, block_w = block_shape
@@ -998,7 +1012,7 @@ class _TileCutter:
         x1 = max(s.x + s.width for s in self.specs)
         self.x0 = (x0 // block_w) * block_w if block_w <= info.width else 0
         self.x1 = min(info.width, math.ceil(x1 / block_w) * block_w)
-        self.step = block_h * max(1, ROWS_PER_READ // block_h) if block_h <= 2 * TILE_SIZE else TILE_SIZE
+        self.step = _read_step(block_h)
         tallest = max(s.height for s in self.specs)
         # Rows held: from the start of the read band holding a tile's top to the end of the one holding
         # its bottom, i.e. fewer than tallest + 2 x step; a multiple of step keeps every read unwrapped.

@@ -15,6 +15,7 @@ import pytest
 import rasterio
 from rasterio.control import GroundControlPoint
 from rasterio.enums import ColorInterp
+from rasterio.env import get_gdal_config
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_gcps
 
@@ -684,3 +685,14 @@ def test_giant_blocks_are_refused(geotiff: GeoTiffFactory, monkeypatch: pytest.M
     monkeypatch.setattr(raster, "MAX_BLOCK_BYTES", 64 * 64 * 3 - 1)
     with pytest.raises(UnsupportedRaster, match="Re-save it tiled"):
         open_raster(path, LIMITS)
+
+
+def test_strips_taller_than_a_read_stay_cached(geotiff: GeoTiffFactory) -> None:
+    data = synthetic_bands(600, 3000, 3, "uint8", seed=15)
+    path = geotiff(width=600, height=3000, data=data, tiled=False, blocksize=1500, photometric="RGB")
+    with open_raster(path, LIMITS) as reader:
+        assert reader.info.block_shape == (1500, 600)
+        assert get_gdal_config("GDAL_CACHEMAX") == raster.BASE_CACHE_BYTES + 1500 * 600 * 3
+        tiles = list(reader.tiles(tile_grid(600, 3000)))
+    np.testing.assert_array_equal(mosaic(tiles, 600, 3000)[0], data)
+    assert get_gdal_config("GDAL_CACHEMAX") != raster.BASE_CACHE_BYTES + 1500 * 600 * 3
