@@ -278,9 +278,10 @@ class DecodePool:
             options: band mapping, pixel limit and allowed formats.
             limits: size budgets; the pool's by default.
 
-        Raises (on entering):
-            GatewayError: the subclass :func:`~gateway.pipeline.raster.open_raster` raises for the file,
-                or :class:`DecoderFailed` when the worker crashed, ran out of memory or time.
+        Raises:
+            GatewayError: on entering the session, the subclass that
+                :func:`~gateway.pipeline.raster.open_raster` raises for the file, or
+                :class:`DecoderFailed` when the worker crashed, ran out of memory or time.
         """
         return DecodeSession(self, Path(path), options or ReadOptions(), limits or self.limits)
 
@@ -433,8 +434,8 @@ class DecodeSession:
 
         Fully masked tiles are skipped (see :attr:`skipped`). Call once per session.
 
-        Raises (while iterating):
-            CorruptRaster: a block cannot be decoded.
+        Raises:
+            CorruptRaster: while iterating, when a block cannot be decoded.
             DecoderFailed: the worker crashed, ran out of memory, or the file's time budget ran out.
         """
         if self._state != "open":

@@ -1,6 +1,6 @@
 """Every file in ``../shared/corpus`` (real and hostile TIFFs) through the reading path, in process and
 through the isolated decode pool: each is accepted or refused with a GatewayError naming the reason;
-no other exception, no crash, no hang. Prints the table of outcomes."""
+no other exception, no crash, no hang. Prints the table of outcomes (``pytest -s`` shows it)."""
 
 from __future__ import annotations
 
@@ -125,10 +125,9 @@ def check(root: Path, rows: list[Outcome]) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_every_corpus_file_in_process(corpus_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_corpus_file_in_process(corpus_dir: Path) -> None:
     rows = [read_in_process(path) for path in corpus_files(corpus_dir)]
-    with capsys.disabled():
-        print("\nin-process open_raster + tiles:\n" + table(corpus_dir, rows))
+    print("\nin-process open_raster + tiles:\n" + table(corpus_dir, rows))  # shown with -s or on failure
     check(corpus_dir, rows)
 
 
@@ -144,8 +143,7 @@ def test_every_corpus_file_through_the_decode_pool(
             return rows
 
     rows = asyncio.run(sweep())
-    with capsys.disabled():
-        print("\nthrough the decode pool:\n" + table(corpus_dir, rows))
+    print("\nthrough the decode pool:\n" + table(corpus_dir, rows))
     check(corpus_dir, rows)
     # Isolation must not change any outcome.
     in_process = {row.path: row.result for row in (read_in_process(Path(r.path)) for r in rows)}
