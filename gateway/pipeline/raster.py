@@ -707,7 +707,8 @@ def _check_budgets(src: Any, limits: LimitSettings, options: ReadOptions) -> Non
     if options.max_pixels is not None and pixels > options.max_pixels:
         raise RasterTooLarge(
             f"The image has {pixels:,} pixels ({width:,} x {height:,}), above the {options.max_pixels:,} "
-            "pixel limit of a direct request; submit it as a batch job (/v1/jobs) instead.",
+            "pixel limit of a direct request; run it with `palm-serve predict`, which has no pixel limit "
+            "(bulk jobs will take it too).",
             limit="max_pixels",
             pixels=pixels,
             max_pixels=options.max_pixels,
