@@ -51,7 +51,9 @@ class PalmNetConfig:
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON view (tuples as lists) for checkpoints and the model card."""
-        return asdict(self)
+        data = asdict(self)
+        data["widths"] = list(self.widths)
+        return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> PalmNetConfig:

@@ -8,7 +8,9 @@ torch ``state_dict`` names one-to-one; the architecture config rides along as ON
 
 Parity is measured as an order-insensitive distance between the two ``[K, 6]`` outputs of each tile:
 ``max_i min_j max_c |a_ic - b_jc|`` taken both ways, because two peaks whose scores differ by float
-noise may swap places in the top-K order without changing the result.
+noise may swap places in the top-K order without changing the result; rows at a cut-off (score floor
+or K-th score) are only required on both sides when they score clearly above it
+(:func:`row_distance`).
 """
 
 from __future__ import annotations
@@ -123,10 +125,25 @@ def session(path: Path, threads: int = 2) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def row_distance(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
-    """Order-insensitive L-inf distance between two ``[K, 6]`` outputs (see the module docstring)."""
-    d = np.abs(a[:, None, :] - b[None, :, :]).max(axis=2)
-    return float(max(d.min(axis=1).max(), d.min(axis=0).max()))
+def row_distance(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], margin: float = 1e-3) -> float:
+    """Order-insensitive L-inf distance between two ``[K, 6]`` outputs (see the module docstring).
+
+    Rows scoring within ``margin`` of a cut-off (the score floor, or the K-th score when all ``K`` rows
+    are used) may legitimately be present on one side only, so only rows scoring above
+    ``max(min positive score of a, of b) + margin`` must find a partner; partners are searched among
+    all rows of the other side.
+    """
+    pos_a, pos_b = a[a[:, 4] > 0], b[b[:, 4] > 0]
+    if len(pos_a) == 0 or len(pos_b) == 0:
+        return 0.0 if len(pos_a) == len(pos_b) else float("inf")
+    cut = max(float(pos_a[:, 4].min()), float(pos_b[:, 4].min())) + margin
+    worst = 0.0
+    for mine, theirs in ((pos_a, pos_b), (pos_b, pos_a)):
+        sure = mine[mine[:, 4] > cut]
+        if len(sure):
+            d = np.abs(sure[:, None, :] - theirs[None, :, :]).max(axis=2)
+            worst = max(worst, float(d.min(axis=1).max()))
+    return worst
 
 
 def parity(model: PalmNet, sess: ort.InferenceSession, tiles: npt.NDArray[np.uint8]) -> dict[str, float]:
@@ -243,7 +260,9 @@ def _parity_tiles(seed: int) -> npt.NDArray[np.uint8]:
     except ImportError:  # pragma: no cover - synth lands after the first export
         return noise
     scene = render_scene(seed, 1024)
-    real = np.stack([scene.pixels[:, y : y + TILE, x : x + TILE] for y, x in ((0, 0), (256, 512), (512, 128))])
+    real = np.stack(
+        [scene.pixels[:, y : y + TILE, x : x + TILE] for y, x in ((0, 0), (256, 512), (512, 128))]
+    )
     return np.concatenate([noise, real]).astype(np.uint8)
 
 

@@ -713,7 +713,9 @@ def _populate(cv: _Canvas, roads: list[F32]) -> list[_Palm]:
     rng, n, g = cv.rng, cv.size, cv.gsd
     area_ha = (n * g) ** 2 / 1e4
     # Buildings: a village cluster along a road or around a point, plus a few isolated ones.
-    n_buildings = int(rng.choice([0, 0, 2, 5, 10, 16]) * min(area_ha / 10.0, 3.0) + rng.integers(0, 3))
+    n_buildings = int(
+        rng.choice([0, 3, 6, 10, 16, 24]) * min(max(area_ha / 10.0, 0.4), 3.0) + rng.integers(0, 3)
+    )
     anchor = rng.uniform(0.15, 0.85, 2) * n
     placed = 0
     for _ in range(n_buildings * 6):

@@ -1,0 +1,228 @@
+"""Held-out accuracy of an exported model, measured the way the gateway serves it.
+
+``python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 24 --seed 1000000``
+renders held-out scenes (seeds ``K .. K+N-1``, all ``>= HELDOUT_MIN_SEED`` so never used in training),
+cuts every scene with the gateway's :func:`~gateway.pipeline.tiling.tile_grid` (512 px tiles, 128 px
+overlap), runs the ONNX with onnxruntime tile by tile, merges with the gateway's
+:func:`~gateway.pipeline.merge.merge_tiles` (default IoU and fragment rules), drops detections scoring
+below ``--score-threshold`` (0.05 by default, low on purpose: COCO AP integrates over the whole
+precision/recall curve) and scores the rest with pycocotools' COCOeval.
+
+COCOeval's default limit of 100 detections per image would cap recall on plantation scenes with
+hundreds of palms, so the limit is raised to ``MAX_DETS``; AP is the mean precision over IoU
+thresholds 0.50:0.05:0.95 and 101 recall points, for all object areas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from export.synth import CATEGORIES, HELDOUT_MIN_SEED, Scene, coco_dataset, render_scene
+from gateway.pipeline.merge import Detections, merge_tiles
+from gateway.pipeline.tiling import DEFAULT_OVERLAP, TILE_SIZE, tile_grid
+
+log = logging.getLogger(__name__)
+
+#: Runs a batch of ``uint8 [B, 3, 512, 512]`` tiles and returns the model's ``[B, K, 6]`` rows.
+TileRunner = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
+DEFAULT_SCORE_THRESHOLD = 0.05
+MAX_DETS = 10_000
+
+
+class SeedOverlap(ValueError):
+    """An evaluation seed falls inside the range reserved for training and validation scenes."""
+
+
+def check_heldout(seeds: Iterable[int]) -> None:
+    """Refuse any seed below :data:`~export.synth.HELDOUT_MIN_SEED` (training/validation range).
+
+    Raises:
+        SeedOverlap: naming the first offending seed.
+    """
+    for seed in seeds:
+        if seed < HELDOUT_MIN_SEED:
+            raise SeedOverlap(
+                f"scene seed {seed} is in the training/validation range [0, {HELDOUT_MIN_SEED}); "
+                f"held-out evaluation needs seeds >= {HELDOUT_MIN_SEED}"
+            )
+
+
+def detect_scene(
+    pixels: npt.NDArray[np.uint8],
+    runner: TileRunner,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    batch: int = 8,
+) -> Detections:
+    """Detections for one ``uint8 [3, H, W]`` image: gateway tiling, the model per tile, gateway merge."""
+    _, height, width = pixels.shape
+    specs = tile_grid(width, height)
+    outputs: list[tuple[Any, npt.NDArray[np.float32], None]] = []
+    for start in range(0, len(specs), batch):
+        group = specs[start : start + batch]
+        tiles = np.zeros((len(group), 3, TILE_SIZE, TILE_SIZE), np.uint8)
+        for i, spec in enumerate(group):
+            tiles[i, :, : spec.height, : spec.width] = pixels[
+                :, spec.y : spec.y + spec.height, spec.x : spec.x + spec.width
+            ]
+        raw = runner(tiles)
+        outputs += [(spec, raw[i], None) for i, spec in enumerate(group)]
+    return merge_tiles(outputs, score_threshold=score_threshold)
+
+
+def coco_results(detections: Sequence[Detections]) -> list[dict[str, Any]]:
+    """COCO result rows (``image_id`` counts from 1, matching :func:`~export.synth.coco_dataset`)."""
+    rows: list[dict[str, Any]] = []
+    for image_id, det in enumerate(detections, start=1):
+        for (x1, y1, x2, y2), score, cat in zip(
+            det.boxes.tolist(), det.scores.tolist(), det.class_ids.tolist(), strict=True
+        ):
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(cat),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
+    return rows
+
+
+def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """AP, AP50, AP75 overall and per category from COCOeval (see the module docstring).
+
+    Returns:
+        ``{"AP", "AP50", "AP75", "per_class": {name: {"AP", "AP50", "AP75"}}, "num_gt", "num_dets"}``.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = json.loads(json.dumps(ground_truth))
+        gt.createIndex()
+        dt = gt.loadRes(results) if results else COCO()
+        if not results:
+            dt.dataset = {
+                "images": gt.dataset["images"],
+                "categories": gt.dataset["categories"],
+                "annotations": [],
+            }
+            dt.createIndex()
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.maxDets = [1, 100, MAX_DETS]
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"]  # [T IoU, R recall, K category, A area, M maxDets]
+    ious = list(np.round(ev.params.iouThrs, 2))
+
+    def mean_ap(p: npt.NDArray[np.float64]) -> float:
+        valid = p[p > -1]
+        return float(valid.mean()) if valid.size else float("nan")
+
+    def figures(k: slice | int) -> dict[str, float]:
+        p = precision[:, :, k, 0, -1]
+        return {
+            "AP": mean_ap(p),
+            "AP50": mean_ap(p[ious.index(0.5)]),
+            "AP75": mean_ap(p[ious.index(0.75)]),
+        }
+
+    out: dict[str, Any] = figures(slice(None))
+    out["per_class"] = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        name = dict(CATEGORIES)[cat_id]
+        out["per_class"][name] = figures(k)
+    anns = ground_truth["annotations"]
+    out["num_gt"] = {name: sum(a["category_id"] == cid for a in anns) for cid, name in CATEGORIES}
+    out["num_dets"] = len(results)
+    return out
+
+
+def evaluate_scenes(
+    scenes: Sequence[Scene], runner: TileRunner, score_threshold: float = DEFAULT_SCORE_THRESHOLD
+) -> dict[str, Any]:
+    """Run :func:`detect_scene` over ``scenes`` and score them with :func:`coco_metrics`."""
+    dets = [detect_scene(s.pixels, runner, score_threshold) for s in scenes]
+    gt = coco_dataset((s, f"scene_{s.seed}.tif") for s in scenes)
+    return coco_metrics(gt, coco_results(dets))
+
+
+def onnx_runner(path: Path, threads: int = 2) -> TileRunner:
+    """A :data:`TileRunner` over an onnxruntime CPU session."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] = sess.run(["detections"], {"images": tiles})[0]
+        return out
+
+    return run
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A small plain-text table of the figures."""
+    lines = [f"{'':12s} {'AP':>7s} {'AP50':>7s} {'AP75':>7s}"]
+    lines.append(f"{'overall':12s} {metrics['AP']:7.4f} {metrics['AP50']:7.4f} {metrics['AP75']:7.4f}")
+    for name, m in metrics["per_class"].items():
+        lines.append(f"{name:12s} {m['AP']:7.4f} {m['AP50']:7.4f} {m['AP75']:7.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--onnx", type=Path, default=Path("model_repository/palm/1/model.onnx"))
+    parser.add_argument("--scenes", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=HELDOUT_MIN_SEED, help="first held-out scene seed")
+    parser.add_argument("--size", type=int, default=1024, help="scene width and height in pixels")
+    parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    seeds = range(args.seed, args.seed + args.scenes)
+    try:
+        check_heldout(seeds)
+    except SeedOverlap as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    runner = onnx_runner(args.onnx, args.threads)
+    scenes = [render_scene(s, args.size) for s in seeds]
+    metrics = evaluate_scenes(scenes, runner, args.score_threshold)
+    metrics["protocol"] = {
+        "onnx": str(args.onnx),
+        "scene_seeds": [seeds.start, seeds.stop - 1],
+        "scene_size": args.size,
+        "tiling": {"tile": TILE_SIZE, "overlap": DEFAULT_OVERLAP, "merge": "gateway.pipeline.merge defaults"},
+        "score_threshold": args.score_threshold,
+        "max_dets_per_image": MAX_DETS,
+        "iou_thresholds": "0.50:0.05:0.95",
+    }
+    print(format_metrics(metrics))
+    objects = sum(metrics["num_gt"].values())
+    print(f"{len(scenes)} scenes, {objects} objects, {time.perf_counter() - started:.1f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

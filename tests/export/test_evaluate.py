@@ -1,0 +1,68 @@
+"""export.evaluate: the CLI end to end, the held-out guard, and the COCO arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.evaluate import SeedOverlap, check_heldout, coco_metrics, coco_results, detect_scene, main
+from export.synth import coco_dataset, render_scene
+from gateway.pipeline.merge import Detections
+
+MODEL = Path(__file__).resolve().parents[2] / "model_repository" / "palm" / "1" / "model.onnx"
+
+
+def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval.json"
+    args = ["--onnx", str(MODEL), "--scenes", "2", "--size", "640", "--seed", "1000000", "--json", str(out)]
+    assert main(args) == 0
+    figures = json.loads(out.read_text())
+    for key in ("AP", "AP50", "AP75"):
+        assert 0.0 <= figures[key] <= 1.0
+        for name in ("palm_tree", "building"):
+            assert key in figures["per_class"][name]
+    assert figures["protocol"]["scene_seeds"] == [1_000_000, 1_000_001]
+    assert "palm_tree" in capsys.readouterr().out
+
+
+def test_cli_refuses_training_seeds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--onnx", str(MODEL), "--scenes", "2", "--seed", "999999"]) == 2
+    assert "held-out" in capsys.readouterr().err
+    with pytest.raises(SeedOverlap):
+        check_heldout([5])
+
+
+def _truth(scene_seed: int, size: int) -> tuple[dict[str, object], Detections]:
+    scene = render_scene(scene_seed, size)
+    n = len(scene.boxes)
+    det = Detections(scene.boxes.copy(), np.linspace(1.0, 0.5, n, dtype=np.float32), scene.categories.copy())
+    return coco_dataset([(scene, "s.tif")]), det
+
+
+def test_ground_truth_scores_one_and_shifted_boxes_score_less() -> None:
+    gt, det = _truth(1_000_020, 512)
+    perfect = coco_metrics(gt, coco_results([det]))
+    assert perfect["AP"] == pytest.approx(1.0)
+    assert perfect["per_class"]["palm_tree"]["AP75"] == pytest.approx(1.0)
+    shifted = Detections(det.boxes + 3.0, det.scores, det.class_ids)
+    worse = coco_metrics(gt, coco_results([shifted]))
+    assert worse["AP"] < 0.9
+    assert worse["AP75"] < worse["AP50"]
+
+
+def test_detect_scene_tiles_and_merges_into_image_coordinates() -> None:
+    """A fake model that reports one box at each tile's centre: one merged box per tile, placed at the
+    tile's centre in image pixels (tiles of a 1024 px image start at 0, 384 and 512)."""
+
+    def centre_box(tiles: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(tiles), 512, 6), np.float32)
+        out[:, 0] = [246, 246, 266, 266, 0.9, 1]
+        return out
+
+    det = detect_scene(np.zeros((3, 1024, 1024), np.uint8), centre_box)
+    centres = sorted(((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in det.boxes.tolist())
+    expected = sorted((x + 256.0, y + 256.0) for x in (0, 384, 512) for y in (0, 384, 512))
+    assert centres == expected
