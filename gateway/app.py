@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from gateway import __version__
 from gateway.api import health, predict
-from gateway.api.deps import Services
+from gateway.api.deps import Admission, Services
 from gateway.api.middleware import ObservabilityMiddleware
 from gateway.decode import DecodePool
 from gateway.errors import install_problem_handlers
@@ -66,6 +66,7 @@ def create_app(
                 model=model,
                 predictor=Predictor(settings, pool, backend, model, metrics),
                 readiness=backend,
+                admission=Admission(settings.limits.max_concurrent_predicts),
             )
             logger.info("gateway up: model %s/%s sha256=%s", model.name, model.version, model.sha256)
             yield

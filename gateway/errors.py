@@ -13,7 +13,8 @@
     │   └── DecoderFailed                422  the decoder crashed, ran out of memory or time on this file
     ├── InferenceUnavailable             503  Triton unreachable or the model not ready (Retry-After)
     │   └── InferenceTimeout             503  an inference call missed its deadline (Retry-After)
-    └── InferenceError                   502  Triton answered with an error
+    ├── InferenceError                   502  Triton answered with an error
+    └── Overloaded                       503  too many requests in flight; try again (Retry-After)
 
 Domain code raises these; third-party errors are translated at their module boundary with ``from exc``.
 Each class carries its HTTP status, a stable ``type`` slug and a title; the instance carries the detail
@@ -122,6 +123,19 @@ class InferenceError(GatewayError):
     status = 502
     slug = "inference-error"
     title = "Inference server error"
+
+
+class Overloaded(GatewayError):
+    status = 503
+    slug = "overloaded"
+    title = "Server busy"
+
+    def __init__(self, detail: str, retry_after_s: int = 2, **extensions: Any) -> None:
+        super().__init__(detail, **extensions)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 def problem(

@@ -45,7 +45,10 @@ class TritonSettings(BaseModel):
 class LimitSettings(BaseModel):
     """Budgets checked before any decode; every one is configurable."""
 
-    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="Enforced while the upload streams.")
+    max_concurrent_predicts: int = Field(
+        default=32, gt=0, description="/v1/predict requests admitted at once; more get 503 + Retry-After."
+    )
     max_predict_pixels: int = Field(
         default=64_000_000, gt=0, description="Above this /v1/predict answers 413."
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 
+from gateway.errors import Overloaded
 from gateway.metrics import Metrics
 from gateway.pipeline.coco import ModelInfo
 from gateway.predictor import Predictor
@@ -19,6 +22,30 @@ class ReadinessProbe(Protocol):
     async def model_ready(self) -> bool: ...
 
 
+class Admission:
+    """Admits at most ``limit`` requests at once and refuses the rest at the door (no unbounded queue).
+
+    Refusing early keeps latency bounded under overload: a client told to come back (503 +
+    Retry-After) costs nothing, an upload queued behind hundreds of others costs disk and times out.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.active >= self.limit:
+            raise Overloaded(
+                f"{self.active} predictions are in progress (the limit is {self.limit}); retry shortly"
+            )
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
 @dataclass(slots=True)
 class Services:
     """Collaborators the app factory assembles; tests swap any of them."""
@@ -28,6 +55,7 @@ class Services:
     model: ModelInfo
     predictor: Predictor
     readiness: ReadinessProbe
+    admission: Admission
 
 
 def get_services(request: Request) -> Services:

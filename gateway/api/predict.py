@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from gateway.api.deps import ServicesDep
+from gateway.api.deps import Services, ServicesDep
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
 from gateway.api.uploads import discard, receive_upload
 from gateway.errors import GatewayError, InvalidParameter
@@ -92,6 +92,17 @@ async def predict(
         str | None,
         Query(description="Source bands for R,G,B (1-based), e.g. 3,2,1 for multispectral", max_length=64),
     ] = None,
+) -> JSONResponse:
+    async with services.admission.slot():
+        return await _predict(request, services, score_threshold, format, bands)
+
+
+async def _predict(
+    request: Request,
+    services: Services,
+    score_threshold: float | None,
+    format: OutputFormat,
+    bands: str | None,
 ) -> JSONResponse:
     settings = services.settings
     threshold = settings.tiling.score_threshold if score_threshold is None else score_threshold
