@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from gateway.logs import configure_logging
 from gateway.settings import Settings, get_settings
 
 logger = logging.getLogger("palm_serve")
@@ -35,9 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     _tune_malloc()
     if args.command == "serve":
         return _serve(settings, args.host, args.port)
@@ -60,6 +59,7 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
         host=host or settings.host,
         port=port if port is not None else settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to ours (same format, request ids)
         timeout_graceful_shutdown=30,
         access_log=False,  # the gateway logs each request itself, with its request id
     )

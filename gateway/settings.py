@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("var"), description="All state: uploads, database, logs.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
     triton: TritonSettings = TritonSettings()
     limits: LimitSettings = LimitSettings()
     tiling: TilingSettings = TilingSettings()

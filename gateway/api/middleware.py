@@ -9,6 +9,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.logs import request_id_var
 from gateway.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ObservabilityMiddleware:
             await send(message)
 
         self.metrics.http_inflight.inc()
+        token = request_id_var.set(request_id.decode())
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
@@ -59,5 +61,6 @@ class ObservabilityMiddleware:
                 route,
                 status,
                 elapsed * 1000,
-                extra={"request_id": request_id.decode(), "route": route, "status": status},
+                extra={"route": route, "status": status, "duration_ms": round(elapsed * 1000, 1)},
             )
+            request_id_var.reset(token)
