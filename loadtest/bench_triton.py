@@ -10,6 +10,9 @@ process (``tune_malloc``) and the server (``MALLOC_*_`` environment). ``--client
 stock ``tritonclient.grpc.aio`` client as a baseline for the zero-copy request encoder; it is the
 one import of ``tritonclient`` outside ``gateway/triton``, and only for that comparison.
 
+``encode`` rows time the client alone: turning a batch into request bytes, the part of a call that
+glibc's malloc settings affect most (the stock path copies the tiles four times, ours once).
+
 Columns: tiles/s; ratio to the ceiling at that batch; p50/p99 latency of one call; client CPU
 milliseconds per tile (on a small machine, CPU the client burns is CPU the model does not get).
 
@@ -17,7 +20,7 @@ The model is the repository's ``palm/1/model.onnx`` unless ``--model-repository`
 (e.g. a trivial model with the same contract, to measure transport alone).
 
 Run: ``python -m loadtest.bench_triton [--batch 1 8] [--concurrency 1 4] [--seconds 10]
-[--malloc off on] [--client palm stock]``.
+[--malloc off on] [--client palm stock] [--rounds 2]``.
 """
 
 from __future__ import annotations
@@ -148,11 +151,54 @@ async def drive(
     return done / (time.perf_counter() - start), latencies, (time.process_time() - cpu0) / max(done, 1)
 
 
+def measure_encode(kind: str, malloc: str, tiles: npt.NDArray[np.uint8], batch: int) -> Result:
+    """Client-side serialisation of one request, as ``kind`` does it before gRPC sends it."""
+    from tritonclient.grpc import service_pb2
+
+    from gateway.triton.codecs import InferRequestEncoder
+
+    x = np.ascontiguousarray(tiles[:batch])
+    encoder = InferRequestEncoder("palm", "1")
+
+    def stock() -> bytes:  # what InferInput.set_data_from_numpy + the stub's serialiser do
+        request = service_pb2.ModelInferRequest(model_name="palm", model_version="1")
+        tensor = request.inputs.add(name="images", datatype="UINT8")
+        tensor.shape.extend(x.shape)
+        request.raw_input_contents.append(x.tobytes())
+        return request.SerializeToString()
+
+    encode = (lambda: encoder.encode(x)) if kind == "palm" else stock
+    for _ in range(3):
+        encode()
+    latencies: list[float] = []
+    cpu0, start = time.process_time(), time.perf_counter()
+    while time.perf_counter() - start < 2.0:
+        t0 = time.perf_counter()
+        encode()
+        latencies.append(time.perf_counter() - t0)
+    done = len(latencies) * batch
+    return Result(
+        path="encode",
+        client=kind,
+        malloc=malloc,
+        batch=batch,
+        concurrency=1,
+        tiles_per_s=done / (time.perf_counter() - start),
+        p50_ms=float(np.percentile(latencies, 50)) * 1e3,
+        p99_ms=float(np.percentile(latencies, 99)) * 1e3,
+        client_cpu_ms_per_tile=(time.process_time() - cpu0) * 1e3 / done,
+    )
+
+
 async def measure_triton(args: argparse.Namespace, url: str, settings: TritonSettings) -> list[Result]:
     from gateway.triton.client import TritonClient
 
-    tiles = scene_tiles(max(args.batch) + max(args.concurrency))
-    results = []
+    # Loaded, not rendered here: rendering frees big temporaries, and glibc's dynamic mmap threshold
+    # would then rise on its own, hiding what an untuned process pays.
+    tiles = np.load(args.tiles)
+    results = [
+        measure_encode(kind, args.worker_malloc, tiles, batch) for kind in args.client for batch in args.batch
+    ]
     for kind in args.client:
         if kind == "palm":
             client = TritonClient(url, settings, malloc_tuning=args.worker_malloc == "on")
@@ -209,6 +255,8 @@ def run_worker(args: argparse.Namespace, malloc: str) -> list[Result]:
         "loadtest.bench_triton",
         "--worker-malloc",
         malloc,
+        "--tiles",
+        str(args.tiles),
         "--seconds",
         str(args.seconds),
         "--model-repository",
@@ -225,39 +273,23 @@ def run_worker(args: argparse.Namespace, malloc: str) -> list[Result]:
     return [Result(**json.loads(line)) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def _mean(first: Result, second: Result) -> Result:
-    return Result(
-        path=first.path,
-        client=first.client,
-        malloc=first.malloc,
-        batch=first.batch,
-        concurrency=first.concurrency,
-        tiles_per_s=(first.tiles_per_s + second.tiles_per_s) / 2,
-        p50_ms=(first.p50_ms + second.p50_ms) / 2,
-        p99_ms=max(first.p99_ms, second.p99_ms),
-        client_cpu_ms_per_tile=(first.client_cpu_ms_per_tile + second.client_cpu_ms_per_tile) / 2,
-    )
-
-
-def report(ceiling: dict[int, Result], results: list[Result], model: Path) -> None:
+def report(ceilings: list[Result], results: list[Result], model: Path) -> None:
+    ceiling = {r.batch: r for r in ceilings}
     load = os.getloadavg()
     print(f"model {model} ({model.stat().st_size / 1e6:.1f} MB)")
     cores = len(os.sched_getaffinity(0))
     print(f"cores available: {cores}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    startups = sorted({round(r.startup_s, 2) for r in results})
-    if startups:
-        print(f"embedded tritonserver start to model ready: {', '.join(f'{s:.2f}s' for s in startups)}")
     header = f"{'path':<12}{'client':<11}{'malloc':<7}{'batch':>6}{'conc':>6}{'tiles/s':>10}{'x ceil':>8}"
     header += f"{'p50 ms':>9}{'p99 ms':>9}{'cpu ms/tile':>13}"
     print(header)
     rows = list(ceiling.values()) + sorted(
-        results, key=lambda r: (r.batch, r.client, r.concurrency, r.malloc)
+        results, key=lambda r: (r.batch, r.path, r.client, r.concurrency, r.malloc)
     )
     for r in rows:
-        ratio = r.tiles_per_s / ceiling[r.batch].tiles_per_s
+        ratio = r.tiles_per_s / ceiling[r.batch].tiles_per_s if r.path != "encode" else float("nan")
         print(
             f"{r.path:<12}{r.client:<11}{r.malloc:<7}{r.batch:>6}{r.concurrency:>6}{r.tiles_per_s:>10.1f}"
-            f"{ratio:>8.2f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.client_cpu_ms_per_tile:>13.2f}"
+            f"{ratio:>8.2f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.client_cpu_ms_per_tile:>13.2f}"
         )
 
 
@@ -270,22 +302,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     parser.add_argument("--malloc", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--client", nargs="+", choices=["palm", "stock"], default=["palm"])
+    parser.add_argument("--rounds", type=int, default=2, help="workers per malloc mode, in ABBA order")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--worker-malloc", choices=["off", "on"], help=argparse.SUPPRESS)
+    parser.add_argument("--tiles", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_malloc:
         return worker(args)
 
     model = args.model_repository / "palm" / "1" / "model.onnx"
-    tiles = scene_tiles(max(args.batch))
-    before = [measure_onnxruntime(model, tiles, b, args.seconds) for b in args.batch]
-    results = [r for mode in args.malloc for r in run_worker(args, mode)]
-    after = [measure_onnxruntime(model, tiles, b, args.seconds) for b in args.batch]
-    ceiling = {b.batch: _mean(b, a) for b, a in zip(before, after, strict=True)}
-    for b, a in zip(before, after, strict=True):
-        print(f"ceiling batch {b.batch}: {b.tiles_per_s:.1f} tiles/s before, {a.tiles_per_s:.1f} after")
-    report(ceiling, results, model)
+    tiles = scene_tiles(max(args.batch) + max(args.concurrency))
+    # ABBA order (off, on, on, off, ...) with the ceiling re-measured between workers: on a shared
+    # machine the load drifts, and a fixed order would hand the drift to one mode.
+    order = [mode for r in range(args.rounds) for mode in (args.malloc if r % 2 == 0 else args.malloc[::-1])]
+    ceilings: list[Result] = []
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-triton-") as scratch:
+        args.tiles = Path(scratch) / "tiles.npy"
+        np.save(args.tiles, tiles)
+        for mode in order:
+            ceilings += [measure_onnxruntime(model, tiles, b, args.seconds) for b in args.batch]
+            results += run_worker(args, mode)
+    ceilings += [measure_onnxruntime(model, tiles, b, args.seconds) for b in args.batch]
+    for batch in args.batch:
+        rates = ", ".join(f"{r.tiles_per_s:.1f}" for r in ceilings if r.batch == batch)
+        print(f"ceiling batch {batch}, each time it was measured: {rates} tiles/s")
+    startups = ", ".join(f"{s:.2f}s" for s in sorted({r.startup_s for r in results}))
+    print(f"embedded tritonserver, start() to model ready, each worker: {startups}")
+    report(_average(ceilings), _average(results), model)
     return 0
+
+
+def _average(results: list[Result]) -> list[Result]:
+    """One row per configuration: mean rates and p50s, worst p99, over the rounds."""
+    groups: dict[tuple[str, str, str, int, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.path, r.client, r.malloc, r.batch, r.concurrency), []).append(r)
+    return [
+        Result(
+            path=path,
+            client=client,
+            malloc=malloc,
+            batch=batch,
+            concurrency=concurrency,
+            tiles_per_s=float(np.mean([r.tiles_per_s for r in rs])),
+            p50_ms=float(np.mean([r.p50_ms for r in rs])),
+            p99_ms=max(r.p99_ms for r in rs),
+            client_cpu_ms_per_tile=float(np.mean([r.client_cpu_ms_per_tile for r in rs])),
+            startup_s=float(np.mean([r.startup_s for r in rs])),
+        )
+        for (path, client, malloc, batch, concurrency), rs in groups.items()
+    ]
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ class TritonPythonModel:
             try:
                 batch.append(self._decode(request))
                 owners.append(index)
-            except ValueError as exc:
-                responses[index] = _error_response(str(exc))
+            except Exception as exc:  # this request only: DLPack may raise TypeError/BufferError too
+                responses[index] = _error_response(f"palm: {exc}")
 
         if batch:
             images = batch[0] if len(batch) == 1 else np.concatenate(batch, axis=0)
@@ -121,8 +121,12 @@ class TritonPythonModel:
                     count = tiles.shape[0]
                     part = np.ascontiguousarray(detections[offset : offset + count])
                     offset += count
-                    tensor = _output_tensor(OUTPUT_NAME, part)
-                    responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor])
+                    try:
+                        tensor = _output_tensor(OUTPUT_NAME, part)
+                    except Exception as exc:
+                        responses[index] = _error_response(f"palm: cannot return detections: {exc}")
+                    else:
+                        responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor])
         return responses
 
     def finalize(self) -> None:
