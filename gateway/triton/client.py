@@ -57,6 +57,7 @@ _NOT_READY_HINTS: Final = (
     "is not found",
     "no available versions",
     "not available",
+    "is not healthy",  # python-backend stub died; the embedded launcher restarts the server
     "unavailable",
 )
 

@@ -396,9 +396,18 @@ class EmbeddedTriton:
             proc = self._proc
             assert proc is not None
             up_since = time.monotonic()
+            stubs = [pid for pid in self._our_processes() if pid != proc.pid]
+            ticks = 0
             while proc.poll() is None:
                 if self._stopping.wait(0.1):
                     return
+                ticks += 1
+                if ticks % 10 == 0 and self._stub_died(stubs):
+                    # The python backend does not replace a dead stub: the model stays "ready" and
+                    # every request fails. Only a new server recovers, so make this a crash.
+                    self._ready.clear()
+                    logger.warning("a python-backend stub of tritonserver pid=%s died; restarting", proc.pid)
+                    self._terminate()
             self._ready.clear()
             uptime = time.monotonic() - up_since
             if uptime >= self.stable_after_s:
@@ -551,20 +560,29 @@ class EmbeddedTriton:
         self._kill_stragglers()
         self._unlink_shm()
 
-    def _kill_stragglers(self) -> None:
-        """SIGKILL any process whose command line carries our shm prefix (python-backend stubs)."""
+    def _our_processes(self) -> list[int]:
+        """Live (not zombie) processes whose command line carries our shm prefix: server and stubs."""
         marker = self.shm_prefix.encode()
+        pids = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                cmdline = (entry / "cmdline").read_bytes()
+                if marker in (entry / "cmdline").read_bytes() and _alive(int(entry.name)):
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-            if marker in cmdline:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    logger.info("killed leftover python-backend stub pid=%s", entry.name)
+        return pids
+
+    def _stub_died(self, stubs: list[int]) -> bool:
+        return any(not _alive(pid) for pid in stubs)
+
+    def _kill_stragglers(self) -> None:
+        """SIGKILL any process of ours still alive (python-backend stubs outliving their server)."""
+        for pid in self._our_processes():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                logger.info("killed leftover tritonserver process pid=%s", pid)
 
     def _unlink_shm(self) -> None:
         if not SHM_DIR.is_dir():
@@ -582,6 +600,15 @@ class EmbeddedTriton:
                 return log.read().decode("utf-8", "replace")
         except OSError:
             return "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie waiting for its parent (or init) to reap it does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -120,6 +120,33 @@ async def test_a_killed_server_is_restarted_and_the_client_recovers(
     assert our_shm_regions(server) == []
 
 
+async def test_a_dead_python_backend_stub_restarts_the_server(
+    make_triton: Callable[..., EmbeddedTriton], triton_settings: TritonSettings, scene_tiles: np.ndarray
+) -> None:
+    """Triton keeps a model whose stub died "ready" while failing every request; we restart it."""
+    server = make_triton(backoff_initial_s=0.2)
+    async with server, TritonClient(server.grpc_url, triton_settings) as client:
+        before = await client.infer(scene_tiles[:1])
+        first_pid = server.pid
+        stubs = [pid for pid in our_processes(server) if pid != first_pid]
+        assert stubs
+
+        os.kill(stubs[0], signal.SIGKILL)
+
+        assert wait_for(lambda: server.restarts == 1 and server.ready, 60)
+        assert server.pid != first_pid
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                after = await client.infer(scene_tiles[:1])
+                break
+            except InferenceUnavailable:  # not InferenceError: this is temporary
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        np.testing.assert_array_equal(after, before)
+
+
 def test_a_model_that_cannot_load_fails_start_with_the_reason(
     make_triton: Callable[..., EmbeddedTriton], triton_settings: TritonSettings, tmp_path: Path
 ) -> None:

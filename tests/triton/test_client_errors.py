@@ -27,6 +27,7 @@ def client() -> TritonClient:
         (grpc.StatusCode.CANCELLED, "server shutting down", InferenceUnavailable),
         (grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'palm' is not found", InferenceUnavailable),
         (grpc.StatusCode.INVALID_ARGUMENT, "requested model 'palm' is not available", InferenceUnavailable),
+        (grpc.StatusCode.INTERNAL, "Stub process 'palm_0_0' is not healthy.", InferenceUnavailable),
         (grpc.StatusCode.INVALID_ARGUMENT, "unexpected shape for input 'images'", InferenceError),
         (grpc.StatusCode.INTERNAL, "onnxruntime failed", InferenceError),
     ],
