@@ -181,7 +181,8 @@ def tune_malloc(
     """Make glibc keep large blocks on the heap for this process (idempotent).
 
     With the default dynamic threshold every multi-megabyte request buffer is a fresh ``mmap``, and
-    its pages fault in on every call; measured, that halves gRPC throughput on 6 MB requests. Raising
+    its pages fault in on every call: measured on 6 MB requests built the way tritonclient builds them,
+    9 ms to encode untuned against 1.8 ms tuned, and 1.7x the tiles/s over gRPC to a trivial model. Raising
     ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` lets those buffers reuse already-mapped heap pages.
     Child processes get the same through ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``.
 
