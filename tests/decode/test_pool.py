@@ -137,7 +137,7 @@ async def test_session_reports_raster_info(pool: DecodePool, files: dict[str, Pa
     [
         ("html", {}, UnsupportedMediaType, "HTML page"),
         ("corrupt", {}, CorruptRaster, "cannot be decoded"),
-        ("masked", {"max_pixels": 1000}, RasterTooLarge, "batch job"),
+        ("masked", {"max_pixels": 1000}, RasterTooLarge, "palm-serve predict"),
         ("masked", {"bands": (9,)}, InvalidParameter, "between 1 and 3"),
     ],
 )

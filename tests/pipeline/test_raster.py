@@ -207,7 +207,7 @@ def test_dimension_bomb_is_refused_before_any_decode(tmp_path: Path) -> None:
     path = sparse_bomb(tmp_path / "bomb.tif")
     assert path.stat().st_size < 400_000  # the tile index; no pixel data
     started = time.perf_counter()
-    with pytest.raises(RasterTooLarge, match="submit it as a batch job") as caught:
+    with pytest.raises(RasterTooLarge, match="run it with `palm-serve predict`") as caught:
         open_raster(path, LIMITS, ReadOptions(max_pixels=64_000_000))
     assert time.perf_counter() - started < 1.0
     assert caught.value.status == 413
