@@ -193,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument(
+        "--card", action="store_true", help="store the figures in the model card next to --onnx"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     seeds = range(args.seed, args.seed + args.scenes)
@@ -221,6 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.card:
+        from export.onnx import update_card
+
+        card = args.onnx.with_name("model_card.json")
+        update_card(card, evaluation=metrics)
+        print(f"updated {card}")
     return 0
 
 

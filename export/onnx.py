@@ -227,6 +227,20 @@ def write_card(
         "contract": contract(model.config),
         "categories": [{"id": cid, "name": name} for cid, name in CATEGORIES],
         "training": training,
+        "reproduce": [
+            "python -m export.train --out runs/palmnet  # flags from training (defaults = shipped run)",
+            "python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt --version " + version,
+            "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
+            "--seed 1000000 --card",
+            "python -m export.bench --card",
+        ],
+        "limitations": [
+            "Trained on synthetic scenes only (export.synth); accuracy on real imagery is unmeasured.",
+            f"At most {model.config.top_k} detections per 512 px tile: a plantation at 9 m spacing "
+            "fills a tile with ~340 palms at 0.3 m GSD but ~1,350 at 0.6 m GSD, so coarse-GSD "
+            "plantations lose palms; the training scenes keep blocks under 400 palms per tile.",
+            "Objects up to ~110 px (buildings <= 110 px, palms 3-8 m at 0.3-0.6 m GSD).",
+        ],
         "evaluation": evaluation,
         "parity": parity_figures,
         "throughput": throughput,
