@@ -39,6 +39,17 @@ def bench_tiles(seed: int = HELDOUT_MIN_SEED) -> npt.NDArray[np.uint8]:
     )
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name from ``/proc/cpuinfo`` (Linux), else the platform's best guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def measure(onnx_path: Path, batches: Sequence[int], seconds: float, threads: int) -> dict[str, Any]:
     """Tiles/s per batch size; each batch size runs for about ``seconds`` after two warm-up calls."""
     sess = session(onnx_path, threads)
@@ -83,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "onnxruntime_cpu": {
             "by_batch": figures,
             "threads": args.threads,
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "command": "python -m export.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         },
