@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from onnx import numpy_helper
 from export.model import (
     CATEGORIES,
     TILE,
+    TOP_K,
     PalmNet,
     PalmNetConfig,
     conv_flops,
@@ -236,9 +238,10 @@ def write_card(
         ],
         "limitations": [
             "Trained on synthetic scenes only (export.synth); accuracy on real imagery is unmeasured.",
-            f"At most {model.config.top_k} detections per 512 px tile: a plantation at 9 m spacing "
-            "fills a tile with ~340 palms at 0.3 m GSD but ~1,350 at 0.6 m GSD, so coarse-GSD "
-            "plantations lose palms; the training scenes keep blocks under 400 palms per tile.",
+            f"At most {model.config.top_k} detections per 512 px tile (a plantation at 7.5 m triangular "
+            "spacing puts ~1,900 palms in a tile at 0.6 m GSD); the training and evaluation scenes keep "
+            "plantation blocks under 400 palms per tile, so very dense coarse-GSD plantations are "
+            "unmeasured.",
             "Objects up to ~110 px (buildings <= 110 px, palms 3-8 m at 0.3-0.6 m GSD).",
         ],
         "evaluation": evaluation,
@@ -290,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", default="0.0.0-untrained")
     parser.add_argument("--evaluation", type=Path, help="JSON written by export.evaluate, for the card")
     parser.add_argument("--throughput", type=Path, help="JSON written by export.bench, for the card")
+    parser.add_argument(
+        "--top-k", type=int, default=TOP_K, help="detection rows per tile (decode only; weights unchanged)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
@@ -304,6 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         parser.error("give --checkpoint or --random-init")
 
+    if args.top_k != model.config.top_k:
+        weights = model.state_dict()
+        model = PalmNet(replace(model.config, top_k=args.top_k))
+        model.load_state_dict(weights)
+        model.eval()
     export_onnx(model, args.out)
     twin = load_torch_twin(args.out)
     sess = session(args.out)

@@ -98,7 +98,7 @@ class TritonClient:
     Example::
 
         async with TritonClient(triton.grpc_url, settings.triton) as client:
-            detections = await client.infer(tiles)  # [N, 512, 6] float32
+            detections = await client.infer(tiles)  # [N, K, 6] float32
 
     Args:
         url: ``host:port`` of Triton's gRPC endpoint.
@@ -141,7 +141,7 @@ class TritonClient:
             request_id: Echoed by Triton in its logs and response.
 
         Returns:
-            Read-only float32 ``[N, 512, 6]``: ``x1, y1, x2, y2, score, class_id`` per detection slot.
+            Read-only float32 ``[N, K, 6]``: ``x1, y1, x2, y2, score, class_id`` per detection slot.
 
         Raises:
             TypeError: ``tiles`` is not uint8.

@@ -1,7 +1,8 @@
 """Bytes on the wire of a ``palm`` inference call, without extra copies; and malloc tuning.
 
 The model contract is fixed: input ``images`` UINT8 ``[N, 3, 512, 512]``, output ``detections`` FP32
-``[N, 512, 6]`` with rows ``(x1, y1, x2, y2, score, class_id)``.
+``[N, K, 6]`` with rows ``(x1, y1, x2, y2, score, class_id)``; K (rows per tile, 2048 for palm 1.0.0) is the
+model's choice, so the gateway accepts any K the server reports.
 
 Why encode by hand: ``tritonclient``'s ``InferInput.set_data_from_numpy`` copies the array into
 ``bytes``, protobuf copies it into the message and again when serialising, and gRPC copies it once more.
@@ -37,7 +38,6 @@ INPUT_DATATYPE: Final = "UINT8"
 OUTPUT_NAME: Final = "detections"
 OUTPUT_DATATYPE: Final = "FP32"
 TILE_SHAPE: Final = (3, 512, 512)
-MAX_DETECTIONS: Final = 512
 DETECTION_FIELDS: Final = 6  # x1, y1, x2, y2, score, class_id
 
 # glibc's largest accepted mmap threshold on 64-bit is 32 MiB; a batch of 32 tiles (25 MB) fits below.
@@ -156,15 +156,17 @@ def decode_detections(
         batch: The number of tiles that were sent.
 
     Returns:
-        A read-only float32 view ``[batch, 512, 6]`` over ``raw``; copy it before modifying.
+        A read-only float32 view ``[batch, K, 6]`` over ``raw``; copy it before modifying.
 
     Raises:
         ValueError: The output does not follow the model contract.
     """
-    expected = (batch, MAX_DETECTIONS, DETECTION_FIELDS)
-    if datatype != OUTPUT_DATATYPE or tuple(shape) != expected:
+    rows = shape[1] if len(shape) == 3 else 0
+    expected = (batch, rows, DETECTION_FIELDS)
+    if datatype != OUTPUT_DATATYPE or tuple(shape) != expected or rows < 1:
         raise ValueError(
-            f"output {OUTPUT_NAME!r} is {datatype} {list(shape)}, expected {OUTPUT_DATATYPE} {list(expected)}"
+            f"output {OUTPUT_NAME!r} is {datatype} {list(shape)}, "
+            f"expected {OUTPUT_DATATYPE} [{batch}, K, {DETECTION_FIELDS}]"
         )
     expected_bytes = int(np.prod(expected)) * 4
     if len(raw) != expected_bytes:

@@ -11,11 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from export.model import TOP_K
 from export.synth import render_scene
 
 MODEL = Path(__file__).resolve().parents[2] / "model_repository" / "palm" / "1" / "model.onnx"
 CARD = MODEL.with_name("model_card.json")
-K = 512
+K = TOP_K
 
 
 @pytest.fixture(scope="module")

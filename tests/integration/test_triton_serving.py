@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import urllib.request
 from collections.abc import Callable
@@ -11,9 +12,12 @@ import numpy as np
 import pytest
 
 from gateway.errors import InferenceError
-from gateway.settings import TritonSettings
+from gateway.settings import REPO_ROOT, TritonSettings
 from gateway.triton.client import TritonClient
 from gateway.triton.launcher import EmbeddedTriton
+
+CARD = REPO_ROOT / "model_repository" / "palm" / "1" / "model_card.json"
+TOP_K = json.loads(CARD.read_text())["contract"]["outputs"][0]["shape"][1]  # rows per tile
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +46,7 @@ async def test_triton_output_equals_onnxruntime_in_process(
         detections = await client.infer(tiles)
 
     expected = reference_model(tiles)
-    assert detections.shape == (batch, 512, 6)
+    assert detections.shape == (batch, TOP_K, 6)
     assert detections.dtype == np.float32
     np.testing.assert_allclose(detections, expected, rtol=1e-5, atol=1e-5)
     # The numpy-2 trap (stub reading zeros) would make every tile answer like a black tile.
@@ -101,6 +105,6 @@ async def test_a_rejected_request_does_not_fail_its_neighbours(
     assert isinstance(outcomes[1], InferenceError)
     assert "batch" in outcomes[1].detail
     assert isinstance(outcomes[0], np.ndarray)
-    assert outcomes[0].shape == (2, 512, 6)
+    assert outcomes[0].shape == (2, TOP_K, 6)
     assert isinstance(outcomes[2], np.ndarray)
-    assert outcomes[2].shape == (1, 512, 6)
+    assert outcomes[2].shape == (1, TOP_K, 6)

@@ -7,7 +7,7 @@ import numpy as np
 from gateway.pipeline.merge import merge_candidates, merge_tiles, tile_candidates
 from gateway.pipeline.tiling import tile_grid
 
-K = 512
+K = 2048
 
 
 def rows(*dets: tuple[float, float, float, float, float, int]) -> np.ndarray:

@@ -70,6 +70,12 @@ def test_off_contract_tiles_are_refused(array: object, error: type[Exception]) -
         check_tiles(array)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("k", [512, 2048])
+def test_decode_detections_takes_the_rows_the_model_has(k: int) -> None:
+    out = decode_detections(b"\0" * (2 * k * 6 * 4), datatype="FP32", shape=[2, k, 6], batch=2)
+    assert out.shape == (2, k, 6)
+
+
 def test_decode_detections_is_a_read_only_view() -> None:
     expected = np.random.default_rng(1).random((3, 512, 6), dtype=np.float32)
     raw = expected.tobytes()
@@ -86,7 +92,9 @@ def test_decode_detections_is_a_read_only_view() -> None:
     [
         ("FP16", [2, 512, 6], 2 * 512 * 6 * 4),
         ("FP32", [1, 512, 6], 1 * 512 * 6 * 4),
-        ("FP32", [2, 100, 6], 2 * 100 * 6 * 4),
+        ("FP32", [2, 100, 5], 2 * 100 * 5 * 4),
+        ("FP32", [2, 0, 6], 0),
+        ("FP32", [2, 512], 2 * 512 * 4),
         ("FP32", [2, 512, 6], 100),
     ],
 )

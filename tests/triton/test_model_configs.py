@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ from gateway.settings import REPO_ROOT
 
 MODEL_DIR = REPO_ROOT / "model_repository" / "palm"
 CONFIG_FILES = sorted(MODEL_DIR.rglob("*.pbtxt"))
+# K, the detection rows per tile, as the shipped ONNX declares it (the model card records its contract).
+ROWS_PER_TILE = json.loads((MODEL_DIR / "1" / "model_card.json").read_text())["contract"]["outputs"][0][
+    "shape"
+][1]
 
 
 def load(path: Path) -> mc.ModelConfig:
@@ -37,7 +42,7 @@ def test_config_parses_and_keeps_the_contract(path: Path) -> None:
         ("images", mc.TYPE_UINT8, [3, 512, 512])
     ]
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
-        ("detections", mc.TYPE_FP32, [512, 6])
+        ("detections", mc.TYPE_FP32, [ROWS_PER_TILE, 6])
     ]
     assert list(config.version_policy.specific.versions) == [1]
     batching = config.dynamic_batching
