@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from gateway.logs import configure_logging
 from gateway.settings import Settings, get_settings
@@ -125,15 +126,15 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 body = to_geojson([result], model)
             target = _output_path(out, path, args.format, used)
-            target.write_text(json.dumps(body))
+            target.write_bytes(orjson.dumps(body))
             print(f"{path}: {len(result.detections)} detections, {result.tiles_total} tiles -> {target}")
         if args.format == "coco" and len(results) > 1:
             combined = out / "predictions.coco.json"
-            combined.write_text(json.dumps(to_coco(results, model, predictor.tiling_info(threshold))))
+            combined.write_bytes(orjson.dumps(to_coco(results, model, predictor.tiling_info(threshold))))
             print(f"all files: {combined}")
         elif args.format == "geojson" and len(results) > 1:
             combined = out / "predictions.geojson"
-            combined.write_text(json.dumps(to_geojson(results, model)))
+            combined.write_bytes(orjson.dumps(to_geojson(results, model)))
             print(f"all files: {combined}")
     return 1 if failures else 0
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,10 @@ from gateway.pipeline.tiling import tile_grid
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+OFFLOAD_BOXES = 4000
+"""Above this many candidate boxes, merging and georeferencing run in a worker thread."""
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (tiles done, tiles total) as batches complete."""
@@ -159,9 +163,11 @@ class Predictor:
         if progress is not None:
             progress(total, total)
         decoded = time.perf_counter()
-        merged = await asyncio.to_thread(merge_candidates, candidates, tiling.nms_iou)
+        # Small results merge inline: a thread hop costs more than the work. Large ones leave the loop.
+        offload = sum(len(c.detections) for c in candidates) > OFFLOAD_BOXES
+        merged = await _maybe_thread(offload, merge_candidates, candidates, tiling.nms_iou)
         merged_at = time.perf_counter()
-        geometries = await asyncio.to_thread(geo.box_polygons, merged.boxes, info)
+        geometries = await _maybe_thread(offload, geo.box_polygons, merged.boxes, info)
         finished_at = time.perf_counter()
         if self.metrics is not None:
             self.metrics.tiles.labels("inferred").inc(total - skipped)
@@ -202,6 +208,10 @@ class Predictor:
             if self.metrics is not None:
                 self.metrics.triton_latency.observe(time.perf_counter() - start)
                 self.metrics.triton_batch_tiles.observe(len(batch.specs))
+
+
+async def _maybe_thread(offload: bool, fn: Callable[..., T], /, *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args) if offload else fn(*args)
 
 
 def balanced_batch(tiles: int, limit: int) -> int:

@@ -6,8 +6,9 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from gateway.api.deps import Services, ServicesDep
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
@@ -92,7 +93,7 @@ async def predict(
         str | None,
         Query(description="Source bands for R,G,B (1-based), e.g. 3,2,1 for multispectral", max_length=64),
     ] = None,
-) -> JSONResponse:
+) -> Response:
     async with services.admission.slot():
         return await _predict(request, services, score_threshold, format, bands)
 
@@ -103,7 +104,7 @@ async def _predict(
     score_threshold: float | None,
     format: OutputFormat,
     bands: str | None,
-) -> JSONResponse:
+) -> Response:
     settings = services.settings
     threshold = settings.tiling.score_threshold if score_threshold is None else score_threshold
     options = PredictOptions(
@@ -139,4 +140,4 @@ async def _predict(
         body = to_geojson([result], model)
     else:
         body = to_json(result, model)
-    return JSONResponse(body, media_type=MEDIA_TYPES[format])
+    return Response(orjson.dumps(body), media_type=MEDIA_TYPES[format])

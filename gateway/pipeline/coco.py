@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from gateway.pipeline.merge import Detections
 
 CATEGORIES: Mapping[int, str] = {1: "palm_tree", 2: "building"}
@@ -78,18 +80,26 @@ def coco_bbox(box: Sequence[float]) -> list[float]:
     return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
 
 
+def _columns(det: Detections) -> tuple[list[list[float]], list[float], list[int]]:
+    """COCO boxes, scores and category ids as plain lists, converted in one vectorised step."""
+    boxes = det.boxes.astype(np.float64)
+    xywh = np.round(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1), 2)
+    return xywh.tolist(), np.round(det.scores.astype(np.float64), 4).tolist(), det.class_ids.tolist()
+
+
 def detection_records(result: ImageResult) -> list[dict[str, Any]]:
     """The ``detections`` list of the plain JSON format."""
-    det = result.detections
+    bboxes, scores, classes = _columns(result.detections)
+    geometries = list(result.geometries) + [None] * (len(bboxes) - len(result.geometries))
     return [
         {
-            "category_id": int(det.class_ids[i]),
-            "category": category_name(int(det.class_ids[i])),
-            "score": round(float(det.scores[i]), 4),
-            "bbox": coco_bbox(det.boxes[i]),
-            "geometry": result.geometries[i] if i < len(result.geometries) else None,
+            "category_id": category_id,
+            "category": category_name(category_id),
+            "score": score,
+            "bbox": bbox,
+            "geometry": geometry,
         }
-        for i in range(len(det))
+        for bbox, score, category_id, geometry in zip(bboxes, scores, classes, geometries, strict=False)
     ]
 
 
@@ -161,21 +171,21 @@ class CocoBuilder:
                 "transform": list(image.transform) if image.transform is not None else None,
             }
         )
-        det = result.detections
-        for i in range(len(det)):
-            bbox = coco_bbox(det.boxes[i])
-            self._annotations.append(
-                {
-                    "id": len(self._annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(det.class_ids[i]),
-                    "bbox": bbox,
-                    "area": round(bbox[2] * bbox[3], 2),
-                    "iscrowd": 0,
-                    "score": round(float(det.scores[i]), 4),
-                    "segmentation": [],
-                }
-            )
+        bboxes, scores, classes = _columns(result.detections)
+        first = len(self._annotations) + 1
+        self._annotations.extend(
+            {
+                "id": first + k,
+                "image_id": image_id,
+                "category_id": category_id,
+                "bbox": bbox,
+                "area": round(bbox[2] * bbox[3], 2),
+                "iscrowd": 0,
+                "score": score,
+                "segmentation": [],
+            }
+            for k, (bbox, score, category_id) in enumerate(zip(bboxes, scores, classes, strict=True))
+        )
         return image_id
 
     def build(self) -> dict[str, Any]:

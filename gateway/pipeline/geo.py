@@ -176,7 +176,31 @@ def box_polygons(boxes: npt.ArrayLike, georef: Georeferenced | Georef | None) ->
         return [None] * array.shape[0]
     lon = lon.reshape(-1, 4)
     lat = lat.reshape(-1, 4)
-    return [_geometry(lon[i], lat[i]) for i in range(array.shape[0])]
+    return _polygons(lon, lat)
+
+
+def _polygons(lon: FloatArray, lat: FloatArray) -> list[GeoJSON | None]:
+    """Closed, counter-clockwise rings for ``(N, 4)`` corner arrays, vectorised for the common case.
+
+    Boxes that are unplaceable or cross the antimeridian take the per-box path of :func:`_geometry`.
+    """
+    simple = (
+        np.isfinite(lon).all(axis=1)
+        & np.isfinite(lat).all(axis=1)
+        & (np.abs(lat) <= 90).all(axis=1)
+        & (lon.max(axis=1) - lon.min(axis=1) <= 180)
+    )
+    # Shoelace sign per ring; clockwise rings (e.g. north-up images: y grows southward) are reversed.
+    with np.errstate(all="ignore"):  # non-simple rows may hold inf/NaN/huge values; they are not used
+        area2 = (lon * np.roll(lat, -1, axis=1) - np.roll(lon, -1, axis=1) * lat).sum(axis=1)
+    order = np.where((area2 >= 0)[:, None], np.arange(4), np.arange(3, -1, -1))
+    order = np.concatenate([order, order[:, :1]], axis=1)
+    rows = np.arange(lon.shape[0])[:, None]
+    rings = np.stack([lon[rows, order], lat[rows, order]], axis=2).tolist()
+    return [
+        {"type": "Polygon", "coordinates": [rings[i]]} if simple[i] else _geometry(lon[i], lat[i])
+        for i in range(lon.shape[0])
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,14 @@ Rules, applied in this order (the evaluation CLI in ``export/`` uses these same 
    object that a neighbouring tile saw whole). Tiles overlap by more than the largest object, so every
    object has a whole copy somewhere.
 
-Candidate lookup uses a uniform grid of ``cell`` pixels so merging a 20,000 px scene stays linear in
-the number of boxes.
+Only same-class boxes sharing a cell of a uniform ``cell``-pixel grid are compared, all at once with
+numpy, and the greedy order is resolved over the few boxes that conflict, so merging a 20,000 px
+scene with a hundred thousand boxes stays linear in the number of boxes and takes milliseconds.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,7 +114,7 @@ def merge_candidates(
     tiles: Iterable[Candidates],
     iou: float = DEFAULT_IOU,
     fragment_ios: float = DEFAULT_FRAGMENT_IOS,
-    cell: int = 256,
+    cell: int = 64,
 ) -> Detections:
     """Merge candidates from all tiles of one image (rule 2); the result is score-sorted."""
     parts = list(tiles)
@@ -128,7 +128,7 @@ def merge_candidates(
         return Detections.empty()
     order = np.lexsort((-scores, truncated))
     keep = _greedy_suppress(boxes, classes, truncated, order, iou, fragment_ios, cell)
-    kept = np.asarray(keep, dtype=np.int64)
+    kept = np.flatnonzero(keep)
     kept = kept[np.argsort(-scores[kept], kind="stable")]
     return Detections(boxes[kept], scores[kept], classes[kept])
 
@@ -137,49 +137,75 @@ def _greedy_suppress(
     boxes: FloatArray,
     classes: IntArray,
     truncated: BoolArray,
-    order: Sequence[int] | npt.NDArray[np.int64],
+    order: npt.NDArray[np.int64],
     iou: float,
     fragment_ios: float,
     cell: int,
-) -> list[int]:
+) -> BoolArray:
+    """Greedy NMS with the result of visiting boxes in ``order``, computed on conflicting pairs only.
+
+    Only same-class boxes that share a ``cell``-pixel grid cell can overlap; for those pairs the
+    suppression test runs vectorised, oriented from the earlier box in ``order`` to the later one. A box
+    is then dropped exactly when one of the earlier boxes that would suppress it is itself kept, which
+    is resolved in visiting order over the (few) boxes that have such an edge.
+    """
+    n = boxes.shape[0]
+    keep = np.ones(n, np.bool_)
+    first, second = _pairs_sharing_a_cell(boxes, classes, cell)
+    if first.size == 0:
+        return keep
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    swap = rank[first] > rank[second]
+    a = np.where(swap, second, first)
+    b = np.where(swap, first, second)
     areas = np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
-    cells = (boxes // cell).astype(np.int64)
-    grid: dict[tuple[int, int, int], list[int]] = defaultdict(list)
-    keep: list[int] = []
-    for i in (int(k) for k in order):
-        cx0, cy0, cx1, cy1 = cells[i]
-        cls = int(classes[i])
-        near: set[int] = set()
-        for gy in range(cy0, cy1 + 1):
-            for gx in range(cx0, cx1 + 1):
-                near.update(grid.get((cls, gx, gy), ()))
-        if near and _suppressed(i, np.fromiter(near, np.int64), boxes, areas, truncated, iou, fragment_ios):
-            continue
-        keep.append(i)
-        for gy in range(cy0, cy1 + 1):
-            for gx in range(cx0, cx1 + 1):
-                grid[(cls, gx, gy)].append(i)
+    iw = np.minimum(boxes[a, 2], boxes[b, 2]) - np.maximum(boxes[a, 0], boxes[b, 0])
+    ih = np.minimum(boxes[a, 3], boxes[b, 3]) - np.maximum(boxes[a, 1], boxes[b, 1])
+    inter = np.maximum(iw, 0) * np.maximum(ih, 0)
+    union = np.maximum(areas[a] + areas[b] - inter, 1e-9)
+    fragment = truncated[b] & (inter > fragment_ios * np.maximum(areas[b], 1e-9))
+    edge = (inter > iou * union) | fragment
+    a, b = a[edge], b[edge]
+    if a.size == 0:
+        return keep
+    by_target = np.argsort(rank[b], kind="stable")
+    a, b = a[by_target], b[by_target]
+    bounds = np.flatnonzero(np.diff(b)) + 1
+    for sources, target in zip(np.split(a, bounds), b[np.r_[0, bounds]], strict=True):
+        if keep[sources].any():
+            keep[target] = False
     return keep
 
 
-def _suppressed(
-    i: int,
-    others: npt.NDArray[np.int64],
-    boxes: FloatArray,
-    areas: FloatArray,
-    truncated: BoolArray,
-    iou: float,
-    fragment_ios: float,
-) -> bool:
-    b = boxes[i]
-    o = boxes[others]
-    iw = np.minimum(b[2], o[:, 2]) - np.maximum(b[0], o[:, 0])
-    ih = np.minimum(b[3], o[:, 3]) - np.maximum(b[1], o[:, 1])
-    inter = np.maximum(iw, 0) * np.maximum(ih, 0)
-    union = areas[i] + areas[others] - inter
-    if np.any(inter > iou * np.maximum(union, 1e-9)):
-        return True
-    return bool(truncated[i]) and bool(np.any(inter > fragment_ios * max(float(areas[i]), 1e-9)))
+def _pairs_sharing_a_cell(
+    boxes: FloatArray, classes: IntArray, cell: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Unique index pairs ``(i, j)``, ``i < j``, of same-class boxes that touch a common grid cell."""
+    lo = np.floor(np.maximum(boxes[:, :2], 0) / cell).astype(np.int64)
+    hi = np.floor(np.maximum(boxes[:, 2:], 0) / cell).astype(np.int64)
+    span = hi - lo + 1
+    count = span[:, 0] * span[:, 1]
+    member = np.repeat(np.arange(boxes.shape[0]), count)
+    local = np.arange(member.size) - np.repeat(np.cumsum(count) - count, count)
+    gx = lo[member, 0] + local % span[member, 0]
+    gy = lo[member, 1] + local // span[member, 0]
+    key = (classes[member].astype(np.int64) << 42) | (gy << 21) | gx
+    sort = np.argsort(key, kind="stable")
+    member, key = member[sort], key[sort]
+    starts = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
+    sizes = np.diff(np.r_[starts, key.size])
+    group_end = np.repeat(starts + sizes, sizes)
+    later = group_end - np.arange(key.size) - 1  # members after each one in its cell
+    total = int(later.sum())
+    if total == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty
+    left = np.repeat(np.arange(key.size), later)
+    right = left + 1 + np.arange(total) - np.repeat(np.cumsum(later) - later, later)
+    i, j = member[left], member[right]
+    pair = np.unique(np.minimum(i, j) * boxes.shape[0] + np.maximum(i, j))
+    return pair // boxes.shape[0], pair % boxes.shape[0]
 
 
 def merge_tiles(

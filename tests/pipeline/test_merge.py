@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from gateway.pipeline.merge import merge_candidates, merge_tiles, tile_candidates
+from gateway.pipeline.merge import Candidates, Detections, merge_candidates, merge_tiles, tile_candidates
 from gateway.pipeline.tiling import tile_grid
 
 K = 2048
@@ -96,3 +97,46 @@ def test_merge_is_linear_enough_for_a_large_scene() -> None:
         parts.append(tile_candidates(raw, spec, 0.3))
     merged = merge_candidates(parts)
     assert 0 < len(merged) <= 200 * len(grid)
+
+
+def naive_greedy(cands: Candidates, iou: float = 0.5, fragment_ios: float = 0.6) -> set[tuple[float, ...]]:
+    """The textbook O(n^2) greedy the merge must reproduce: whole boxes first, then by score."""
+    det = cands.detections
+    order = np.lexsort((-det.scores, cands.truncated))
+    kept: list[int] = []
+    for i in order:
+        b = det.boxes[i]
+        area_b = (b[2] - b[0]) * (b[3] - b[1])
+        suppressed = False
+        for k in kept:
+            if det.class_ids[k] != det.class_ids[i]:
+                continue
+            o = det.boxes[k]
+            inter = max(0.0, min(b[2], o[2]) - max(b[0], o[0])) * max(0.0, min(b[3], o[3]) - max(b[1], o[1]))
+            union = area_b + (o[2] - o[0]) * (o[3] - o[1]) - inter
+            if inter > iou * union or (cands.truncated[i] and inter > fragment_ios * area_b):
+                suppressed = True
+                break
+        if not suppressed:
+            kept.append(int(i))
+    return {(*det.boxes[k].tolist(), float(det.scores[k]), int(det.class_ids[k])) for k in kept}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_vectorised_merge_equals_the_textbook_greedy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 600
+    xy = rng.uniform(0, 700, (n, 2)).astype(np.float32)
+    size = rng.choice([8.0, 20.0, 60.0, 150.0], size=(n, 1)).astype(np.float32)
+    jitter = rng.uniform(0.8, 1.2, (n, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + size * jitter], axis=1)
+    cands = Candidates(
+        Detections(boxes, rng.uniform(0.3, 1, n).astype(np.float32), rng.integers(1, 3, n).astype(np.int32)),
+        rng.random(n) < 0.3,
+    )
+    merged = merge_candidates([cands])
+    got = {
+        (*merged.boxes[k].tolist(), float(merged.scores[k]), int(merged.class_ids[k]))
+        for k in range(len(merged))
+    }
+    assert got == naive_greedy(cands)
