@@ -105,6 +105,7 @@ class Predictor:
         )
         candidates: list[Candidates] = []
         async with self.decode.open(path, read) as session:
+            opened = time.perf_counter()
             info = session.info
             specs = tile_grid(info.width, info.height, tiling.tile_size, tiling.overlap)
             total = len(specs)
@@ -172,7 +173,8 @@ class Predictor:
         if self.metrics is not None:
             self.metrics.tiles.labels("inferred").inc(total - skipped)
             self.metrics.tiles.labels("skipped").inc(skipped)
-            self.metrics.stage_latency.labels("decode_infer").observe(decoded - started)
+            self.metrics.stage_latency.labels("open").observe(opened - started)
+            self.metrics.stage_latency.labels("decode_infer").observe(decoded - opened)
             self.metrics.stage_latency.labels("merge").observe(merged_at - decoded)
             self.metrics.stage_latency.labels("georeference").observe(finished_at - merged_at)
         return ImageResult(
@@ -190,7 +192,8 @@ class Predictor:
             tiles_total=total,
             tiles_skipped=skipped,
             timings={
-                "decode_infer_s": decoded - started,
+                "open_s": opened - started,
+                "decode_infer_s": decoded - opened,
                 "merge_s": merged_at - decoded,
                 "georeference_s": finished_at - merged_at,
             },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -112,6 +113,7 @@ async def _predict(
         bands=parse_bands(bands),
         max_pixels=settings.limits.max_predict_pixels,
     )
+    received = time.perf_counter()
     upload = await receive_upload(
         request.headers.get("content-type"),
         request.headers.get("content-length"),
@@ -120,6 +122,7 @@ async def _predict(
         settings.limits.max_upload_bytes,
     )
     services.metrics.upload_bytes.inc(upload.size)
+    services.metrics.stage_latency.labels("upload").observe(time.perf_counter() - received)
     try:
         result = await services.predictor.predict_file(
             upload.path, upload.file_name, options, sha256=upload.sha256
@@ -134,10 +137,13 @@ async def _predict(
     for category_id, name in CATEGORIES.items():
         services.metrics.detections.labels(name).inc(int(counts[category_id]))
     model = services.model
+    rendering = time.perf_counter()
     if format is OutputFormat.coco:
         body = to_coco([result], model, services.predictor.tiling_info(threshold))
     elif format is OutputFormat.geojson:
         body = to_geojson([result], model)
     else:
         body = to_json(result, model)
-    return Response(orjson.dumps(body), media_type=MEDIA_TYPES[format])
+    response = Response(orjson.dumps(body), media_type=MEDIA_TYPES[format])
+    services.metrics.stage_latency.labels("render").observe(time.perf_counter() - rendering)
+    return response
