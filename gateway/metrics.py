@@ -50,7 +50,7 @@ class Metrics:
         self.upload_bytes = Counter("palm_upload_bytes_total", "Bytes received in uploads.", registry=r)
         self.stage_latency = Histogram(
             "palm_stage_duration_seconds",
-            "Time per image in each stage: upload, open (decoder), decode_infer, merge, georeference, render.",
+            "Time per image in each stage: upload, open, decode_infer, merge, georeference, render.",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

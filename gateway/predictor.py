@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from gateway.decode import DecodePool, TileBatch
+from gateway.decode import DecodePool, StreamPlan, TileBatch
 from gateway.metrics import Metrics
 from gateway.pipeline import geo
 from gateway.pipeline.coco import ImageMeta, ImageResult, ModelInfo, TilingInfo
 from gateway.pipeline.merge import Candidates, merge_candidates, tile_candidates
 from gateway.pipeline.raster import ReadOptions, drivers_for_name
-from gateway.pipeline.tiling import tile_grid
+from gateway.pipeline.tiling import tile_count
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -104,11 +103,15 @@ class Predictor:
             bands=options.bands, max_pixels=options.max_pixels, drivers=drivers_for_name(file_name)
         )
         candidates: list[Candidates] = []
-        async with self.decode.open(path, read) as session:
+        # The decoder starts on the tiles right after opening (no round trip), with a small first batch
+        # so that inference starts while the rest of the image decodes.
+        plan = StreamPlan(
+            tiling.tile_size, tiling.overlap, triton.batch_size, first_batch=max(1, triton.batch_size // 4)
+        )
+        async with self.decode.open(path, read, plan=plan) as session:
             opened = time.perf_counter()
             info = session.info
-            specs = tile_grid(info.width, info.height, tiling.tile_size, tiling.overlap)
-            total = len(specs)
+            total = tile_count(info.width, info.height, tiling.tile_size, tiling.overlap)
             done = 0
             saturated = 0
             inflight: set[asyncio.Task[list[Candidates]]] = set()
@@ -147,7 +150,7 @@ class Predictor:
                     raise failure
 
             try:
-                async for batch in session.batches(specs, balanced_batch(total, triton.batch_size)):
+                async for batch in session.batches():
                     if len(inflight) >= triton.max_inflight:
                         finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                         collect(finished)
@@ -215,18 +218,6 @@ class Predictor:
 
 async def _maybe_thread(offload: bool, fn: Callable[..., T], /, *args: Any) -> T:
     return await asyncio.to_thread(fn, *args) if offload else fn(*args)
-
-
-def balanced_batch(tiles: int, limit: int) -> int:
-    """The batch size that splits ``tiles`` into the fewest batches of near-equal size.
-
-    25 tiles at a limit of 8 go as 7+7+7+4 rather than 8+8+8+1: the same number of calls, and no call
-    pays a whole batch's fixed cost for one tile.
-    """
-    if tiles <= 0:
-        return limit
-    batches = math.ceil(tiles / limit)
-    return math.ceil(tiles / batches)
 
 
 def _saturation_warning(tiles: int) -> tuple[str, ...]:

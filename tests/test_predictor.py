@@ -17,7 +17,8 @@ import pytest
 from gateway.decode import DecodePool
 from gateway.errors import InferenceUnavailable
 from gateway.pipeline.coco import ModelInfo
-from gateway.predictor import PredictOptions, Predictor, balanced_batch
+from gateway.pipeline.tiling import balanced_batch
+from gateway.predictor import PredictOptions, Predictor
 from gateway.settings import DecodeSettings, Settings
 
 K = 64

@@ -46,7 +46,7 @@ import numpy.typing as npt
 from gateway.decode import protocol
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.raster import RasterInfo, ReadOptions
-from gateway.pipeline.tiling import TILE_SIZE, TileSpec
+from gateway.pipeline.tiling import TILE_SIZE, TileSpec, tile_grid
 from gateway.settings import DecodeSettings, LimitSettings
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,22 @@ class TileBatch:
     specs: tuple[TileSpec, ...]
     pixels: npt.NDArray[np.uint8]
     valid: npt.NDArray[np.bool_] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """Tiles to stream as soon as the file is open, asked for in the same breath as ``open``.
+
+    The worker cuts ``tile_grid(width, height, tile, overlap)`` itself, balances ``batch_size`` over it
+    (:func:`~gateway.pipeline.tiling.balanced_batch`) and sends a first batch of ``first_batch`` tiles
+    so inference can start while the rest decodes. Saves the round trip between ``info`` and the first
+    tiles request.
+    """
+
+    tile: int
+    overlap: int
+    batch_size: int = 8
+    first_batch: int | None = None
 
 
 class _WorkerLost(Exception):
@@ -267,7 +283,12 @@ class DecodePool:
         await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
 
     def open(
-        self, path: Path, options: ReadOptions | None = None, *, limits: LimitSettings | None = None
+        self,
+        path: Path,
+        options: ReadOptions | None = None,
+        *,
+        limits: LimitSettings | None = None,
+        plan: StreamPlan | None = None,
     ) -> DecodeSession:
         """A session decoding ``path``: ``async with pool.open(path, options) as session``.
 
@@ -277,13 +298,15 @@ class DecodePool:
             path: a local file (the worker reads it; the gateway never opens rasters itself).
             options: band mapping, pixel limit and allowed formats.
             limits: size budgets; the pool's by default.
+            plan: start streaming this tile grid right after opening (then call ``batches()`` with no
+                specs).
 
         Raises:
             GatewayError: on entering the session, the subclass that
                 :func:`~gateway.pipeline.raster.open_raster` raises for the file, or
                 :class:`DecoderFailed` when the worker crashed, ran out of memory or time.
         """
-        return DecodeSession(self, Path(path), options or ReadOptions(), limits or self.limits)
+        return DecodeSession(self, Path(path), options or ReadOptions(), limits or self.limits, plan)
 
     # -- worker lifecycle ---------------------------------------------------------------------------
 
@@ -378,15 +401,25 @@ class DecodeSession:
     the pool (or replaces it) on exit, even when the batches were not all consumed.
     """
 
-    def __init__(self, pool: DecodePool, path: Path, options: ReadOptions, limits: LimitSettings) -> None:
+    def __init__(
+        self,
+        pool: DecodePool,
+        path: Path,
+        options: ReadOptions,
+        limits: LimitSettings,
+        plan: StreamPlan | None = None,
+    ) -> None:
         self._pool = pool
+        self._plan = plan
         self._path = path
         self._options = options
         self._limits = limits
         self._worker: _Worker | None = None
         self._budget_s = pool.settings.file_timeout_s
         self._used_s = 0.0
-        self._state = "new"  # new → open → streaming → open ... → closed; broken on any loss
+        # new → open → streaming → open ... → closed; "planned" = a stream requested with open, not yet
+        # consumed; broken on any loss.
+        self._state = "new"
         self._info: RasterInfo | None = None
         self.skipped = 0
         """Tiles skipped because none of their pixels is valid (final once :meth:`batches` ends)."""
@@ -410,12 +443,24 @@ class DecodeSession:
                     limits=self._limits.model_dump(),
                 )
             )
+            if self._plan is not None:
+                plan = self._plan
+                await self._send(
+                    protocol.request(
+                        "tiles",
+                        grid=[plan.tile, plan.overlap],
+                        batch_size=plan.batch_size,
+                        first_batch=plan.first_batch,
+                    )
+                )
             meta, _ = await self._receive(0)
             if meta.get("kind") == "error":
                 raise self._failed(meta)
             if meta.get("kind") != "info":
                 raise self._lost(f"unexpected reply {meta.get('kind')!r} to open")
             self._info = protocol.info_from_wire(meta["info"])
+            if self._plan is not None:
+                self._state = "planned"
         except _WorkerLost as exc:
             await self._finish()
             raise exc.failure from None
@@ -429,28 +474,43 @@ class DecodeSession:
     ) -> None:
         await self._finish()
 
-    def batches(self, specs: Sequence[TileSpec], batch_size: int = 8) -> AsyncIterator[TileBatch]:
+    def batches(
+        self, specs: Sequence[TileSpec] | None = None, batch_size: int = 8
+    ) -> AsyncIterator[TileBatch]:
         """Stream the tiles of ``specs`` in batches of up to ``batch_size``.
 
-        Fully masked tiles are skipped (see :attr:`skipped`). Call once per session.
+        With a :class:`StreamPlan` given to :meth:`DecodePool.open`, call it without ``specs``: the
+        tiles are the plan's grid, already on their way. Fully masked tiles are skipped (see
+        :attr:`skipped`). Call once per session.
 
         Raises:
             CorruptRaster: while iterating, when a block cannot be decoded.
             DecoderFailed: the worker crashed, ran out of memory, or the file's time budget ran out.
         """
+        if self._state == "planned":
+            if specs is not None:
+                raise RuntimeError("this session streams its plan's grid; call batches() without specs")
+            assert self._plan is not None
+            grid = tile_grid(self.info.width, self.info.height, self._plan.tile, self._plan.overlap)
+            return self._stream(grid, max(1, self._plan.batch_size), requested=True)
         if self._state != "open":
             raise RuntimeError(f"batches() needs an open session, not a {self._state} one")
-        return self._stream(list(specs), max(1, batch_size))
+        if specs is None:
+            raise RuntimeError("batches() needs specs when the session was opened without a plan")
+        return self._stream(list(specs), max(1, batch_size), requested=False)
 
-    async def _stream(self, specs: list[TileSpec], batch_size: int) -> AsyncIterator[TileBatch]:
+    async def _stream(
+        self, specs: list[TileSpec], batch_size: int, *, requested: bool
+    ) -> AsyncIterator[TileBatch]:
         self._state = "streaming"
         max_payload = batch_size * (protocol.TILE_PIXEL_BYTES + protocol.TILE_MASK_BYTES)
         try:
-            await self._send(
-                protocol.request(
-                    "tiles", specs=[protocol.spec_to_wire(s) for s in specs], batch_size=batch_size
+            if not requested:
+                await self._send(
+                    protocol.request(
+                        "tiles", specs=[protocol.spec_to_wire(s) for s in specs], batch_size=batch_size
+                    )
                 )
-            )
             while True:
                 meta, payload = await self._receive(max_payload)
                 kind = meta.get("kind")
@@ -546,11 +606,11 @@ class DecodeSession:
         if worker is None:
             return
         state, self._state = self._state, "closed"
-        healthy = state in ("open", "streaming") and worker.alive
+        healthy = state in ("open", "planned", "streaming") and worker.alive
         if healthy:
             try:
                 async with asyncio.timeout(CONTROL_TIMEOUT_S):
-                    if state == "streaming":
+                    if state in ("planned", "streaming"):
                         await self._drain(worker)
                     worker.stdin.write(protocol.request("close"))
                     await worker.stdin.drain()

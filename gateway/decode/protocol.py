@@ -3,7 +3,11 @@
 Requests (gateway → worker, stdin): one JSON object per line, ``{"op": ...}``:
 
 * ``open``: ``path``, ``options`` (:class:`ReadOptions` fields), ``limits`` (:class:`LimitSettings`).
-* ``tiles``: ``specs`` (lists of :class:`TileSpec` fields), ``batch_size``.
+* ``tiles``: ``specs`` (lists of :class:`TileSpec` fields), ``batch_size``, optional ``first_batch``;
+  or, instead of ``specs``, ``grid`` (``[tile, overlap]``): the worker cuts
+  :func:`~gateway.pipeline.tiling.tile_grid` of the opened raster itself and balances the batch size
+  (:func:`~gateway.pipeline.tiling.balanced_batch`). A ``grid`` request may be sent right behind
+  ``open`` without waiting for ``info`` (one round trip less); if that ``open`` failed, it is ignored.
 * ``cancel``: stop the current ``tiles`` stream after the batch in flight.
 * ``close``: close the open raster.
 

@@ -28,7 +28,7 @@ import numpy as np
 from gateway.decode import protocol
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.raster import RasterReader, ReadOptions, open_raster
-from gateway.pipeline.tiling import TILE_SIZE, TileSpec
+from gateway.pipeline.tiling import TILE_SIZE, TileSpec, balanced_batch, tile_grid
 from gateway.settings import LimitSettings
 
 logger = logging.getLogger("gateway.decode.worker")
@@ -129,10 +129,19 @@ def _serve(channel: _Channel, opener: Opener, memory_limit: int) -> None:
                 )
                 channel.send({"kind": "info", "info": protocol.info_to_wire(reader.info)})
             elif op == "tiles":
+                grid = message.get("grid")
                 if reader is None:
+                    if grid is not None:
+                        continue  # pipelined behind an open that failed: that failure was the reply
                     raise RuntimeError("tiles requested before open")
-                specs = [protocol.spec_from_wire(s) for s in message["specs"]]
-                _stream(channel, reader, specs, int(message["batch_size"]))
+                batch_size = max(1, int(message["batch_size"]))
+                if grid is not None:
+                    specs = tile_grid(reader.info.width, reader.info.height, int(grid[0]), int(grid[1]))
+                    batch_size = balanced_batch(len(specs), batch_size)
+                else:
+                    specs = [protocol.spec_from_wire(s) for s in message["specs"]]
+                first = min(max(1, int(message.get("first_batch") or batch_size)), batch_size)
+                _stream(channel, reader, specs, batch_size, first)
             elif op == "close":
                 if reader is not None:
                     reader.close()
@@ -172,9 +181,12 @@ def _serve(channel: _Channel, opener: Opener, memory_limit: int) -> None:
             return
 
 
-def _stream(channel: _Channel, reader: RasterReader, specs: list[TileSpec], batch_size: int) -> None:
-    """Send the tiles of ``specs`` in batches; stop early on ``cancel``."""
+def _stream(
+    channel: _Channel, reader: RasterReader, specs: list[TileSpec], batch_size: int, first_batch: int
+) -> None:
+    """Send the tiles of ``specs`` in batches (the first one of ``first_batch``); stop early on ``cancel``."""
     batch_size = max(1, batch_size)
+    limit = max(1, min(first_batch, batch_size))
     position = {id(spec): i for i, spec in enumerate(specs)}
     pixels = np.empty((batch_size, 3, TILE_SIZE, TILE_SIZE), np.uint8)
     valid = np.empty((batch_size, TILE_SIZE, TILE_SIZE), np.bool_)
@@ -182,7 +194,8 @@ def _stream(channel: _Channel, reader: RasterReader, specs: list[TileSpec], batc
     masked = False
 
     def flush() -> bool:
-        nonlocal masked
+        nonlocal masked, limit
+        limit = batch_size
         n = len(indices)
         parts = [pixels[:n].data]
         if masked:
@@ -206,7 +219,7 @@ def _stream(channel: _Channel, reader: RasterReader, specs: list[TileSpec], batc
         elif masked:
             valid[slot] = True
         indices.append(position[id(tile.spec)])
-        if len(indices) == batch_size and flush():
+        if len(indices) == limit and flush():
             channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": True})
             return
     if indices and flush():

@@ -93,3 +93,15 @@ def tile_grid(
                 )
             )
     return specs
+
+
+def balanced_batch(tiles: int, limit: int) -> int:
+    """The batch size that splits ``tiles`` into the fewest batches of near-equal size.
+
+    ``ceil(tiles / ceil(tiles / limit))``: 25 tiles at a limit of 8 go as 7+7+7+4 rather than 8+8+8+1,
+    the same number of calls, and no call pays a whole batch's fixed cost for one tile.
+    """
+    if tiles <= 0:
+        return max(1, limit)
+    batches = math.ceil(tiles / limit)
+    return math.ceil(tiles / batches)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from gateway.decode import DecodePool, TileBatch
+from gateway.decode import DecodePool, StreamPlan, TileBatch
 from gateway.errors import (
     CorruptRaster,
     DecoderFailed,
@@ -24,7 +24,7 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.pipeline.raster import ReadOptions, open_raster
-from gateway.pipeline.tiling import tile_grid
+from gateway.pipeline.tiling import balanced_batch, tile_grid
 from gateway.settings import DecodeSettings, LimitSettings
 from tests.factories import make_geotiff
 
@@ -193,6 +193,44 @@ async def test_leaving_a_stream_early_keeps_the_worker(pool: DecodePool, files: 
     assert pool.pids == before
     batches, _ = await decode_all(pool, files["masked"])
     assert sum(len(b.specs) for b in batches) > 0
+
+
+async def test_a_planned_stream_starts_with_open_and_matches_the_grid(
+    pool: DecodePool, files: dict[str, Path]
+) -> None:
+    plan = StreamPlan(tile=512, overlap=128, batch_size=4, first_batch=1)
+    async with pool.open(files["masked"], plan=plan) as session:
+        with pytest.raises(RuntimeError, match="without specs"):
+            session.batches(tile_grid(1100, 700))
+        batches = [b async for b in session.batches()]
+        skipped = session.skipped
+    expected, expected_skipped = await decode_all(pool, files["masked"], batch_size=4)
+    assert len(batches[0].specs) == 1, "the first batch is the plan's small one"
+    assert max(len(b.specs) for b in batches) <= balanced_batch(len(tile_grid(1100, 700)), 4)
+    assert [s for b in batches for s in b.specs] == [s for b in expected for s in b.specs]
+    assert skipped == expected_skipped
+    got = np.concatenate([b.pixels for b in batches])
+    np.testing.assert_array_equal(got, np.concatenate([b.pixels for b in expected]))
+
+
+async def test_a_plan_behind_a_failed_open_is_ignored(pool: DecodePool, files: dict[str, Path]) -> None:
+    before = pool.pids
+    plan = StreamPlan(tile=512, overlap=128)
+    with pytest.raises(UnsupportedMediaType):
+        async with pool.open(files["html"], plan=plan):
+            pass
+    assert pool.pids == before, "the worker survives and stays in step"
+    async with pool.open(files["small"], plan=plan) as session:
+        assert [len(b.specs) async for b in session.batches()] == [1]
+
+
+async def test_a_plan_never_consumed_is_drained(pool: DecodePool, files: dict[str, Path]) -> None:
+    before = pool.pids
+    async with pool.open(files["masked"], plan=StreamPlan(tile=512, overlap=128, batch_size=1)) as session:
+        assert session.info.width == 1100
+    assert pool.pids == before
+    batches, _ = await decode_all(pool, files["small"])
+    assert len(batches) == 1
 
 
 async def test_a_cancelled_request_replaces_its_worker(pool: DecodePool, files: dict[str, Path]) -> None:
