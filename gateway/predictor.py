@@ -114,11 +114,13 @@ class Predictor:
             total = tile_count(info.width, info.height, tiling.tile_size, tiling.overlap)
             done = 0
             saturated = 0
+            first_result = 0.0
             inflight: set[asyncio.Task[list[Candidates]]] = set()
 
             async def run(batch: TileBatch) -> list[Candidates]:
-                nonlocal saturated
+                nonlocal saturated, first_result
                 raw = await self._infer(batch)
+                first_result = first_result or time.perf_counter()
                 # The model returns its top K rows per tile; if even the last one clears the threshold,
                 # the tile may hold more objects than the model can report.
                 saturated += int(np.count_nonzero(raw[:, -1, 4] >= max(options.score_threshold, 1e-6)))
@@ -195,10 +197,11 @@ class Predictor:
             tiles_total=total,
             tiles_skipped=skipped,
             timings={
-                "open_s": opened - started,
-                "decode_infer_s": decoded - opened,
-                "merge_s": merged_at - decoded,
-                "georeference_s": finished_at - merged_at,
+                "open": opened - started,
+                "first_result": (first_result or decoded) - opened,
+                "tiles": decoded - opened,
+                "merge": merged_at - decoded,
+                "georeference": finished_at - merged_at,
             },
         )
 

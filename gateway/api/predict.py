@@ -122,7 +122,8 @@ async def _predict(
         settings.limits.max_upload_bytes,
     )
     services.metrics.upload_bytes.inc(upload.size)
-    services.metrics.stage_latency.labels("upload").observe(time.perf_counter() - received)
+    uploaded = time.perf_counter()
+    services.metrics.stage_latency.labels("upload").observe(uploaded - received)
     try:
         result = await services.predictor.predict_file(
             upload.path, upload.file_name, options, sha256=upload.sha256
@@ -144,6 +145,10 @@ async def _predict(
         body = to_geojson([result], model)
     else:
         body = to_json(result, model)
-    response = Response(orjson.dumps(body), media_type=MEDIA_TYPES[format])
-    services.metrics.stage_latency.labels("render").observe(time.perf_counter() - rendering)
-    return response
+    content = orjson.dumps(body)
+    done = time.perf_counter()
+    services.metrics.stage_latency.labels("render").observe(done - rendering)
+    stages = {"upload": uploaded - received, **result.timings, "render": done - rendering}
+    # Server-Timing (W3C): where the time of this request went, shown by browsers' developer tools.
+    timing = ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in stages.items())
+    return Response(content, media_type=MEDIA_TYPES[format], headers={"Server-Timing": timing})

@@ -68,6 +68,8 @@ class ImageResult:
     tiles_total: int = 0
     tiles_skipped: int = 0
     timings: Mapping[str, float] = field(default_factory=dict)
+    """Seconds per stage: ``open``, ``first_result`` (open to the first batch's detections), ``tiles``
+    (open to the last), ``merge``, ``georeference``."""
 
 
 def category_name(category_id: int) -> str:

@@ -113,6 +113,9 @@ def test_detections_land_on_the_drawn_objects(gateway: httpx.Client, palm_scene:
     assert (image["width"], image["height"]) == (1024, 1024)
     assert image["crs"] == scene.crs
     assert image["transform"] == pytest.approx(list(scene.transform)[:6])
+    stages = dict(part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
+    assert set(stages) == {"upload", "open", "first_result", "tiles", "merge", "georeference", "render"}
+    assert all(float(ms) >= 0 for ms in stages.values())
     assert body["model"]["sha256"]
     assert len(body["model"]["sha256"]) == 64
     dets = body["detections"]
