@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -102,70 +102,46 @@ class Predictor:
         read = ReadOptions(
             bands=options.bands, max_pixels=options.max_pixels, drivers=drivers_for_name(file_name)
         )
-        candidates: list[Candidates] = []
         # The decoder starts on the tiles right after opening (no round trip), with a small first batch
         # so that inference starts while the rest of the image decodes.
         plan = StreamPlan(
             tiling.tile_size, tiling.overlap, triton.batch_size, first_batch=max(1, triton.batch_size // 4)
         )
-        async with self.decode.open(path, read, plan=plan) as session:
-            opened = time.perf_counter()
-            info = session.info
-            total = tile_count(info.width, info.height, tiling.tile_size, tiling.overlap)
-            done = 0
-            saturated = 0
-            first_result = 0.0
-            inflight: set[asyncio.Task[list[Candidates]]] = set()
+        saturated = 0
+        first_result = 0.0
 
-            async def run(batch: TileBatch) -> list[Candidates]:
-                nonlocal saturated, first_result
-                raw = await self._infer(batch)
-                first_result = first_result or time.perf_counter()
-                # The model returns its top K rows per tile; if even the last one clears the threshold,
-                # the tile may hold more objects than the model can report.
-                saturated += int(np.count_nonzero(raw[:, -1, 4] >= max(options.score_threshold, 1e-6)))
-                return [
-                    tile_candidates(
-                        raw[i],
-                        spec,
-                        options.score_threshold,
-                        None if batch.valid is None else batch.valid[i],
-                    )
-                    for i, spec in enumerate(batch.specs)
-                ]
+        async def run(batch: TileBatch) -> list[Candidates]:
+            nonlocal saturated, first_result
+            raw = await self._infer(batch)
+            first_result = first_result or time.perf_counter()
+            # The model returns its top K rows per tile; if even the last one clears the threshold, the
+            # tile may hold more objects than the model can report.
+            saturated += int(np.count_nonzero(raw[:, -1, 4] >= max(options.score_threshold, 1e-6)))
+            return [
+                tile_candidates(
+                    raw[i], spec, options.score_threshold, None if batch.valid is None else batch.valid[i]
+                )
+                for i, spec in enumerate(batch.specs)
+            ]
 
-            def collect(finished: set[asyncio.Task[list[Candidates]]]) -> None:
-                """Take the results of finished batches; re-raise the first failure after all are seen."""
-                nonlocal done
-                failure: BaseException | None = None
-                for task in finished:
-                    error = task.exception()
-                    if error is not None:
-                        failure = failure or error
-                        continue
-                    result = task.result()
-                    candidates.extend(result)
-                    done += len(result)
-                if progress is not None:
-                    progress(done + session.skipped, total)
-                if failure is not None:
-                    raise failure
+        batches = _Inflight(run, triton.max_inflight)
+        try:
+            async with self.decode.open(path, read, plan=plan) as session:
+                opened = time.perf_counter()
+                info = session.info
+                total = tile_count(info.width, info.height, tiling.tile_size, tiling.overlap)
 
-            try:
+                def report(done: int) -> None:
+                    if progress is not None:
+                        progress(done + session.skipped, total)
+
                 async for batch in session.batches():
-                    if len(inflight) >= triton.max_inflight:
-                        finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                        collect(finished)
-                    inflight.add(asyncio.create_task(run(batch)))
-                while inflight:
-                    finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                    collect(finished)
-            finally:
-                for task in inflight:
-                    task.cancel()
-                if inflight:
-                    await asyncio.gather(*inflight, return_exceptions=True)
-            skipped = session.skipped
+                    await batches.submit(batch, report)
+                skipped = session.skipped
+            # The decoder is back in the pool while the last batches are still at Triton.
+            candidates = await batches.drain(report)
+        finally:
+            await batches.cancel()
         if progress is not None:
             progress(total, total)
         decoded = time.perf_counter()
@@ -217,6 +193,53 @@ class Predictor:
             if self.metrics is not None:
                 self.metrics.triton_latency.observe(time.perf_counter() - start)
                 self.metrics.triton_batch_tiles.observe(len(batch.specs))
+
+
+class _Inflight:
+    """At most ``limit`` batches at Triton at once; results kept in arrival order, failures re-raised.
+
+    Every finished task's outcome is retrieved (no "exception was never retrieved"); the first failure
+    is raised once all tasks finished so far have been looked at.
+    """
+
+    def __init__(self, run: Callable[[TileBatch], Coroutine[Any, Any, list[Candidates]]], limit: int) -> None:
+        self.run = run
+        self.limit = max(1, limit)
+        self.tasks: set[asyncio.Task[list[Candidates]]] = set()
+        self.results: list[Candidates] = []
+        self.tiles = 0
+
+    async def submit(self, batch: TileBatch, report: Callable[[int], None]) -> None:
+        if len(self.tasks) >= self.limit:
+            await self._collect(report)
+        self.tasks.add(asyncio.create_task(self.run(batch)))
+
+    async def drain(self, report: Callable[[int], None]) -> list[Candidates]:
+        while self.tasks:
+            await self._collect(report)
+        return self.results
+
+    async def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+    async def _collect(self, report: Callable[[int], None]) -> None:
+        finished, self.tasks = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+        failure: BaseException | None = None
+        for task in finished:
+            error = task.exception()
+            if error is not None:
+                failure = failure or error
+                continue
+            result = task.result()
+            self.results.extend(result)
+            self.tiles += len(result)
+        report(self.tiles)
+        if failure is not None:
+            raise failure
 
 
 async def _maybe_thread(offload: bool, fn: Callable[..., T], /, *args: Any) -> T:

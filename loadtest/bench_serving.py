@@ -2,13 +2,18 @@
 
 Prints, for the shipped ONNX on this CPU:
 
-1. the ceiling: onnxruntime in-process, batch 8, all cores (no serialisation, no decode);
-2. Triton over gRPC from Python (embedded ``tritonserver``, CPU config), batch 8, 2 requests in flight;
-3. ``/v1/predict`` end to end for a 2048x2048 GeoTIFF (upload, decode, 25 tiles, merge, georeference),
-   counting the tiles the gateway cut, sequential requests; also with 2 concurrent clients;
-4. p50/p99 latency of ``/v1/predict`` with one 512x512 tile against a direct Triton call of one tile.
+1. the ceiling: onnxruntime in-process, batch 8, all cores, pre-decoded tiles (measured before and
+   after everything else; the higher figure is used);
+2. the serial ceiling of the whole job: the same GeoTIFF decoded in-process (``open_raster``, no
+   isolation) and fed to onnxruntime, i.e. what one process could do without any serving machinery;
+3. Triton over gRPC from Python (embedded ``tritonserver``, CPU config), batch 8, 2 requests in flight;
+4. ``/v1/predict`` end to end for a 2048x2048 GeoTIFF (upload, isolated decode, 25 tiles, seam merge,
+   georeferencing, JSON), counting the tiles the gateway cut, 1 sequential client and 2 concurrent
+   ones, with the CPU seconds per tile of every process and the system-wide idle share;
+5. p50/p99 latency of ``/v1/predict`` with one 512x512 GeoTIFF against a direct Triton call of the
+   same tile, with the p50 of each stage from the ``Server-Timing`` header.
 
-Targets (issue 3): (3) reaches at least 0.85x of (1) in tiles/s; (4) adds under 10 ms at p50.
+Targets (issue 3): (4) reaches at least 0.85x of (1) in tiles/s; (5) adds under 10 ms at p50.
 
 The gateway runs as its own process (``palm-serve serve`` with ``PALM_TRITON_URL`` set), as deployed.
 Run: ``python -m loadtest.bench_serving [--seconds 20] [--json out.json]``.
@@ -20,6 +25,8 @@ import argparse
 import asyncio
 import json
 import os
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,28 +41,29 @@ import numpy as np
 import onnxruntime as ort
 
 from export.synth import render_scene, write_geotiff
+from gateway.pipeline.raster import open_raster
 from gateway.pipeline.tiling import tile_grid
-from gateway.settings import REPO_ROOT, TritonSettings
+from gateway.settings import REPO_ROOT, LimitSettings, TritonSettings
 from gateway.triton.client import TritonClient
 from gateway.triton.launcher import EmbeddedTriton
 
 MODEL = REPO_ROOT / "model_repository" / "palm" / "1" / "model.onnx"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def timed_loop(step: Callable[[], int], seconds: float, warmup: int = 2) -> tuple[float, int]:
-    """Run ``step`` (returns items done) repeatedly for ``seconds``; returns (items/s, calls)."""
+def timed_loop(step: Callable[[], int], seconds: float, warmup: int = 2) -> float:
+    """Run ``step`` (returns items done) repeatedly for ``seconds``; returns items/s."""
     for _ in range(warmup):
         step()
-    done = calls = 0
+    done = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         done += step()
-        calls += 1
-    return done / (time.perf_counter() - start), calls
+    return done / (time.perf_counter() - start)
 
 
 def scene_tiles(pixels: np.ndarray) -> np.ndarray:
@@ -63,18 +71,44 @@ def scene_tiles(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.stack([pixels[:, s.y : s.y + 512, s.x : s.x + 512] for s in specs]))
 
 
-def ceiling(tiles: np.ndarray, batch: int, seconds: float) -> float:
+def session() -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = len(os.sched_getaffinity(0))
-    session = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
+
+
+def ceiling(tiles: np.ndarray, batch: int, seconds: float) -> float:
+    sess = session()
     feed = np.ascontiguousarray(np.resize(tiles, (batch, *tiles.shape[1:])))
 
     def step() -> int:
-        session.run(["detections"], {"images": feed})
+        sess.run(["detections"], {"images": feed})
         return batch
 
-    rate, _ = timed_loop(step, seconds)
-    return rate
+    return timed_loop(step, seconds)
+
+
+def decode_and_model(path: Path, batch: int, seconds: float) -> float:
+    """One process, no serving: decode the GeoTIFF tile by tile and run onnxruntime on batches."""
+    sess = session()
+
+    def step() -> int:
+        done = 0
+        with open_raster(path, LimitSettings()) as reader:
+            specs = tile_grid(reader.info.width, reader.info.height)
+            pending: list[np.ndarray] = []
+            for tile in reader.tiles(specs):
+                pending.append(tile.pixels)
+                if len(pending) == batch:
+                    sess.run(["detections"], {"images": np.stack(pending)})
+                    done += len(pending)
+                    pending = []
+            if pending:
+                sess.run(["detections"], {"images": np.stack(pending)})
+                done += len(pending)
+        return done
+
+    return timed_loop(step, seconds, warmup=1)
 
 
 async def triton_throughput(url: str, tiles: np.ndarray, batch: int, inflight: int, seconds: float) -> float:
@@ -108,6 +142,12 @@ async def triton_latency(url: str, tile: np.ndarray, calls: int) -> list[float]:
         return latencies
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start_gateway(triton_url: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -131,17 +171,42 @@ def start_gateway(triton_url: str, data_dir: Path, port: int) -> subprocess.Pope
     raise RuntimeError("the gateway did not become ready")
 
 
-def free_port() -> int:
-    import socket
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every process, with a short label."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found[int(entry)] = (label(cmdline), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return found
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def label(cmdline: str) -> str:
+    for needle, name in (
+        ("triton_python_backend_stub", "model (python backend stub, onnxruntime)"),
+        ("tritonserver", "tritonserver"),
+        ("gateway.decode.worker", "decode workers"),
+        ("gateway.cli serve", "gateway (palm-serve serve)"),
+        ("loadtest.bench_serving", "load generator (this process)"),
+    ):
+        if needle in cmdline:
+            return name
+    return "other"
 
 
-def predict_loop(
-    base: str, path: Path, tiles_per_call: int, seconds: float, clients: int
-) -> tuple[float, int]:
+def system_times() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
+def predict_loop(base: str, path: Path, tiles_per_call: int, seconds: float, clients: int) -> dict[str, Any]:
     data = path.read_bytes()
 
     def one(client: httpx.Client) -> int:
@@ -152,6 +217,7 @@ def predict_loop(
     with httpx.Client(base_url=base, timeout=300) as warm:
         one(warm)
         one(warm)
+    cpu_before, sys_before = cpu_seconds(), system_times()
     start = time.perf_counter()
     counts = [0] * clients
 
@@ -163,20 +229,37 @@ def predict_loop(
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, range(clients)))
     elapsed = time.perf_counter() - start
-    return sum(counts) / elapsed, sum(counts) // tiles_per_call
+    cpu_after, sys_after = cpu_seconds(), system_times()
+    tiles = sum(counts)
+    per_role: dict[str, float] = {}
+    for pid, (role, after) in cpu_after.items():
+        before = cpu_before.get(pid, (role, after))[1] if pid in cpu_before else 0.0
+        per_role[role] = per_role.get(role, 0.0) + after - before
+    delta = [b - a for a, b in zip(sys_before, sys_after, strict=True)]
+    return {
+        "tiles_per_s": tiles / elapsed,
+        "requests": tiles // tiles_per_call,
+        "cpu_ms_per_tile": {k: 1000 * v / tiles for k, v in sorted(per_role.items(), key=lambda kv: -kv[1])},
+        "idle_share": delta[3] / sum(delta),
+    }
 
 
-def predict_latency(base: str, path: Path, calls: int) -> list[float]:
+def predict_latency(base: str, path: Path, calls: int) -> tuple[list[float], dict[str, float]]:
     data = path.read_bytes()
+    stages: dict[str, list[float]] = {}
     with httpx.Client(base_url=base, timeout=60) as client:
         for _ in range(3):
             client.post("/v1/predict", files={"file": (path.name, data, "image/tiff")}).raise_for_status()
         latencies = []
         for _ in range(calls):
             start = time.perf_counter()
-            client.post("/v1/predict", files={"file": (path.name, data, "image/tiff")}).raise_for_status()
+            response = client.post("/v1/predict", files={"file": (path.name, data, "image/tiff")})
             latencies.append(time.perf_counter() - start)
-    return latencies
+            response.raise_for_status()
+            for part in response.headers["Server-Timing"].split(","):
+                name, _, value = part.strip().partition(";dur=")
+                stages.setdefault(name, []).append(float(value))
+    return latencies, {name: statistics.median(values) for name, values in stages.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,15 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         pixels = src.read()
     tiles = scene_tiles(pixels)
     per_scene = len(tiles)
-    print(
-        f"cpu cores: {len(os.sched_getaffinity(0))}; model: {MODEL.name}; 2048x2048 scene = {per_scene} tiles"
-    )
+    cores = len(os.sched_getaffinity(0))
+    print(f"cpu cores: {cores}; model: {MODEL.name}; 2048x2048 DEFLATE GeoTIFF = {per_scene} tiles")
 
-    figures: dict[str, Any] = {"cores": len(os.sched_getaffinity(0)), "tiles_per_2048_scene": per_scene}
-    figures["ceiling_tiles_per_s"] = ceiling(tiles, args.batch, args.seconds)
-    print(
-        f"1. onnxruntime in-process, batch {args.batch}:      {figures['ceiling_tiles_per_s']:7.1f} tiles/s"
-    )
+    figures: dict[str, Any] = {"cores": cores, "tiles_per_2048_scene": per_scene}
+    first = ceiling(tiles, args.batch, args.seconds)
+    figures["decode_and_model_tiles_per_s"] = decode_and_model(big, args.batch, args.seconds)
 
     settings = TritonSettings(model_config_name="cpu", ready_timeout_s=120, request_timeout_s=120)
     with EmbeddedTriton(settings, work / "triton") as triton:
@@ -213,40 +293,56 @@ def main(argv: list[str] | None = None) -> int:
         figures["triton_grpc_tiles_per_s"] = asyncio.run(
             triton_throughput(url, tiles, args.batch, 2, args.seconds)
         )
-        print(
-            f"2. Triton gRPC, batch {args.batch}, 2 in flight:     "
-            f"{figures['triton_grpc_tiles_per_s']:7.1f} tiles/s"
-        )
-
         port = free_port()
         gateway = start_gateway(url, work / "gateway", port)
         base = f"http://127.0.0.1:{port}"
         try:
-            rate, calls = predict_loop(base, big, per_scene, args.seconds, clients=1)
-            figures["predict_2048_tiles_per_s"] = rate
-            print(f"3. /v1/predict 2048x2048, 1 client:       {rate:7.1f} tiles/s ({calls} requests)")
-            rate2, calls2 = predict_loop(base, big, per_scene, args.seconds, clients=2)
-            figures["predict_2048_tiles_per_s_2_clients"] = rate2
-            print(f"   /v1/predict 2048x2048, 2 clients:      {rate2:7.1f} tiles/s ({calls2} requests)")
-
+            one = predict_loop(base, big, per_scene, args.seconds, clients=1)
+            two = predict_loop(base, big, per_scene, args.seconds, clients=2)
             direct = asyncio.run(triton_latency(url, scene_tiles(small_scene.pixels)[0], args.latency_calls))
-            http = predict_latency(base, small, args.latency_calls)
+            http, stages = predict_latency(base, small, args.latency_calls)
         finally:
             gateway.terminate()
             gateway.wait(30)
+    last = ceiling(tiles, args.batch, args.seconds)
+    figures["ceiling_runs_tiles_per_s"] = [first, last]
+    figures["ceiling_tiles_per_s"] = ceiling_rate = max(first, last)
+    figures["predict_2048_1_client"] = one
+    figures["predict_2048_2_clients"] = two
     figures["triton_1tile_p50_ms"] = percentile(direct, 50) * 1000
     figures["triton_1tile_p99_ms"] = percentile(direct, 99) * 1000
     figures["predict_1tile_p50_ms"] = percentile(http, 50) * 1000
     figures["predict_1tile_p99_ms"] = percentile(http, 99) * 1000
-    figures["gateway_ratio"] = figures["predict_2048_tiles_per_s"] / figures["ceiling_tiles_per_s"]
+    figures["predict_1tile_stage_p50_ms"] = stages
+    figures["gateway_ratio"] = one["tiles_per_s"] / ceiling_rate
+    figures["gateway_ratio_2_clients"] = two["tiles_per_s"] / ceiling_rate
     figures["gateway_added_p50_ms"] = figures["predict_1tile_p50_ms"] - figures["triton_1tile_p50_ms"]
+
     print(
-        f"4. one 512x512 tile, p50/p99: Triton direct {figures['triton_1tile_p50_ms']:.1f}/"
+        f"1. onnxruntime in-process, batch {args.batch} (ceiling):  {ceiling_rate:6.1f} tiles/s "
+        f"(runs: {first:.1f}, {last:.1f})"
+    )
+    serial, grpc = figures["decode_and_model_tiles_per_s"], figures["triton_grpc_tiles_per_s"]
+    print(f"2. decode + onnxruntime in one process:        {serial:6.1f} tiles/s")
+    print(f"3. Triton gRPC, batch {args.batch}, 2 in flight:          {grpc:6.1f} tiles/s")
+    for name, run in (("1 client ", one), ("2 clients", two)):
+        print(
+            f"4. /v1/predict 2048x2048, {name}:          {run['tiles_per_s']:6.1f} tiles/s "
+            f"({run['requests']} requests, CPU idle {100 * run['idle_share']:.0f}%)"
+        )
+    print(
+        "   CPU ms per tile (1 client): "
+        + ", ".join(f"{name} {ms:.2f}" for name, ms in one["cpu_ms_per_tile"].items() if ms >= 0.05)
+    )
+    print(
+        f"5. one 512x512 tile, p50/p99: Triton direct {figures['triton_1tile_p50_ms']:.1f}/"
         f"{figures['triton_1tile_p99_ms']:.1f} ms, /v1/predict {figures['predict_1tile_p50_ms']:.1f}/"
         f"{figures['predict_1tile_p99_ms']:.1f} ms"
     )
+    print("   stage p50 (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     print(
-        f"gateway / ceiling = {figures['gateway_ratio']:.2f} (target >= 0.85); "
+        f"gateway / ceiling = {figures['gateway_ratio']:.2f} with 1 client, "
+        f"{figures['gateway_ratio_2_clients']:.2f} with 2 (target >= 0.85); "
         f"gateway adds {figures['gateway_added_p50_ms']:.1f} ms at p50 (target < 10)"
     )
     if args.json:
