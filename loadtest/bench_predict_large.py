@@ -28,7 +28,7 @@ from pathlib import Path
 from gateway.decode import DecodePool
 from gateway.pipeline.tiling import tile_count
 from gateway.settings import DecodeSettings, LimitSettings
-from loadtest.bench_raster import decode
+from loadtest.bench_raster import decode, large_profile
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = 1024
@@ -113,27 +113,11 @@ def write_mosaic(path: Path, side: int, *, tiled: bool, scene_size: int = 2048) 
     output are exercised at scale. Written one band of scenes at a time (bounded memory)."""
     import numpy as np
     import rasterio
-    from affine import Affine
 
     from export.synth import render_scene
 
     scenes = [render_scene(424_242 + i, size=scene_size, gsd=0.4).pixels for i in range(4)]
-    profile = {
-        "driver": "GTiff",
-        "width": side,
-        "height": side,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:32633",
-        "transform": Affine(0.4, 0.0, 500_000.0, 0.0, -0.4, 4_000_000.0),
-        "compress": "deflate",
-        "photometric": "RGB",
-        "tiled": tiled,
-        "blockysize": 512 if tiled else 8,
-        "BIGTIFF": "IF_SAFER",
-    }
-    if tiled:
-        profile["blockxsize"] = 512
+    profile = large_profile(side, tiled=tiled, gsd=0.4)
     with rasterio.open(path, "w", **profile) as dst:
         for row, y in enumerate(range(0, side, scene_size)):
             height = min(scene_size, side - y)

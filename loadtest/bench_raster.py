@@ -39,8 +39,8 @@ from gateway.settings import DecodeSettings, LimitSettings
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def write_scene(path: Path, side: int, *, tiled: bool, seed: int = 0) -> None:
-    """A compressible RGB GeoTIFF written 512 rows at a time (smooth fields plus noise, like imagery)."""
+def large_profile(side: int, *, tiled: bool, gsd: float = 0.3) -> dict[str, Any]:
+    """Creation profile of the large benchmark GeoTIFFs: RGB, DEFLATE, 512 px tiles or 8-row strips."""
     profile: dict[str, Any] = {
         "driver": "GTiff",
         "width": side,
@@ -48,7 +48,7 @@ def write_scene(path: Path, side: int, *, tiled: bool, seed: int = 0) -> None:
         "count": 3,
         "dtype": "uint8",
         "crs": "EPSG:32633",
-        "transform": Affine(0.3, 0.0, 500_000.0, 0.0, -0.3, 4_000_000.0),
+        "transform": Affine(gsd, 0.0, 500_000.0, 0.0, -gsd, 4_000_000.0),
         "compress": "deflate",
         "photometric": "RGB",
         "tiled": tiled,
@@ -57,6 +57,12 @@ def write_scene(path: Path, side: int, *, tiled: bool, seed: int = 0) -> None:
     }
     if tiled:
         profile["blockxsize"] = 512
+    return profile
+
+
+def write_scene(path: Path, side: int, *, tiled: bool, seed: int = 0) -> None:
+    """A compressible RGB GeoTIFF written 512 rows at a time (smooth fields plus noise, like imagery)."""
+    profile = large_profile(side, tiled=tiled)
     rng = np.random.default_rng(seed)
     xs = np.arange(side, dtype=np.float32)
     partial = path.with_suffix(".partial")
