@@ -63,14 +63,4 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def get_settings(request: Request) -> Settings:
-    return get_services(request).settings
-
-
-def get_predictor(request: Request) -> Predictor:
-    return get_services(request).predictor
-
-
 ServicesDep = Annotated[Services, Depends(get_services)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
