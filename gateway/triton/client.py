@@ -65,7 +65,7 @@ _NOT_READY_HINTS: Final = (
 
 
 @dataclass(frozen=True, slots=True)
-class ModelInfo:
+class ServedModel:
     """What the server says about the model it serves."""
 
     name: str
@@ -194,7 +194,7 @@ class TritonClient:
             return False
         return bool(response.ready)
 
-    async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
+    async def model_info(self, *, timeout_s: float | None = None) -> ServedModel:
         """Name, version, platform and backend of the served model.
 
         Raises:
@@ -219,7 +219,7 @@ class TritonClient:
         served = (
             version if version in metadata.versions else (metadata.versions[-1] if metadata.versions else "")
         )
-        return ModelInfo(
+        return ServedModel(
             name=metadata.name,
             version=served,
             platform=metadata.platform,
