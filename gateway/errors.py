@@ -11,10 +11,11 @@
     │   ├── RasterTooLarge               413  a budget (pixels, bands, decoded bytes) is exceeded
     │   ├── UploadTooLarge               413  the upload's byte size is over the cap
     │   └── DecoderFailed                422  the decoder crashed, ran out of memory or time on this file
-    ├── InferenceUnavailable             503  Triton unreachable or the model not ready (Retry-After)
-    │   └── InferenceTimeout             503  an inference call missed its deadline (Retry-After)
-    ├── InferenceError                   502  Triton answered with an error
-    └── Overloaded                       503  too many requests in flight; try again (Retry-After)
+    ├── TemporarilyUnavailable           503  retry later (Retry-After)
+    │   ├── InferenceUnavailable         503  Triton unreachable or the model not ready
+    │   │   └── InferenceTimeout         503  an inference call missed its deadline
+    │   └── Overloaded                   503  too many requests in flight
+    └── InferenceError                   502  Triton answered with an error
 
 Domain code raises these; third-party errors are translated at their module boundary with ``from exc``.
 Each class carries its HTTP status, a stable ``type`` slug and a title; the instance carries the detail
@@ -101,17 +102,25 @@ class DecoderFailed(InputError):
     title = "Decoding this file failed"
 
 
-class InferenceUnavailable(GatewayError):
-    status = 503
-    slug = "inference-unavailable"
-    title = "Inference server unavailable"
+class TemporarilyUnavailable(GatewayError):
+    """A 503 the client should retry: carries ``Retry-After``."""
 
-    def __init__(self, detail: str, retry_after_s: int = 5, **extensions: Any) -> None:
+    status = 503
+    slug = "unavailable"
+    title = "Temporarily unavailable"
+    default_retry_after_s: ClassVar[int] = 5
+
+    def __init__(self, detail: str, retry_after_s: int | None = None, **extensions: Any) -> None:
         super().__init__(detail, **extensions)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = self.default_retry_after_s if retry_after_s is None else retry_after_s
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class InferenceUnavailable(TemporarilyUnavailable):
+    slug = "inference-unavailable"
+    title = "Inference server unavailable"
 
 
 class InferenceTimeout(InferenceUnavailable):
@@ -125,17 +134,10 @@ class InferenceError(GatewayError):
     title = "Inference server error"
 
 
-class Overloaded(GatewayError):
-    status = 503
+class Overloaded(TemporarilyUnavailable):
     slug = "overloaded"
     title = "Server busy"
-
-    def __init__(self, detail: str, retry_after_s: int = 2, **extensions: Any) -> None:
-        super().__init__(detail, **extensions)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+    default_retry_after_s = 2
 
 
 def problem(
