@@ -38,16 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    _tune_malloc()
     if args.command == "serve":
         return _serve(settings, args.host, args.port)
     return asyncio.run(_predict(settings, args))
-
-
-def _tune_malloc() -> None:
-    from gateway.triton.codecs import tune_malloc
-
-    tune_malloc()
 
 
 def _serve(settings: Settings, host: str | None, port: int | None) -> int:

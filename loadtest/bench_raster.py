@@ -35,6 +35,7 @@ from gateway.errors import RasterTooLarge
 from gateway.pipeline.raster import ReadOptions, open_raster
 from gateway.pipeline.tiling import tile_grid
 from gateway.settings import DecodeSettings, LimitSettings
+from tests.factories import sparse_bomb
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -79,25 +80,7 @@ def write_scene(path: Path, side: int, *, tiled: bool, seed: int = 0) -> None:
 
 
 def bomb(path: Path) -> Path:
-    if not path.exists():
-        with rasterio.open(
-            path,
-            "w",
-            driver="GTiff",
-            width=100_000,
-            height=100_000,
-            count=1,
-            dtype="uint8",
-            tiled=True,
-            blockxsize=512,
-            blockysize=512,
-            compress="deflate",
-            sparse_ok=True,
-            crs="EPSG:3857",
-            transform=Affine(10, 0, 0, 0, -10, 0),
-        ):
-            pass
-    return path
+    return path if path.exists() else sparse_bomb(path)
 
 
 def proc_status(pid: int) -> dict[str, str]:

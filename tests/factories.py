@@ -169,3 +169,25 @@ def make_image(path: Path, data: npt.NDArray[np.uint8], driver: str = "PNG", **o
         ) as dst:
             dst.write(data)
     return path
+
+
+def sparse_bomb(path: Path, side: int = 100_000) -> Path:
+    """A tiled GeoTIFF of a few hundred bytes claiming ``side x side`` pixels (nothing written)."""
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=side,
+        height=side,
+        count=1,
+        dtype="uint8",
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        sparse_ok=True,
+        crs="EPSG:3857",
+        transform=north_up(),
+    ):
+        pass  # nothing written: a few hundred bytes claiming side x side pixels
+    return path

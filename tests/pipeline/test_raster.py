@@ -38,7 +38,7 @@ from gateway.pipeline.raster import (
 from gateway.pipeline.tiling import TileSpec, tile_grid
 from gateway.settings import LimitSettings
 from tests.conftest import GeoTiffFactory
-from tests.factories import make_image, north_up, synthetic_bands
+from tests.factories import make_image, north_up, sparse_bomb, synthetic_bands
 
 LIMITS = LimitSettings()
 T = 512
@@ -180,27 +180,6 @@ def test_sidecars_are_neither_read_nor_written(tmp_path: Path, geotiff: GeoTiffF
 
 
 # -- budgets ---------------------------------------------------------------------------------------
-
-
-def sparse_bomb(path: Path, side: int = 100_000) -> Path:
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=side,
-        height=side,
-        count=1,
-        dtype="uint8",
-        tiled=True,
-        blockxsize=512,
-        blockysize=512,
-        compress="deflate",
-        sparse_ok=True,
-        crs="EPSG:3857",
-        transform=north_up(),
-    ):
-        pass  # nothing written: a few hundred bytes claiming side x side pixels
-    return path
 
 
 def test_dimension_bomb_is_refused_before_any_decode(tmp_path: Path) -> None:
