@@ -2,8 +2,8 @@
 
 Starlette's ``request.form()`` spools the whole upload before a handler can look at its size; here the
 body is parsed chunk by chunk, the ``file`` part is written to ``<data_dir>/uploads/<random>.upload``
-(the client's file name is kept as metadata only, never used as a path), hashed on the way, and the
-request is refused with 413 the moment it passes the cap.
+(the client's file name is kept as metadata only, never used as a path), hashed on the way when the
+caller asks for the sha256, and the request is refused with 413 the moment it passes the cap.
 """
 
 from __future__ import annotations
@@ -31,12 +31,15 @@ MAX_FIELD_BYTES = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Upload:
-    """An upload stored on local disk; the caller deletes ``path`` when done."""
+    """An upload stored on local disk; the caller deletes ``path`` when done.
+
+    ``sha256`` is the hex digest of the file's bytes, or ``None`` when the caller did not ask for it.
+    """
 
     path: Path
     file_name: str
     size: int
-    sha256: str
+    sha256: str | None
     content_type: str | None
     fields: dict[str, str]
 
@@ -52,10 +55,10 @@ def safe_display_name(raw: str | None) -> str:
 class _PartCollector:
     """Callbacks for :class:`MultipartParser` that route the file part to disk and small fields to memory."""
 
-    def __init__(self, target: IO[bytes], max_bytes: int) -> None:
+    def __init__(self, target: IO[bytes], max_bytes: int, sha256: bool) -> None:
         self.target = target
         self.max_bytes = max_bytes
-        self.hasher = hashlib.sha256()
+        self.hasher = hashlib.sha256() if sha256 else None
         self.size = 0
         self.fields: dict[str, str] = {}
         self.file_name: str | None = None
@@ -121,7 +124,8 @@ class _PartCollector:
                     "use palm-serve predict or a bulk job for larger files",
                     limit_bytes=self.max_bytes,
                 )
-            self.hasher.update(chunk)
+            if self.hasher is not None:
+                self.hasher.update(chunk)
             self.target.write(chunk)
         elif self._field_name is not None:
             self._field_value += data[start:end]
@@ -141,8 +145,19 @@ async def receive_upload(
     body: AsyncIterator[bytes],
     upload_dir: Path,
     max_bytes: int,
+    *,
+    sha256: bool = True,
 ) -> Upload:
     """Stream a ``multipart/form-data`` body with a ``file`` part to disk.
+
+    Args:
+        content_type: the request's ``Content-Type`` header.
+        content_length: the request's ``Content-Length`` header, checked against the cap before reading.
+        body: the request body, chunk by chunk.
+        upload_dir: where the file part is written (created if missing).
+        max_bytes: the cap on the file part's size.
+        sha256: hash the file part on the way (CPU time in proportion to its size: ask only when the
+            digest is reported); without it ``Upload.sha256`` is ``None``.
 
     Raises:
         UnsupportedMediaType: the body is not multipart/form-data.
@@ -167,7 +182,7 @@ async def receive_upload(
     path = upload_dir / f"{secrets.token_hex(16)}.upload"
     try:
         with open(path, "xb") as target:
-            collector = _PartCollector(target, max_bytes)
+            collector = _PartCollector(target, max_bytes, sha256)
             parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
             async for chunk in body:
                 if chunk:
@@ -187,7 +202,7 @@ async def receive_upload(
         path=path,
         file_name=collector.file_name or "upload",
         size=collector.size,
-        sha256=collector.hasher.hexdigest(),
+        sha256=collector.hasher.hexdigest() if collector.hasher is not None else None,
         content_type=collector.file_content_type,
         fields=collector.fields,
     )

@@ -76,3 +76,11 @@ async def test_missing_file_part_and_wrong_content_type(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedMediaType, match="multipart/form-data"):
         await receive_upload("application/json", None, chunks(b"{}"), tmp_path, 4096)
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_the_hash_is_skipped_when_not_asked_for(tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 50
+    up = await receive_upload(CT, None, chunks(body(payload)), tmp_path, 1 << 20, sha256=False)
+    assert up.sha256 is None
+    assert up.path.read_bytes() == payload
+    assert up.size == len(payload)
