@@ -58,7 +58,9 @@ class Services:
     admission: Admission
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async although it awaits nothing: FastAPI runs a plain ``def`` dependency in a worker thread,
+    # a thread hop on every request for one attribute lookup.
     services: Services = request.app.state.services
     return services
 
