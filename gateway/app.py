@@ -56,7 +56,7 @@ def create_app(
                 backend = await stack.enter_async_context(connect_triton(settings, metrics))
             pool = decode
             if pool is None:
-                pool = DecodePool(settings.decode, settings.limits)
+                pool = DecodePool.for_settings(settings)
                 await pool.start()
                 stack.push_async_callback(pool.close)
             model = load_model_info(settings.triton)

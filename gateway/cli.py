@@ -90,7 +90,7 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
     used: set[Path] = set()
     async with AsyncExitStack() as stack:
         backend = await stack.enter_async_context(connect_triton(settings, metrics))
-        pool = DecodePool(settings.decode, settings.limits)
+        pool = DecodePool.for_settings(settings)
         await pool.start()
         stack.push_async_callback(pool.close)
         model = load_model_info(settings.triton)

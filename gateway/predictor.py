@@ -1,9 +1,11 @@
 """One image in, merged and georeferenced detections out: decode → Triton → merge → georeference.
 
 Shared by ``/v1/predict`` and ``palm-serve predict`` (and, later, bulk jobs). Decoding runs in an
-isolated worker process that streams tile batches; up to ``max_inflight`` batches are at Triton at once
-while the next ones decode, so the model never waits on the reader. Per-tile candidates are cut down to
-above-threshold boxes as soon as a batch returns; only those are held until the seam merge.
+isolated worker process that writes tile batches into shared memory; up to ``max_inflight`` batches are
+at Triton at once while the next ones decode, so the model never waits on the reader. Triton reads each
+batch where the worker wrote it (the gateway never copies pixels); the slot goes back to the worker when
+the call returns. Per-tile candidates are cut down to above-threshold boxes as soon as a batch returns;
+only those are held until the seam merge.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.decode import DecodePool, StreamPlan, TileBatch
+from gateway.decode.arena import SharedTiles
 from gateway.metrics import Metrics
 from gateway.pipeline import geo
 from gateway.pipeline.coco import ImageMeta, ImageResult, ModelInfo, TilingInfo
@@ -41,8 +44,14 @@ ProgressCallback = Callable[[int, int], None]
 class InferenceBackend(Protocol):
     """What the gateway needs from an inference server (normally the Triton gRPC client)."""
 
-    async def infer(self, tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        """uint8 ``[N, 3, 512, 512]`` tiles to float32 ``[N, K, 6]`` detections."""
+    async def infer(
+        self, tiles: npt.NDArray[np.uint8], *, shared: SharedTiles | None = None
+    ) -> npt.NDArray[np.float32]:
+        """uint8 ``[N, 3, 512, 512]`` tiles to float32 ``[N, K, 6]`` detections.
+
+        ``shared``, when given, says where ``tiles`` lie in shared memory; a server that can map it
+        reads them there instead of receiving them.
+        """
         ...
 
     async def model_ready(self) -> bool:
@@ -135,7 +144,7 @@ class Predictor:
                     if progress is not None:
                         progress(done + session.skipped, total)
 
-                async for batch in session.batches():
+                async for batch in session.batches(zero_copy=True):
                     await batches.submit(batch, report)
                 skipped = session.skipped
             # The decoder is back in the pool while the last batches are still at Triton.
@@ -182,13 +191,19 @@ class Predictor:
         )
 
     async def _infer(self, batch: TileBatch) -> npt.NDArray[np.float32]:
+        """Run one batch; its slot goes back to the decoder once the server has answered."""
         start = time.perf_counter()
         try:
-            return await self.inference.infer(batch.pixels)
-        except Exception as exc:
-            if self.metrics is not None:
+            detections = await self.inference.infer(batch.pixels, shared=batch.shared)
+        except BaseException as exc:
+            # Cancelled, timed out or failed: the server may still be reading the slot.
+            batch.quarantine(self.settings.triton.request_timeout_s)
+            if self.metrics is not None and isinstance(exc, Exception):
                 self.metrics.triton_errors.labels(type(exc).__name__).inc()
             raise
+        else:
+            batch.release()
+            return detections
         finally:
             if self.metrics is not None:
                 self.metrics.triton_latency.observe(time.perf_counter() - start)
@@ -211,7 +226,11 @@ class _Inflight:
 
     async def submit(self, batch: TileBatch, report: Callable[[int], None]) -> None:
         if len(self.tasks) >= self.limit:
-            await self._collect(report)
+            try:
+                await self._collect(report)
+            except BaseException:
+                batch.release()  # never sent
+                raise
         self.tasks.add(asyncio.create_task(self.run(batch)))
 
     async def drain(self, report: Callable[[int], None]) -> list[Candidates]:

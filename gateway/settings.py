@@ -40,6 +40,10 @@ class TritonSettings(BaseModel):
     ready_timeout_s: float = Field(default=120.0, gt=0, description="How long the embedded server may take.")
     batch_size: int = Field(default=8, ge=1, le=64, description="Tiles per gRPC request.")
     max_inflight: int = Field(default=2, ge=1, le=64, description="Concurrent gRPC requests per image.")
+    shared_memory: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: Triton reads tiles in the decoders' /dev/shm if it can map it; off: always gRPC.",
+    )
 
 
 class LimitSettings(BaseModel):

@@ -15,6 +15,7 @@ import numpy.typing as npt
 import pytest
 
 from gateway.decode import DecodePool
+from gateway.decode.arena import SharedTiles
 from gateway.errors import InferenceUnavailable
 from gateway.pipeline.coco import ModelInfo
 from gateway.pipeline.tiling import balanced_batch
@@ -32,7 +33,9 @@ class ScriptedBackend:
         self.tiles_seen = 0
         self.fail = False
 
-    async def infer(self, tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    async def infer(
+        self, tiles: npt.NDArray[np.uint8], *, shared: SharedTiles | None = None
+    ) -> npt.NDArray[np.float32]:
         if self.fail:
             raise InferenceUnavailable("scripted outage")
         self.tiles_seen += tiles.shape[0]

@@ -6,7 +6,9 @@
     DecodePool.open(path) ── JSON request line ──────▶ open_raster(path) under RLIMIT_AS
     DecodeSession.info    ◀─ JSON frame ────────────── RasterInfo
     session.batches(...)  ── JSON request line ──────▶ reader.tiles(specs), batched
-    TileBatch             ◀─ frame + raw pixel bytes ─ uint8 [n,3,512,512] (+ bool [n,512,512])
+                                                       tiles written into a free shared-memory slot
+    TileBatch             ◀─ frame naming the slot ─── (+ bool [n,512,512] masks on the pipe)
+    batch.release()       ── free: the slot ─────────▶ the slot can be written again
 
 Workers are started with ``python -m gateway.decode.worker`` (a fresh interpreter: never ``fork`` of the
 threaded gateway), live across files, and each holds at most one open raster. A file that makes GDAL
@@ -15,12 +17,17 @@ budget (``DecodeSettings.file_timeout_s``, counted while the gateway waits on th
 runs inference) fails *that file* with :class:`DecoderFailed`; the worker is killed if needed and
 replaced in the background, and the pool keeps serving.
 
-Backpressure: a worker writes a batch into a 1 MiB pipe and blocks until the gateway reads it; the
-gateway reads only when the consumer asks for the next batch, straight from the pipe into the batch's
-arrays (one copy, no stream buffer). So at most one decoded batch waits in the worker and one is being
-read in the gateway, whatever the image size. Sessions take a worker from the idle queue: at most
-``DecodeSettings.workers`` files decode at once and further requests wait their turn (first come,
-first served).
+Pixels never cross the pipe: each worker owns a :class:`~gateway.decode.arena.TileRegion` of
+``slots_per_worker`` slots in ``/dev/shm`` and writes a batch into a slot the gateway handed it. A
+batch's ``pixels`` are a view of that slot, and ``shared`` tells the Triton client where it lies so the
+server reads it in place. With ``zero_copy=True`` the consumer gives the slot back with
+:meth:`TileBatch.release` once inference is done; otherwise the pool copies the pixels out and gives
+the slot back at once.
+
+Backpressure: a worker with no free slot waits for one, so at most ``slots_per_worker`` batches per
+worker are decoded ahead of inference, whatever the image size. Sessions take a worker from the idle
+queue: at most ``DecodeSettings.workers`` files decode at once and further requests wait their turn
+(first come, first served).
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -44,15 +53,23 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.decode import protocol
+from gateway.decode.arena import (
+    SharedTiles,
+    SlotLease,
+    TileRegion,
+    new_pool_token,
+    region_name,
+    sweep_stale_regions,
+)
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.raster import RasterInfo, ReadOptions
 from gateway.pipeline.tiling import TILE_SIZE, TileSpec, tile_grid
-from gateway.settings import DecodeSettings, LimitSettings
+from gateway.settings import DecodeSettings, LimitSettings, Settings
 
 logger = logging.getLogger(__name__)
 
 PIPE_BYTES: Final = 1024 * 1024
-"""Capacity of each worker's output pipe: the only buffering between a worker and the gateway."""
+"""Capacity of each worker's output pipe (frames and validity masks; pixels go through shared memory)."""
 _F_SETPIPE_SZ: Final = 1031
 CONTROL_TIMEOUT_S: Final = 10.0
 """Deadline for protocol housekeeping (close, cancel) before a worker is declared stuck."""
@@ -71,14 +88,29 @@ class TileBatch:
 
     Attributes:
         specs: the windows, one per tile.
-        pixels: ``uint8 [n, 3, 512, 512]`` RGB, channel-first, C-contiguous.
+        pixels: ``uint8 [n, 3, 512, 512]`` RGB, channel-first, C-contiguous. With ``zero_copy`` a view
+            of a shared-memory slot, valid until :meth:`release`.
         valid: ``bool [n, 512, 512]`` (False for padding, nodata, alpha 0, masked), or ``None`` when
             every pixel of every tile in the batch is valid.
+        shared: where ``pixels`` lie in shared memory (``zero_copy`` only), for the Triton client.
+        lease: the hold on that slot (``zero_copy`` only).
     """
 
     specs: tuple[TileSpec, ...]
     pixels: npt.NDArray[np.uint8]
     valid: npt.NDArray[np.bool_] | None
+    shared: SharedTiles | None = None
+    lease: SlotLease | None = None
+
+    def release(self) -> None:
+        """Nothing reads ``pixels`` any more: the worker may reuse the slot. Idempotent."""
+        if self.lease is not None:
+            self.lease.release()
+
+    def quarantine(self, delay_s: float) -> None:
+        """Someone (a cancelled Triton call) may still read the slot: reuse it only after ``delay_s``."""
+        if self.lease is not None:
+            self.lease.quarantine(delay_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +138,22 @@ class _WorkerLost(Exception):
 
 
 class _Worker:
-    """One worker process: requests on its stdin, frames read from its stdout pipe."""
+    """One worker process: requests on its stdin, frames read from its stdout pipe, tiles in ``region``."""
 
-    def __init__(self, process: asyncio.subprocess.Process, frames_fd: int) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, frames_fd: int, region: TileRegion) -> None:
         self.process = process
         self.pid = process.pid
         assert process.stdin is not None
         self.stdin = process.stdin
         self.frames = _PipeReader(frames_fd)
+        self.region = region
+
+    def give_back(self, slots: list[int]) -> None:
+        """Tell the worker it may write ``slots`` again (no-op once it is gone: its successor starts
+        with every slot that is not leased)."""
+        if self.alive and slots and not self.stdin.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.stdin.write(protocol.request("free", slots=slots))
 
     @property
     def alive(self) -> bool:
@@ -218,8 +258,12 @@ class DecodePool:
         settings: worker count, memory limit and per-file time budget.
         limits: default size budgets for :meth:`open`.
         worker_command: argv that starts a worker (default ``python -m gateway.decode.worker``); the
-            pool appends ``--memory-limit`` and ``--parent-pid``. Tests pass a worker that crashes on
-            purpose.
+            pool appends ``--memory-limit``, ``--parent-pid`` and the region arguments. Tests pass a
+            worker that crashes on purpose.
+        slot_tiles: tiles per shared-memory slot: the largest batch a session streams (normally
+            ``TritonSettings.batch_size``).
+        slots_per_worker: batches per worker that may be decoded or at inference at once (normally
+            ``TritonSettings.max_inflight + 2``: one being written, one being handed over).
     """
 
     def __init__(
@@ -228,15 +272,32 @@ class DecodePool:
         limits: LimitSettings | None = None,
         *,
         worker_command: Sequence[str] | None = None,
+        slot_tiles: int = 8,
+        slots_per_worker: int = 4,
     ) -> None:
         self.settings = settings
         self.limits = limits or LimitSettings()
+        self.slot_tiles = max(1, slot_tiles)
+        self.slots_per_worker = max(2, slots_per_worker)
+        self._regions: list[TileRegion] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._command = list(worker_command or [sys.executable, "-m", "gateway.decode.worker"])
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._workers: set[_Worker] = set()
         self._spawning: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> DecodePool:
+        """The pool the service runs: slots sized for ``settings.triton``'s batches and in-flight calls."""
+        return cls(
+            settings.decode,
+            settings.limits,
+            slot_tiles=settings.triton.batch_size,
+            slots_per_worker=settings.triton.max_inflight + 2,
+        )
 
     async def __aenter__(self) -> DecodePool:
         await self.start()
@@ -256,14 +317,25 @@ class DecodePool:
         """Start every worker and wait until each is ready.
 
         Raises:
+            SharedMemoryUnavailable: ``/dev/shm`` cannot hold the workers' tile regions.
             RuntimeError: a worker could not be started (its stderr is in the log).
         """
         if self._started:
             return
         self._started = True
-        workers = await asyncio.gather(
-            *(self._spawn() for _ in range(self.settings.workers)), return_exceptions=True
-        )
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        sweep_stale_regions()
+        token = new_pool_token()
+        try:
+            for index in range(self.settings.workers):
+                self._regions.append(
+                    TileRegion(region_name(token, index), self.slots_per_worker, self.slot_tiles)
+                )
+        except BaseException:
+            await self.close()
+            raise
+        workers = await asyncio.gather(*(self._spawn(r) for r in self._regions), return_exceptions=True)
         failures = [w for w in workers if isinstance(w, BaseException)]
         for worker in workers:
             if isinstance(worker, _Worker):
@@ -281,6 +353,8 @@ class DecodePool:
         workers = list(self._workers)
         self._workers.clear()
         await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+        for region in self._regions:
+            region.close()
 
     def open(
         self,
@@ -310,7 +384,7 @@ class DecodePool:
 
     # -- worker lifecycle ---------------------------------------------------------------------------
 
-    async def _spawn(self) -> _Worker:
+    async def _spawn(self, region: TileRegion) -> _Worker:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # fewer wake-ups per batch than the default 64 KiB
             fcntl.fcntl(read_fd, _F_SETPIPE_SZ, PIPE_BYTES)
@@ -321,6 +395,12 @@ class DecodePool:
                 str(self.settings.memory_limit_bytes),
                 "--parent-pid",
                 str(os.getpid()),
+                "--region",
+                region.name,
+                "--slots",
+                str(region.slots),
+                "--slot-tiles",
+                str(region.slot_tiles),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=write_fd,
                 env={**os.environ, **WORKER_ENV},
@@ -331,7 +411,7 @@ class DecodePool:
             raise
         finally:
             os.close(write_fd)
-        worker = _Worker(process, read_fd)
+        worker = _Worker(process, read_fd, region)
         self._workers.add(worker)
         try:
             meta, _ = await asyncio.wait_for(worker.receive(0), timeout=60.0)
@@ -346,8 +426,20 @@ class DecodePool:
                     f"decode worker exited during start ({worker.process.returncode})"
                 ) from exc
             raise
+        # In one step (no await): the new worker holds every slot that is not leased, and every slot
+        # released from now on goes to it.
+        region.give_back = functools.partial(self._give_back, worker)
+        worker.give_back(region.free_slots())
         logger.debug("decode worker %d ready", worker.pid)
         return worker
+
+    def _give_back(self, worker: _Worker, slots: list[int]) -> None:
+        """Slots released by a consumer, possibly on another thread (the sync facade, a finalizer)."""
+        if threading.get_ident() == self._loop_thread:
+            worker.give_back(slots)
+        elif self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                self._loop.call_soon_threadsafe(worker.give_back, slots)
 
     async def _acquire(self) -> _Worker:
         if self._closed or not self._started:
@@ -379,7 +471,7 @@ class DecodePool:
         delay = 0.5
         while not self._closed:
             try:
-                worker = await self._spawn()
+                worker = await self._spawn(old.region)
             except RuntimeError:
                 logger.exception("decode worker replacement failed; retrying in %.1f s", delay)
                 await asyncio.sleep(delay)
@@ -475,13 +567,19 @@ class DecodeSession:
         await self._finish()
 
     def batches(
-        self, specs: Sequence[TileSpec] | None = None, batch_size: int = 8
+        self, specs: Sequence[TileSpec] | None = None, batch_size: int = 8, *, zero_copy: bool = False
     ) -> AsyncIterator[TileBatch]:
-        """Stream the tiles of ``specs`` in batches of up to ``batch_size``.
+        """Stream the tiles of ``specs`` in batches of up to ``batch_size`` (at most the pool's
+        ``slot_tiles``).
 
         With a :class:`StreamPlan` given to :meth:`DecodePool.open`, call it without ``specs``: the
         tiles are the plan's grid, already on their way. Fully masked tiles are skipped (see
         :attr:`skipped`). Call once per session.
+
+        With ``zero_copy`` each batch's pixels are a view of its shared-memory slot and the consumer
+        must call :meth:`TileBatch.release` (or :meth:`TileBatch.quarantine`) when done with it; the
+        worker waits once all its slots are held. Otherwise the pixels are copied out and the slot is
+        given back at once.
 
         Raises:
             CorruptRaster: while iterating, when a block cannot be decoded.
@@ -492,18 +590,21 @@ class DecodeSession:
                 raise RuntimeError("this session streams its plan's grid; call batches() without specs")
             assert self._plan is not None
             grid = tile_grid(self.info.width, self.info.height, self._plan.tile, self._plan.overlap)
-            return self._stream(grid, max(1, self._plan.batch_size), requested=True)
+            return self._stream(grid, self._batch_limit(self._plan.batch_size), zero_copy, requested=True)
         if self._state != "open":
             raise RuntimeError(f"batches() needs an open session, not a {self._state} one")
         if specs is None:
             raise RuntimeError("batches() needs specs when the session was opened without a plan")
-        return self._stream(list(specs), max(1, batch_size), requested=False)
+        return self._stream(list(specs), self._batch_limit(batch_size), zero_copy, requested=False)
+
+    def _batch_limit(self, batch_size: int) -> int:
+        return max(1, min(batch_size, self._pool.slot_tiles))
 
     async def _stream(
-        self, specs: list[TileSpec], batch_size: int, *, requested: bool
+        self, specs: list[TileSpec], batch_size: int, zero_copy: bool, *, requested: bool
     ) -> AsyncIterator[TileBatch]:
         self._state = "streaming"
-        max_payload = batch_size * (protocol.TILE_PIXEL_BYTES + protocol.TILE_MASK_BYTES)
+        max_payload = batch_size * protocol.TILE_MASK_BYTES
         try:
             if not requested:
                 await self._send(
@@ -515,7 +616,7 @@ class DecodeSession:
                 meta, payload = await self._receive(max_payload)
                 kind = meta.get("kind")
                 if kind == "batch":
-                    yield self._batch(meta, payload, specs, batch_size)
+                    yield self._batch(meta, payload, specs, batch_size, zero_copy)
                 elif kind == "end":
                     self.skipped = int(meta.get("skipped", 0))
                     self._state = "open"
@@ -529,8 +630,18 @@ class DecodeSession:
             raise exc.failure from None
 
     def _batch(
-        self, meta: dict[str, Any], payload: npt.NDArray[np.uint8], specs: list[TileSpec], batch_size: int
+        self,
+        meta: dict[str, Any],
+        payload: npt.NDArray[np.uint8],
+        specs: list[TileSpec],
+        batch_size: int,
+        zero_copy: bool,
     ) -> TileBatch:
+        assert self._worker is not None
+        region = self._worker.region
+        slot = _announced_slot(meta, region)
+        if slot is None:
+            raise self._lost("batch names a slot the worker does not hold")
         indices = meta.get("indices")
         if not isinstance(indices, list) or not 0 < len(indices) <= batch_size:
             raise self._lost("malformed batch")
@@ -538,13 +649,16 @@ class DecodeSession:
             raise self._lost("batch names unknown tiles")
         n = len(indices)
         masked = bool(meta.get("valid"))
-        expected = n * (protocol.TILE_PIXEL_BYTES + (protocol.TILE_MASK_BYTES if masked else 0))
+        expected = n * protocol.TILE_MASK_BYTES if masked else 0
         if len(payload) != expected:
             raise self._lost(f"batch of {n} tiles carries {len(payload)} bytes, expected {expected}")
-        split = n * protocol.TILE_PIXEL_BYTES
-        pixels = payload[:split].reshape(n, 3, TILE_SIZE, TILE_SIZE)
-        valid = payload[split:].view(np.bool_).reshape(n, TILE_SIZE, TILE_SIZE) if masked else None
-        return TileBatch(tuple(specs[i] for i in indices), pixels, valid)
+        valid = payload.view(np.bool_).reshape(n, TILE_SIZE, TILE_SIZE) if masked else None
+        chosen = tuple(specs[i] for i in indices)
+        if not zero_copy:
+            pixels = region.pixels(slot, n).copy()
+            _give_back_unused(region, slot)
+            return TileBatch(chosen, pixels, valid)
+        return TileBatch(chosen, region.pixels(slot, n), valid, region.shared(slot, n), region.lease(slot))
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -635,13 +749,32 @@ class DecodeSession:
         await worker.stdin.drain()
         while True:
             meta, _ = await worker.receive(_MAX_DRAIN_PAYLOAD)
+            if meta.get("kind") == "batch":
+                slot = _announced_slot(meta, worker.region)
+                if slot is not None:
+                    _give_back_unused(worker.region, slot)
             if meta.get("kind") == "end" and meta.get("cancelled"):
                 return
             if meta.get("kind") == "error" and meta.get("recycle"):
                 raise RuntimeError("worker recycled while cancelling")
 
 
-_MAX_DRAIN_PAYLOAD: Final = 64 * (protocol.TILE_PIXEL_BYTES + protocol.TILE_MASK_BYTES)
+_MAX_DRAIN_PAYLOAD: Final = 64 * protocol.TILE_MASK_BYTES
+
+
+def _announced_slot(meta: dict[str, Any], region: TileRegion) -> int | None:
+    """The slot a batch frame names, if it is one the worker may have written (not leased by us)."""
+    slot = meta.get("slot")
+    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < region.slots:
+        return None
+    if slot in region.leased or slot in region.quarantined:
+        return None
+    return slot
+
+
+def _give_back_unused(region: TileRegion, slot: int) -> None:
+    if region.give_back is not None:
+        region.give_back([slot])
 
 
 def _cause(code: int | None) -> str:

@@ -10,19 +10,23 @@ Requests (gateway → worker, stdin): one JSON object per line, ``{"op": ...}``:
   ``open`` without waiting for ``info`` (one round trip less); if that ``open`` failed, it is ignored.
 * ``cancel``: stop the current ``tiles`` stream after the batch in flight.
 * ``close``: close the open raster.
+* ``free`` (``slots``): these slots of the worker's shared-memory region may be written again. Sent
+  whenever the gateway is done with a batch, so it may arrive between or inside any other request.
 
 Replies (worker → gateway, the worker's original stdout): frames of a 12-byte header
 ``<u32 meta length><u64 payload length>``, a JSON object, then the payload bytes:
 
 * ``ready`` (``pid``) once at start; ``info`` (``info``: :class:`RasterInfo` fields) after ``open``;
-* ``batch`` (``indices`` into the ``specs`` sent, ``valid``: whether masks follow) with the payload
-  ``uint8 [n, 3, 512, 512]`` then, if ``valid``, ``bool [n, 512, 512]``;
+* ``batch`` (``indices`` into the ``specs`` sent, ``slot``: the shared-memory slot now holding the
+  tiles as ``uint8 [n, 3, 512, 512]``, ``valid``: whether masks follow) with, if ``valid``, the
+  payload ``bool [n, 512, 512]``;
 * ``end`` (``skipped``, ``cancelled``) after the last batch; ``closed`` after ``close``;
 * ``error`` (``error``: a GatewayError class name, ``detail``, ``extensions``, ``recycle``: the worker
   exits after sending it).
 
 Metadata is JSON, never pickle, so a worker compromised by a hostile file cannot make the gateway run
-code by what it sends back; sizes are checked against what was asked for before anything is read.
+code by what it sends back; sizes are checked against what was asked for before anything is read, and
+a batch may only name a slot the worker holds.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""A decode worker process: ``python -m gateway.decode.worker --memory-limit BYTES --parent-pid PID``.
+"""A decode worker process: ``python -m gateway.decode.worker --memory-limit BYTES --parent-pid PID
+--region NAME --slots N --slot-tiles T``.
 
 Started by :class:`~gateway.decode.pool.DecodePool`, never by hand. It serves one raster at a time over
 the protocol in :mod:`gateway.decode.protocol`, under an address-space limit (``RLIMIT_AS``), with core
 dumps off, and dies with its parent (``PR_SET_PDEATHSIG``). Its original stdout carries frames only:
-file descriptor 1 is pointed at stderr so nothing a C library prints can corrupt the stream.
+file descriptor 1 is pointed at stderr so nothing a C library prints can corrupt the stream. Tiles go
+into the slots of its shared-memory region (:mod:`gateway.decode.arena`) that the gateway has handed
+it (``free`` requests); it waits for one when it holds none.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import resource
 import select
 import signal
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from gateway.decode import protocol
+from gateway.decode.arena import TileRegion
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.raster import RasterReader, ReadOptions, open_raster
 from gateway.pipeline.tiling import TILE_SIZE, TileSpec, balanced_batch, tile_grid
@@ -40,27 +45,55 @@ _PR_SET_PDEATHSIG = 1
 
 
 class _Channel:
-    """Requests in (JSON lines on ``fd_in``), frames out (on ``fd_out``)."""
+    """Requests in (JSON lines on ``fd_in``), frames out (on ``fd_out``).
 
-    def __init__(self, fd_in: int, fd_out: int) -> None:
+    ``free`` requests may arrive at any moment; they are absorbed here into :attr:`free_slots` and
+    never returned by :meth:`receive`.
+    """
+
+    def __init__(self, fd_in: int, fd_out: int, slots: int) -> None:
         self.fd_in = fd_in
         self.fd_out = fd_out
+        self.slots = slots
+        self.free_slots: deque[int] = deque()
         self._pending = b""
 
-    def receive(self, block: bool = True) -> dict[str, Any] | None:
-        """The next request; ``None`` when none is waiting (``block=False``) or at end of input."""
-        while b"\n" not in self._pending:
-            if not block and not select.select([self.fd_in], [], [], 0)[0]:
-                return None
-            chunk = os.read(self.fd_in, 65536)
-            if not chunk:
-                raise EOFError
-            self._pending += chunk
-        line, self._pending = self._pending.split(b"\n", 1)
-        message = json.loads(line)
-        if not isinstance(message, dict):
-            raise ValueError("a request must be a JSON object")
-        return message
+    def receive(self, block: bool = True, *, until_free: bool = False) -> dict[str, Any] | None:
+        """The next request other than ``free``.
+
+        Returns ``None`` when none is waiting (``block=False``), or (``until_free``) as soon as a slot
+        is free.
+        """
+        while True:
+            while b"\n" not in self._pending:
+                if until_free and self.free_slots:
+                    return None
+                if not block and not select.select([self.fd_in], [], [], 0)[0]:
+                    return None
+                chunk = os.read(self.fd_in, 65536)
+                if not chunk:
+                    raise EOFError
+                self._pending += chunk
+            line, self._pending = self._pending.split(b"\n", 1)
+            message = json.loads(line)
+            if not isinstance(message, dict):
+                raise ValueError("a request must be a JSON object")
+            if message.get("op") != "free":
+                return message
+            for slot in message.get("slots") or []:
+                if not isinstance(slot, int) or not 0 <= slot < self.slots or slot in self.free_slots:
+                    raise ValueError(f"free names slot {slot!r}, which is not ours to take")
+                self.free_slots.append(slot)
+
+    def take_slot(self) -> int | None:
+        """A free slot, waiting for the gateway to hand one back; ``None`` if ``cancel`` came first."""
+        if not self.free_slots:
+            request = self.receive(until_free=True)
+            if request is not None:
+                if request.get("op") == "cancel":
+                    return None
+                raise RuntimeError(f"unexpected request {request.get('op')!r} while streaming")
+        return self.free_slots.popleft()
 
     def send(self, meta: dict[str, Any], *payload: memoryview) -> None:
         length = sum(p.nbytes for p in payload)
@@ -79,6 +112,9 @@ def main(argv: Sequence[str] | None = None, opener: Opener = open_raster) -> int
     parser = argparse.ArgumentParser(prog="gateway.decode.worker")
     parser.add_argument("--memory-limit", type=int, required=True, help="RLIMIT_AS in bytes")
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--region", required=True, help="shared-memory region under /dev/shm")
+    parser.add_argument("--slots", type=int, required=True)
+    parser.add_argument("--slot-tiles", type=int, required=True)
     args = parser.parse_args(argv)
     data_fd = os.dup(1)
     os.dup2(2, 1)
@@ -89,10 +125,11 @@ def main(argv: Sequence[str] | None = None, opener: Opener = open_raster) -> int
         format=f"decode-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("rasterio").setLevel(logging.ERROR)
-    channel = _Channel(0, data_fd)
+    region = TileRegion(args.region, args.slots, args.slot_tiles, create=False)
+    channel = _Channel(0, data_fd, region.slots)
     try:
         channel.send({"kind": "ready", "pid": os.getpid()})
-        _serve(channel, opener, args.memory_limit)
+        _serve(channel, region, opener, args.memory_limit)
     except (EOFError, BrokenPipeError):
         pass
     return 0
@@ -111,7 +148,7 @@ def _harden(memory_limit: int, parent_pid: int) -> None:
     faulthandler.enable()  # a crash leaves a Python traceback in the gateway's log
 
 
-def _serve(channel: _Channel, opener: Opener, memory_limit: int) -> None:
+def _serve(channel: _Channel, region: TileRegion, opener: Opener, memory_limit: int) -> None:
     reader: RasterReader | None = None
     while True:
         message = channel.receive()
@@ -134,14 +171,14 @@ def _serve(channel: _Channel, opener: Opener, memory_limit: int) -> None:
                     if grid is not None:
                         continue  # pipelined behind an open that failed: that failure was the reply
                     raise RuntimeError("tiles requested before open")
-                batch_size = max(1, int(message["batch_size"]))
+                batch_size = min(max(1, int(message["batch_size"])), region.slot_tiles)
                 if grid is not None:
                     specs = tile_grid(reader.info.width, reader.info.height, int(grid[0]), int(grid[1]))
                     batch_size = balanced_batch(len(specs), batch_size)
                 else:
                     specs = [protocol.spec_from_wire(s) for s in message["specs"]]
                 first = min(max(1, int(message.get("first_batch") or batch_size)), batch_size)
-                _stream(channel, reader, specs, batch_size, first)
+                _stream(channel, region, reader, specs, batch_size, first)
             elif op == "close":
                 if reader is not None:
                     reader.close()
@@ -182,48 +219,64 @@ def _serve(channel: _Channel, opener: Opener, memory_limit: int) -> None:
 
 
 def _stream(
-    channel: _Channel, reader: RasterReader, specs: list[TileSpec], batch_size: int, first_batch: int
+    channel: _Channel,
+    region: TileRegion,
+    reader: RasterReader,
+    specs: list[TileSpec],
+    batch_size: int,
+    first_batch: int,
 ) -> None:
-    """Send the tiles of ``specs`` in batches (the first one of ``first_batch``); stop early on ``cancel``."""
-    batch_size = max(1, batch_size)
+    """Write the tiles of ``specs`` into free slots, a batch per slot (the first one of ``first_batch``
+    tiles), announcing each filled slot; stop early on ``cancel``."""
+    batch_size = max(1, min(batch_size, region.slot_tiles))
     limit = max(1, min(first_batch, batch_size))
     position = {id(spec): i for i, spec in enumerate(specs)}
-    pixels = np.empty((batch_size, 3, TILE_SIZE, TILE_SIZE), np.uint8)
     valid = np.empty((batch_size, TILE_SIZE, TILE_SIZE), np.bool_)
     indices: list[int] = []
     masked = False
+    slot: int | None = None
+    pixels = region.pixels(0, batch_size)
 
     def flush() -> bool:
-        nonlocal masked, limit
+        """Announce the filled slot; True if the gateway asked to cancel meanwhile."""
+        nonlocal masked, limit, slot
         limit = batch_size
         n = len(indices)
-        parts = [pixels[:n].data]
-        if masked:
-            parts.append(valid[:n].data)
-        channel.send({"kind": "batch", "indices": indices, "valid": masked}, *parts)
+        parts = [valid[:n].data] if masked else []
+        channel.send({"kind": "batch", "indices": indices, "valid": masked, "slot": slot}, *parts)
         indices.clear()
         masked = False
+        slot = None
         request = channel.receive(block=False)
         if request is not None and request.get("op") != "cancel":
             raise RuntimeError(f"unexpected request {request.get('op')!r} while streaming")
         return request is not None
 
+    def cancelled() -> None:
+        channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": True})
+
     for tile in reader.tiles(specs):
-        slot = len(indices)
-        pixels[slot] = tile.pixels
+        if slot is None:
+            slot = channel.take_slot()
+            if slot is None:
+                cancelled()
+                return
+            pixels = region.pixels(slot, batch_size)
+        k = len(indices)
+        pixels[k] = tile.pixels
         if tile.valid is not None:
             if not masked:
-                valid[:slot] = True
+                valid[:k] = True
                 masked = True
-            valid[slot] = tile.valid
+            valid[k] = tile.valid
         elif masked:
-            valid[slot] = True
+            valid[k] = True
         indices.append(position[id(tile.spec)])
         if len(indices) == limit and flush():
-            channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": True})
+            cancelled()
             return
     if indices and flush():
-        channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": True})
+        cancelled()
         return
     channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": False})
 

@@ -7,6 +7,13 @@ with ``loadtest/bench_triton.py`` at batch 8: 0.44 ms to encode a request agains
 or 9 ms (untuned) for ``tritonclient.grpc.aio.InferenceServerClient.infer``'s path, and a third of its
 client CPU per tile end to end.
 
+Shared memory: when a batch already lies in a ``/dev/shm`` region (the decode workers write there, see
+:mod:`gateway.decode.arena`), the request names the region and offset instead of carrying 6 MB, and
+the server reads the tiles in place. Regions are registered with Triton on first use
+(``SystemSharedMemoryRegister``) and again after a server restart forgot them. A server that cannot map
+the region (another host or container) refuses the registration once; from then on that region is
+sent over gRPC like any array. ``TritonSettings.shared_memory = "off"`` never tries.
+
 Error translation, the only place ``tritonclient``/``grpc`` errors become ours::
 
     grpc UNAVAILABLE, CANCELLED by the server, RESOURCE_EXHAUSTED,
@@ -34,9 +41,18 @@ import numpy as np
 import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from gateway.decode.arena import SharedTiles
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
 from gateway.settings import TritonSettings
-from gateway.triton.codecs import OUTPUT_NAME, InferRequestEncoder, decode_detections, tune_malloc
+from gateway.triton.codecs import (
+    INPUT_DATATYPE,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    InferRequestEncoder,
+    check_tiles,
+    decode_detections,
+    tune_malloc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,19 +140,30 @@ class TritonClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
         self._infer_call: Any = None
+        self._registered: set[str] = set()
+        self._refused: set[str] = set()
+        self._register_lock = asyncio.Lock()
         if malloc_tuning:
             tune_malloc()
 
     # -- inference ----------------------------------------------------------------------------------
 
     async def infer(
-        self, tiles: npt.NDArray[np.uint8], *, timeout_s: float | None = None, request_id: str = ""
+        self,
+        tiles: npt.NDArray[np.uint8],
+        *,
+        shared: SharedTiles | None = None,
+        timeout_s: float | None = None,
+        request_id: str = "",
     ) -> npt.NDArray[np.float32]:
         """Run the model on a batch of tiles.
 
         Args:
             tiles: uint8 ``[N, 3, 512, 512]``, C-contiguous to avoid a copy. N may exceed the model's
                 ``max_batch_size`` only if the server allows it; send at most that many per call.
+            shared: where ``tiles`` lie in shared memory; the server reads them there if it can map
+                the region, and ``tiles`` is sent otherwise. The memory must stay unchanged until
+                this call returns (and, if it fails, until its deadline has passed).
             timeout_s: Deadline of this call; ``settings.request_timeout_s`` when ``None``.
             request_id: Echoed by Triton in its logs and response.
 
@@ -150,14 +177,81 @@ class TritonClient:
             InferenceTimeout: The deadline passed while the server was working on it.
             InferenceError: The server answered with an error, or with an off-contract output.
         """
-        payload = self._encoder.encode(tiles, request_id)
         batch = tiles.shape[0]
         self._connect()
+        deadline = self._deadline(timeout_s)
+        if shared is not None and await self._usable(shared, deadline):
+            response = await self._infer_shared(check_tiles(tiles).shape, shared, deadline, request_id)
+            if response is not None:
+                return self._detections(response, batch)
+        payload = self._encoder.encode(tiles, request_id)
         try:
-            response = await self._infer_call(payload, timeout=self._deadline(timeout_s))
+            response = await self._infer_call(payload, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc, f"infer of {batch} tile(s)") from exc
         return self._detections(response, batch)
+
+    async def _infer_shared(
+        self, shape: tuple[int, ...], shared: SharedTiles, deadline: float, request_id: str
+    ) -> Any:
+        """The response to an infer whose input the server reads from ``shared``; ``None`` if the
+        server no longer accepts the region (then the caller sends the tiles)."""
+        batch = shape[0]
+        payload = self._shared_request(shape, shared, request_id)
+        for attempt in (1, 2):
+            try:
+                return await self._infer_call(payload, timeout=deadline)
+            except grpc.aio.AioRpcError as exc:
+                if attempt == 2 or not _region_unknown(exc):
+                    raise self._translate(exc, f"infer of {batch} tile(s)") from exc
+            # The server restarted and forgot the region: register it again, once.
+            self._registered.discard(shared.region)
+            if not await self._usable(shared, deadline):
+                return None
+        return None
+
+    def _shared_request(self, shape: tuple[int, ...], shared: SharedTiles, request_id: str) -> bytes:
+        """A ``ModelInferRequest`` whose input is read from ``shared`` (a few hundred bytes)."""
+        request = service_pb2.ModelInferRequest(
+            model_name=self.settings.model_name, model_version=self.settings.model_version, id=request_id
+        )
+        tensor = request.inputs.add(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=list(shape))
+        tensor.parameters["shared_memory_region"].string_param = shared.region
+        tensor.parameters["shared_memory_byte_size"].int64_param = shared.nbytes
+        tensor.parameters["shared_memory_offset"].int64_param = shared.offset
+        request.outputs.add(name=OUTPUT_NAME)
+        return bytes(request.SerializeToString())
+
+    async def _usable(self, shared: SharedTiles, deadline: float) -> bool:
+        """Whether the server reads ``shared``'s region in place (registering it on first use)."""
+        if self.settings.shared_memory == "off" or shared.region in self._refused:
+            return False
+        if shared.region in self._registered:
+            return True
+        async with self._register_lock:
+            if shared.region in self._registered or shared.region in self._refused:
+                return shared.region in self._registered
+            request = service_pb2.SystemSharedMemoryRegisterRequest(
+                name=shared.region, key=shared.key, offset=0, byte_size=shared.region_bytes
+            )
+            try:
+                await self._stub.SystemSharedMemoryRegister(request, timeout=deadline)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    self._registered.add(shared.region)
+                    return True
+                if exc.code() in _UNAVAILABLE_CODES or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise self._translate(exc, "shared-memory registration") from exc
+                logger.warning(
+                    "Triton at %s cannot map shared memory %s (%s); sending tiles over gRPC instead",
+                    self.url,
+                    shared.key,
+                    (exc.details() or exc.code().name).strip(),
+                )
+                self._refused.add(shared.region)
+                return False
+            self._registered.add(shared.region)
+            return True
 
     def _detections(self, response: Any, batch: int) -> npt.NDArray[np.float32]:
         for index, output in enumerate(response.outputs):
@@ -263,11 +357,20 @@ class TritonClient:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled. Idempotent."""
+        """Unregister our shared-memory regions (best effort) and close the channel; in-flight calls are
+        cancelled. Idempotent."""
         channel, self._channel = self._channel, None
-        self._stub = self._infer_call = None
-        if channel is not None:
-            await channel.close()
+        stub, self._stub, self._infer_call = self._stub, None, None
+        regions, self._registered = sorted(self._registered), set()
+        if channel is None:
+            return
+        for region in regions:
+            request = service_pb2.SystemSharedMemoryUnregisterRequest(name=region)
+            try:
+                await stub.SystemSharedMemoryUnregister(request, timeout=2.0)
+            except grpc.aio.AioRpcError as exc:
+                logger.debug("unregistering %s from %s: %s", region, self.url, exc.code().name)
+        await channel.close()
 
     async def __aenter__(self) -> TritonClient:
         return self
@@ -324,3 +427,9 @@ class TritonClient:
     def _connected(self) -> bool:
         channel = self._channel
         return channel is not None and channel.get_state() == grpc.ChannelConnectivity.READY
+
+
+def _region_unknown(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether Triton refused a call because it does not know a shared-memory region (it restarted)."""
+    details = (exc.details() or "").lower()
+    return "shared memory region" in details and ("unable to find" in details or "not registered" in details)

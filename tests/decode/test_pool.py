@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.decode import DecodePool, StreamPlan, TileBatch
+from gateway.decode.arena import SHM_DIR
 from gateway.errors import (
     CorruptRaster,
     DecoderFailed,
@@ -65,6 +66,7 @@ async def pool() -> AsyncIterator[DecodePool]:
     async with DecodePool(DecodeSettings(workers=2), LIMITS, worker_command=CRASHING_WORKER) as started:
         yield started
     assert decode_children() == set()
+    assert list(SHM_DIR.glob(f"palm_tiles_{os.getpid()}_*")) == [], "close() unlinks the tile regions"
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +288,40 @@ async def test_concurrency_is_bounded_by_the_pool_size(files: dict[str, Path]) -
             assert not entered.is_set()  # queued behind the first file
         assert await asyncio.wait_for(waiting, 30) == 300
     assert not any(alive(pid) for pid in used)
+
+
+async def test_zero_copy_batches_lie_in_shared_memory_and_hold_the_worker_back(
+    pool: DecodePool, tmp_path: Path
+) -> None:
+    path = make_geotiff(tmp_path / "row.tif", width=2048, height=512)
+    specs = tile_grid(2048, 512)
+    with open_raster(path, LIMITS) as reader:
+        expected = [tile.pixels for tile in reader.tiles(specs)]
+    assert len(specs) > pool.slots_per_worker
+    async with pool.open(path) as session:
+        stream = session.batches(specs, 1, zero_copy=True)
+        held = [await anext(stream) for _ in range(pool.slots_per_worker)]
+        for batch in held:
+            assert batch.shared is not None
+            assert batch.lease is not None
+            np.testing.assert_array_equal(batch.pixels[0], expected[specs.index(batch.specs[0])])
+        assert len({b.shared.offset for b in held if b.shared}) == pool.slots_per_worker
+
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.5)
+        assert not waiting.done(), "a worker holding no free slot must wait"
+        reused = held[0].shared
+        held[0].release()
+        following = await asyncio.wait_for(waiting, 10)
+        assert following.shared == reused
+        np.testing.assert_array_equal(following.pixels[0], expected[specs.index(following.specs[0])])
+        for batch in held[1:]:
+            batch.release()
+        following.release()
+        rest = [b async for b in stream]
+        for batch in rest:
+            batch.release()
+    assert sum(len(b.specs) for b in [*held, following, *rest]) == len(specs)
+    # The worker is healthy and holds its slots again: a copying stream on the same pool works.
+    batches, _ = await decode_all(pool, path, batch_size=1)
+    assert len(batches) == len(specs)
