@@ -73,7 +73,8 @@ class ImageResult:
 
 
 def category_name(category_id: int) -> str:
-    return CATEGORIES.get(category_id, f"class_{category_id}")
+    name = CATEGORIES.get(category_id)
+    return name if name is not None else f"class_{category_id}"
 
 
 def coco_bbox(box: Sequence[float]) -> list[float]:
@@ -89,14 +90,24 @@ def _columns(det: Detections) -> tuple[list[list[float]], list[float], list[int]
     return xywh.tolist(), np.round(det.scores.astype(np.float64), 4).tolist(), det.class_ids.tolist()
 
 
+def _names(classes: list[int]) -> dict[int, str]:
+    """Category name of each distinct id, looked up once per image rather than once per detection."""
+    return {category_id: category_name(category_id) for category_id in set(classes)}
+
+
+def _padded(geometries: Sequence[GeoJSONGeometry | None], n: int) -> list[GeoJSONGeometry | None]:
+    return list(geometries) + [None] * (n - len(geometries))
+
+
 def detection_records(result: ImageResult) -> list[dict[str, Any]]:
     """The ``detections`` list of the plain JSON format."""
     bboxes, scores, classes = _columns(result.detections)
-    geometries = list(result.geometries) + [None] * (len(bboxes) - len(result.geometries))
+    geometries = _padded(result.geometries, len(bboxes))
+    names = _names(classes)
     return [
         {
             "category_id": category_id,
-            "category": category_name(category_id),
+            "category": names[category_id],
             "score": score,
             "bbox": bbox,
             "geometry": geometry,
@@ -211,20 +222,26 @@ def to_coco(results: Iterable[ImageResult], model: ModelInfo, tiling: TilingInfo
 def to_geojson(results: Iterable[ImageResult], model: ModelInfo) -> dict[str, Any]:
     """An RFC 7946 FeatureCollection in EPSG:4326; features without a CRS carry ``geometry: null``."""
     features: list[dict[str, Any]] = []
+    model_name = f"{model.name}/{model.version}"
     for result in results:
-        for record in detection_records(result):
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": record["geometry"],
-                    "properties": {
-                        "category_id": record["category_id"],
-                        "category": record["category"],
-                        "score": record["score"],
-                        "bbox_px": record["bbox"],
-                        "file_name": result.image.file_name,
-                        "model": f"{model.name}/{model.version}",
-                    },
-                }
-            )
+        # Built straight from the columns: going through detection_records() built every dict twice.
+        bboxes, scores, classes = _columns(result.detections)
+        geometries = _padded(result.geometries, len(bboxes))
+        names = _names(classes)
+        file_name = result.image.file_name
+        features.extend(
+            {
+                "type": "Feature",
+                "geometry": geometry,
+                "properties": {
+                    "category_id": category_id,
+                    "category": names[category_id],
+                    "score": score,
+                    "bbox_px": bbox,
+                    "file_name": file_name,
+                    "model": model_name,
+                },
+            }
+            for bbox, score, category_id, geometry in zip(bboxes, scores, classes, geometries, strict=False)
+        )
     return {"type": "FeatureCollection", "features": features}

@@ -83,3 +83,29 @@ def test_geojson_is_a_feature_collection_with_null_geometry_without_crs() -> Non
     assert geoms[0]["type"] == "Polygon"
     assert geoms[1] is None
     assert doc["features"][0]["properties"]["category"] == "palm_tree"
+
+
+def test_json_and_geojson_agree_and_name_unknown_classes() -> None:
+    base = result("a.tif", 3)
+    classes = np.array([2, 7, 1], np.int32)
+    odd = ImageResult(
+        image=base.image,
+        detections=Detections(base.detections.boxes, base.detections.scores, classes),
+        geometries=base.geometries[:2],  # fewer geometries than boxes: the rest are null
+    )
+    records = to_json(odd, MODEL)["detections"]
+    assert [d["category"] for d in records] == ["building", "class_7", "palm_tree"]
+    assert records[2]["geometry"] is None
+    features = to_geojson([odd], MODEL)["features"]
+    assert [f["geometry"] for f in features] == [d["geometry"] for d in records]
+    assert [f["properties"] for f in features] == [
+        {
+            "category_id": d["category_id"],
+            "category": d["category"],
+            "score": d["score"],
+            "bbox_px": d["bbox"],
+            "file_name": "a.tif",
+            "model": "palm/1",
+        }
+        for d in records
+    ]
