@@ -86,6 +86,8 @@ class Predictor:
         self.inference = inference
         self.model = model
         self.metrics = metrics
+        self._at_triton = 0
+        """Batches of any request now at the inference server (this gateway's view of its load)."""
 
     def tiling_info(self, score_threshold: float) -> TilingInfo:
         t = self.settings.tiling
@@ -111,10 +113,15 @@ class Predictor:
         read = ReadOptions(
             bands=options.bands, max_pixels=options.max_pixels, drivers=drivers_for_name(file_name)
         )
-        # The decoder starts on the tiles right after opening (no round trip), with a small first batch
-        # so that inference starts while the rest of the image decodes.
+        # The decoder starts on the tiles right after opening (no round trip). If the model is idle, a
+        # small first batch starts inference while the rest of the image decodes; if other requests keep
+        # it busy, full batches spare it an execution (each costs the server a few ms of hand-over).
+        ramp = self._at_triton == 0
         plan = StreamPlan(
-            tiling.tile_size, tiling.overlap, triton.batch_size, first_batch=max(1, triton.batch_size // 4)
+            tiling.tile_size,
+            tiling.overlap,
+            triton.batch_size,
+            first_batch=max(1, triton.batch_size // 4) if ramp else None,
         )
         saturated = 0
         first_result = 0.0
@@ -193,6 +200,7 @@ class Predictor:
     async def _infer(self, batch: TileBatch) -> npt.NDArray[np.float32]:
         """Run one batch; its slot goes back to the decoder once the server has answered."""
         start = time.perf_counter()
+        self._at_triton += 1
         try:
             detections = await self.inference.infer(batch.pixels, shared=batch.shared)
         except BaseException as exc:
@@ -205,6 +213,7 @@ class Predictor:
             batch.release()
             return detections
         finally:
+            self._at_triton -= 1
             if self.metrics is not None:
                 self.metrics.triton_latency.observe(time.perf_counter() - start)
                 self.metrics.triton_batch_tiles.observe(len(batch.specs))

@@ -6,7 +6,8 @@ Prints, for the shipped ONNX on this CPU:
    after everything else; the higher figure is used);
 2. the serial ceiling of the whole job: the same GeoTIFF decoded in-process (``open_raster``, no
    isolation) and fed to onnxruntime, i.e. what one process could do without any serving machinery;
-3. Triton over gRPC from Python (embedded ``tritonserver``, CPU config), batch 8, 2 requests in flight;
+3. Triton over gRPC from Python (embedded ``tritonserver``, CPU config), batch 8, 2 requests in flight,
+   with the tiles in the request and with the tiles in a shared-memory region the server reads;
 4. ``/v1/predict`` end to end for a 2048x2048 GeoTIFF (upload, isolated decode, 25 tiles, seam merge,
    georeferencing, JSON), counting the tiles the gateway cut, 1 sequential client and 2 concurrent
    ones, with the CPU seconds per tile of every process and the system-wide idle share;
@@ -16,15 +17,20 @@ Prints, for the shipped ONNX on this CPU:
 Targets (issue 3): (4) reaches at least 0.85x of (1) in tiles/s; (5) adds under 10 ms at p50.
 
 The gateway runs as its own process (``palm-serve serve`` with ``PALM_TRITON_URL`` set), as deployed.
-Run: ``python -m loadtest.bench_serving [--seconds 20] [--json out.json]``.
+The clients post a multipart body encoded once over keep-alive connections (:class:`Uploader`).
+The scene is DEFLATE-compressed like most GeoTIFFs; ``--compress zstd|none`` rewrites it, to show what
+decompression costs the gateway path on a machine where decoding and the model share the cores.
+Run: ``python -m loadtest.bench_serving [--seconds 20] [--compress deflate] [--json out.json]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -129,6 +135,38 @@ async def triton_throughput(url: str, tiles: np.ndarray, batch: int, inflight: i
         return done / (time.perf_counter() - start)
 
 
+async def triton_shared_throughput(
+    url: str, tiles: np.ndarray, batch: int, inflight: int, seconds: float
+) -> float:
+    """As :func:`triton_throughput`, with the batches in shared memory (what the gateway sends)."""
+    from gateway.decode.arena import TileRegion, new_pool_token, region_name
+
+    region = TileRegion(region_name(new_pool_token(), 0), inflight, batch)
+    try:
+        for slot in range(inflight):
+            region.pixels(slot, batch)[:] = np.resize(tiles, (batch, *tiles.shape[1:]))
+        async with TritonClient(url, TritonSettings(request_timeout_s=120)) as client:
+
+            async def call(slot: int) -> None:
+                await client.infer(region.pixels(slot, batch), shared=region.shared(slot, batch))
+
+            for _ in range(2):
+                await call(0)
+            done = 0
+            start = time.perf_counter()
+
+            async def worker(slot: int) -> None:
+                nonlocal done
+                while time.perf_counter() - start < seconds:
+                    await call(slot)
+                    done += batch
+
+            await asyncio.gather(*(worker(slot) for slot in range(inflight)))
+            return done / (time.perf_counter() - start)
+    finally:
+        region.close()
+
+
 async def triton_latency(url: str, tile: np.ndarray, calls: int) -> list[float]:
     async with TritonClient(url, TritonSettings(request_timeout_s=60)) as client:
         one = np.ascontiguousarray(tile[None])
@@ -206,25 +244,55 @@ def system_times() -> list[int]:
         return [int(v) for v in f.readline().split()[1:]]
 
 
+class Uploader:
+    """A lean HTTP/1.1 keep-alive client posting one file to ``/v1/predict`` again and again.
+
+    The multipart body is encoded once, as a load generator should: building it per call (httpx's
+    ``files=``) costs the load generator about 0.4 ms of CPU per 512x512 tile of a 9 MB upload, CPU
+    that on a 2-core machine the server under test then lacks.
+    """
+
+    def __init__(self, base: str, path: Path, timeout_s: float = 300.0) -> None:
+        host, _, port = base.removeprefix("http://").partition(":")
+        boundary = f"palm-bench-{secrets.token_hex(8)}"
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: image/tiff\r\n\r\n"
+        ).encode()
+        self.body = head + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        self.headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+
+    def post(self) -> http.client.HTTPResponse:
+        """One call; the response is read to the end and must be 200."""
+        self.connection.request("POST", "/v1/predict", body=self.body, headers=self.headers)
+        response = self.connection.getresponse()
+        content = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"/v1/predict answered {response.status}: {content[:300]!r}")
+        return response
+
+    def close(self) -> None:
+        self.connection.close()
+
+
 def predict_loop(base: str, path: Path, tiles_per_call: int, seconds: float, clients: int) -> dict[str, Any]:
-    data = path.read_bytes()
-
-    def one(client: httpx.Client) -> int:
-        response = client.post("/v1/predict", files={"file": (path.name, data, "image/tiff")})
-        response.raise_for_status()
-        return tiles_per_call
-
-    with httpx.Client(base_url=base, timeout=300) as warm:
-        one(warm)
-        one(warm)
+    warm = Uploader(base, path)
+    warm.post()
+    warm.post()
+    warm.close()
     cpu_before, sys_before = cpu_seconds(), system_times()
     start = time.perf_counter()
     counts = [0] * clients
 
     def worker(i: int) -> None:
-        with httpx.Client(base_url=base, timeout=300) as client:
+        client = Uploader(base, path)
+        try:
             while time.perf_counter() - start < seconds:
-                counts[i] += one(client)
+                client.post()
+                counts[i] += tiles_per_call
+        finally:
+            client.close()
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, range(clients)))
@@ -245,20 +313,21 @@ def predict_loop(base: str, path: Path, tiles_per_call: int, seconds: float, cli
 
 
 def predict_latency(base: str, path: Path, calls: int) -> tuple[list[float], dict[str, float]]:
-    data = path.read_bytes()
     stages: dict[str, list[float]] = {}
-    with httpx.Client(base_url=base, timeout=60) as client:
+    client = Uploader(base, path, timeout_s=60)
+    try:
         for _ in range(3):
-            client.post("/v1/predict", files={"file": (path.name, data, "image/tiff")}).raise_for_status()
+            client.post()
         latencies = []
         for _ in range(calls):
             start = time.perf_counter()
-            response = client.post("/v1/predict", files={"file": (path.name, data, "image/tiff")})
+            response = client.post()
             latencies.append(time.perf_counter() - start)
-            response.raise_for_status()
             for part in response.headers["Server-Timing"].split(","):
                 name, _, value = part.strip().partition(";dur=")
                 stages.setdefault(name, []).append(float(value))
+    finally:
+        client.close()
     return latencies, {name: statistics.median(values) for name, values in stages.items()}
 
 
@@ -267,11 +336,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each throughput run")
     parser.add_argument("--latency-calls", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--compress", choices=["deflate", "zstd", "none"], default="deflate")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="palm-bench-"))
     big = write_geotiff(render_scene(123_456, size=2048, gsd=0.4), work / "scene2048.tif")
+    if args.compress != "deflate":
+        from rasterio.shutil import copy as copy_raster
+
+        recompressed = work / f"scene2048-{args.compress}.tif"
+        copy_raster(
+            big,
+            recompressed,
+            driver="GTiff",
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+            compress=args.compress,
+        )
+        big = recompressed
     small_scene = render_scene(123_457, size=512, gsd=0.4)
     small = write_geotiff(small_scene, work / "tile512.tif")
     import rasterio
@@ -281,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     tiles = scene_tiles(pixels)
     per_scene = len(tiles)
     cores = len(os.sched_getaffinity(0))
-    print(f"cpu cores: {cores}; model: {MODEL.name}; 2048x2048 DEFLATE GeoTIFF = {per_scene} tiles")
+    print(
+        f"cpu cores: {cores}; model: {MODEL.name}; 2048x2048 {args.compress.upper()} GeoTIFF "
+        f"({big.stat().st_size / 1e6:.1f} MB) = {per_scene} tiles"
+    )
 
-    figures: dict[str, Any] = {"cores": cores, "tiles_per_2048_scene": per_scene}
+    figures: dict[str, Any] = {"cores": cores, "tiles_per_2048_scene": per_scene, "compress": args.compress}
     first = ceiling(tiles, args.batch, args.seconds)
     figures["decode_and_model_tiles_per_s"] = decode_and_model(big, args.batch, args.seconds)
 
@@ -292,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         url = triton.grpc_url
         figures["triton_grpc_tiles_per_s"] = asyncio.run(
             triton_throughput(url, tiles, args.batch, 2, args.seconds)
+        )
+        figures["triton_shm_tiles_per_s"] = asyncio.run(
+            triton_shared_throughput(url, tiles, args.batch, 2, args.seconds)
         )
         port = free_port()
         gateway = start_gateway(url, work / "gateway", port)
@@ -324,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     serial, grpc = figures["decode_and_model_tiles_per_s"], figures["triton_grpc_tiles_per_s"]
     print(f"2. decode + onnxruntime in one process:        {serial:6.1f} tiles/s")
-    print(f"3. Triton gRPC, batch {args.batch}, 2 in flight:          {grpc:6.1f} tiles/s")
+    shm = figures["triton_shm_tiles_per_s"]
+    print(
+        f"3. Triton gRPC, batch {args.batch}, 2 in flight:          {grpc:6.1f} tiles/s "
+        f"({grpc / ceiling_rate:.2f}x); tiles in shared memory {shm:6.1f} ({shm / ceiling_rate:.2f}x)"
+    )
     for name, run in (("1 client ", one), ("2 clients", two)):
         print(
             f"4. /v1/predict 2048x2048, {name}:          {run['tiles_per_s']:6.1f} tiles/s "

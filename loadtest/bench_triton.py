@@ -8,7 +8,9 @@ config, python backend), at each concurrency, with glibc malloc untuned and tune
 runs in a fresh worker process, because ``mallopt`` cannot be undone; "tuned" tunes both the client
 process (``tune_malloc``) and the server (``MALLOC_*_`` environment). ``--client stock`` adds the
 stock ``tritonclient.grpc.aio`` client as a baseline for the zero-copy request encoder; it is the
-one import of ``tritonclient`` outside ``gateway/triton``, and only for that comparison.
+one import of ``tritonclient`` outside ``gateway/triton``, and only for that comparison. ``--client shm``
+puts each batch in a shared-memory slot once (as the decode workers do) and sends only its name and
+offset, the gateway's path when Triton can map its ``/dev/shm``.
 
 ``encode`` rows time the client alone: turning a batch into request bytes, the part of a call that
 glibc's malloc settings affect most (the stock path copies the tiles four times, ours once).
@@ -123,6 +125,33 @@ def stock_infer(url: str, settings: TritonSettings) -> tuple[Callable[[Any], Awa
     return infer, client
 
 
+def shm_infer(
+    url: str, settings: TritonSettings, batch: int, slots: int
+) -> tuple[Callable[[Any], Awaitable[Any]], Any]:
+    """Our client reading from shared memory: each input array is written into a slot on first use."""
+    from gateway.decode.arena import TileRegion, new_pool_token, region_name
+    from gateway.triton.client import TritonClient
+
+    region = TileRegion(region_name(new_pool_token(), 0), slots, batch)
+    client = TritonClient(url, settings)
+    placed: dict[int, int] = {}
+
+    async def infer(x: npt.NDArray[np.uint8]) -> Any:
+        slot = placed.get(id(x))
+        if slot is None:
+            slot = placed[id(x)] = len(placed)
+            region.pixels(slot, x.shape[0])[:] = x
+        view = region.pixels(slot, x.shape[0])
+        return await client.infer(view, shared=region.shared(slot, x.shape[0]))
+
+    class Closer:
+        async def close(self) -> None:
+            await client.close()
+            region.close()
+
+    return infer, Closer()
+
+
 async def drive(
     infer: Callable[[Any], Awaitable[Any]],
     tiles: npt.NDArray[np.uint8],
@@ -197,12 +226,18 @@ async def measure_triton(args: argparse.Namespace, url: str, settings: TritonSet
     # would then rise on its own, hiding what an untuned process pays.
     tiles = np.load(args.tiles)
     results = [
-        measure_encode(kind, args.worker_malloc, tiles, batch) for kind in args.client for batch in args.batch
+        measure_encode(kind, args.worker_malloc, tiles, batch)
+        for kind in args.client
+        if kind != "shm"
+        for batch in args.batch
     ]
     for kind in args.client:
+        closer: Any
         if kind == "palm":
             client = TritonClient(url, settings, malloc_tuning=args.worker_malloc == "on")
             infer, closer = client.infer, client
+        elif kind == "shm":
+            infer, closer = shm_infer(url, settings, max(args.batch), max(args.concurrency))
         else:
             infer, closer = stock_infer(url, settings)
         try:
@@ -301,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="requests in flight")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     parser.add_argument("--malloc", nargs="+", choices=["off", "on"], default=["off", "on"])
-    parser.add_argument("--client", nargs="+", choices=["palm", "stock"], default=["palm"])
+    parser.add_argument("--client", nargs="+", choices=["palm", "stock", "shm"], default=["palm"])
     parser.add_argument("--rounds", type=int, default=2, help="workers per malloc mode, in ABBA order")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--worker-malloc", choices=["off", "on"], help=argparse.SUPPRESS)

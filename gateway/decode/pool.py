@@ -283,7 +283,8 @@ class DecodePool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._command = list(worker_command or [sys.executable, "-m", "gateway.decode.worker"])
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        # Last in, first out: the worker that finished most recently has the warmest caches.
+        self._idle: asyncio.Queue[_Worker] = asyncio.LifoQueue()
         self._workers: set[_Worker] = set()
         self._spawning: set[asyncio.Task[None]] = set()
         self._started = False
@@ -527,24 +528,21 @@ class DecodeSession:
         self._worker = await self._pool._acquire()
         self._state = "open"
         try:
-            await self._send(
-                protocol.request(
-                    "open",
-                    path=str(self._path.absolute()),
-                    options=protocol.options_to_wire(self._options),
-                    limits=self._limits.model_dump(),
-                )
+            requests = protocol.request(
+                "open",
+                path=str(self._path.absolute()),
+                options=protocol.options_to_wire(self._options),
+                limits=self._limits.model_dump(),
             )
             if self._plan is not None:
                 plan = self._plan
-                await self._send(
-                    protocol.request(
-                        "tiles",
-                        grid=[plan.tile, plan.overlap],
-                        batch_size=plan.batch_size,
-                        first_batch=plan.first_batch,
-                    )
+                requests += protocol.request(
+                    "tiles",
+                    grid=[plan.tile, plan.overlap],
+                    batch_size=plan.batch_size,
+                    first_batch=plan.first_batch,
                 )
+            await self._send(requests)  # one write: the worker wakes once for both
             meta, _ = await self._receive(0)
             if meta.get("kind") == "error":
                 raise self._failed(meta)

@@ -4,6 +4,7 @@ and regions of a killed gateway removed by the next one."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import os
 import secrets
@@ -67,12 +68,17 @@ def test_a_region_of_the_wrong_size_is_not_mapped(region: TileRegion) -> None:
         TileRegion(region.name, 4, 2, create=False)
 
 
-def test_a_region_larger_than_dev_shm_fails_clearly() -> None:
-    free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
-    tiles = free // (3 * 512 * 512) + 16
+def test_a_full_dev_shm_fails_clearly_and_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs reports ENOSPC here (reserving more than /dev/shm holds for real could wake the OOM killer
+    on a machine whose /dev/shm is as large as its memory, so the refusal is simulated)."""
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
     name = region_name(secrets.token_hex(4), 0)
     with pytest.raises(SharedMemoryUnavailable, match="--shm-size"):
-        TileRegion(name, 1, tiles)
+        TileRegion(name, 4, 8)
     assert not (SHM_DIR / name).exists()
 
 
