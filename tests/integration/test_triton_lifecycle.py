@@ -16,6 +16,7 @@ from gateway.errors import InferenceUnavailable
 from gateway.settings import TritonSettings
 from gateway.triton.client import TritonClient
 from gateway.triton.launcher import SHM_DIR, EmbeddedTriton, free_ports
+from tests.integration.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,15 +47,6 @@ def alive(pid: int) -> bool:
 
 def our_shm_regions(server: EmbeddedTriton) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(f"{server.shm_prefix}*"))
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_stop_leaves_no_process_and_no_shared_memory(make_triton: Callable[..., EmbeddedTriton]) -> None:

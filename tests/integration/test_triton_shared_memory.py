@@ -23,6 +23,7 @@ from gateway.decode.arena import SharedTiles, TileRegion
 from gateway.settings import TritonSettings
 from gateway.triton.client import TritonClient
 from gateway.triton.launcher import EmbeddedTriton
+from tests.integration.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,15 +40,6 @@ def registered(url: str) -> set[str]:
     with grpcclient.InferenceServerClient(url) as client:
         status = client.get_system_shared_memory_status(as_json=True)
     return set(status.get("regions", {}))
-
-
-def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 @pytest.mark.parametrize("batch", [1, 8])
