@@ -23,6 +23,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy.typing as npt
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from export.synth import CATEGORIES, HELDOUT_MIN_SEED, Scene, coco_dataset, render_scene
+from export.synth import CATEGORIES, HELDOUT_MIN_SEED, Scene, coco_dataset, render_scene, to_grey
 from gateway.pipeline.merge import Detections, merge_tiles
 from gateway.pipeline.tiling import DEFAULT_OVERLAP, TILE_SIZE, tile_grid
 
@@ -196,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--card", action="store_true", help="store the figures in the model card next to --onnx"
     )
+    parser.add_argument(
+        "--grey", action="store_true", help="score the grey (luma) version of each scene, as a 1-band sensor"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     seeds = range(args.seed, args.seed + args.scenes)
@@ -207,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     runner = onnx_runner(args.onnx, args.threads)
     scenes = [render_scene(s, args.size) for s in seeds]
+    if args.grey:
+        scenes = [replace(s, pixels=to_grey(s.pixels)) for s in scenes]
     metrics = evaluate_scenes(scenes, runner, args.score_threshold)
     metrics["protocol"] = {
         "onnx": str(args.onnx),
@@ -216,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "score_threshold": args.score_threshold,
         "max_dets_per_image": MAX_DETS,
         "iou_thresholds": "0.50:0.05:0.95",
+        "colour": "grey (luma in all bands)" if args.grey else "rgb",
     }
     print(format_metrics(metrics))
     objects = sum(metrics["num_gt"].values())
@@ -228,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from export.onnx import update_card
 
         card = args.onnx.with_name("model_card.json")
-        update_card(card, evaluation=metrics)
+        update_card(card, **{"evaluation_grey" if args.grey else "evaluation": metrics})
         print(f"updated {card}")
     return 0
 

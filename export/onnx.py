@@ -234,6 +234,8 @@ def write_card(
             "python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt --version " + version,
             "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
             "--seed 1000000 --card",
+            "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
+            "--seed 1000000 --grey --card",
             "python -m export.bench --card",
         ],
         "limitations": [
@@ -243,6 +245,8 @@ def write_card(
             "plantation blocks under 400 palms per tile, so very dense coarse-GSD plantations are "
             "unmeasured.",
             "Objects up to ~110 px (buildings <= 110 px, palms 3-8 m at 0.3-0.6 m GSD).",
+            "Grey (1-band) imagery: trained with 20% grey crops; buildings are found less well without "
+            "their roof colours (evaluation_grey scores the luma of the same held-out scenes).",
         ],
         "evaluation": evaluation,
         "parity": parity_figures,

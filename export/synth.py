@@ -43,7 +43,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -876,6 +876,18 @@ def _finish(cv: _Canvas) -> npt.NDArray[np.uint8]:
 
 
 # ------------------------------------------------------------------------------------------- output
+
+
+LUMA: Final = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 weights: how a colour scene becomes the grey image a panchromatic sensor would give."""
+
+
+def to_grey(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """``uint8 [3, H, W]`` RGB to its luma, rounded, in all three channels (as the gateway reads grey)."""
+    luma = np.tensordot(np.asarray(LUMA, np.float32), pixels.astype(np.float32), axes=1)
+    grey = np.clip(np.rint(luma), 0, 255).astype(np.uint8)
+    out: npt.NDArray[np.uint8] = np.broadcast_to(grey, pixels.shape).copy()
+    return out
 
 
 def write_geotiff(scene: Scene, path: Path) -> Path:

@@ -2,8 +2,11 @@
 
 ``python -m export.train --out runs/palmnet`` renders a cached pool of training scenes (seeds
 ``data_seed .. data_seed + scenes - 1`` inside :data:`~export.synth.TRAIN_SEEDS`), samples random
-``crop x crop`` windows with a random dihedral transform (rotation by k * 90 degrees, optional flip),
-and minimises the CenterNet objective at stride ``S = 4``:
+``crop x crop`` windows with a random dihedral transform (rotation by k * 90 degrees, optional flip)
+and a random photometric change (:func:`_photometric`: with probability ``grey_prob`` the crop becomes
+grey, ``Y = 0.299 R + 0.587 G + 0.114 B`` in all three channels, as the gateway reads a 1-band image;
+otherwise each channel is scaled by a factor in ``1 +- jitter``), and minimises the CenterNet
+objective at stride ``S = 4``:
 
 * heatmap: penalty-reduced focal loss (alpha 2, beta 4) against a Gaussian per object centred on the
   integer cell ``floor(c / S)`` of its box centre ``c``, with ``sigma = max(0.54 * size / (6 S), 0.5)``
@@ -43,7 +46,7 @@ from torch import Tensor
 
 from export.evaluate import evaluate_scenes
 from export.model import STRIDE, PalmNet, PalmNetConfig, conv_flops
-from export.synth import TRAIN_SEEDS, VAL_SEEDS, Scene, render_scene
+from export.synth import TRAIN_SEEDS, VAL_SEEDS, Scene, render_scene, to_grey
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup: int = 150
     giou_weight: float = 1.0
+    grey_prob: float = 0.2
+    jitter: float = 0.12
     eval_every: int = 500
     log_every: int = 50
     threads: int = 2
@@ -119,6 +124,19 @@ def _dihedral(
     return np.ascontiguousarray(pixels), b.astype(np.float32)
 
 
+def _photometric(
+    rng: np.random.Generator, pixels: npt.NDArray[np.uint8], grey_prob: float, jitter: float
+) -> npt.NDArray[np.uint8]:
+    """Grey (probability ``grey_prob``) or per-channel gain jitter of a ``[3, n, n]`` crop."""
+    if grey_prob > 0 and rng.random() < grey_prob:
+        return to_grey(pixels)
+    if jitter > 0:
+        gain = rng.uniform(1 - jitter, 1 + jitter, size=(3, 1, 1)).astype(np.float32)
+        jittered: npt.NDArray[np.uint8] = np.clip(np.rint(pixels * gain), 0, 255).astype(np.uint8)
+        return jittered
+    return pixels
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """A training batch: ``uint8`` crops and, per crop, boxes ``[M, 4]`` and class indices ``[M]``."""
@@ -128,8 +146,15 @@ class Batch:
     classes: list[Tensor]
 
 
-def sample_batch(rng: np.random.Generator, pool: Sequence[Scene], batch: int, crop: int) -> Batch:
-    """Random crops with random dihedral transforms; boxes clipped to the crop.
+def sample_batch(
+    rng: np.random.Generator,
+    pool: Sequence[Scene],
+    batch: int,
+    crop: int,
+    grey_prob: float = 0.0,
+    jitter: float = 0.0,
+) -> Batch:
+    """Random crops with random dihedral and photometric transforms; boxes clipped to the crop.
 
     A box cut by the crop edge is kept (clipped) when at least 40% of its area stays inside, as the
     gateway's tiles also show cut objects at their edges; smaller slivers are dropped.
@@ -152,7 +177,7 @@ def sample_batch(rng: np.random.Generator, pool: Sequence[Scene], batch: int, cr
             & (clipped[:, 3] - clipped[:, 1] >= 2)
         )
         pix, bx = _dihedral(pix, clipped[keep], int(rng.integers(4)), bool(rng.integers(2)))
-        images[i] = pix
+        images[i] = _photometric(rng, pix, grey_prob, jitter)
         boxes.append(torch.from_numpy(bx))
         classes.append(torch.from_numpy(scene.categories[keep].astype(np.int64) - 1))
     return Batch(torch.from_numpy(images), boxes, classes)
@@ -335,7 +360,7 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
         model.train()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = sample_batch(rng, pool, cfg.batch, cfg.crop)
+        batch = sample_batch(rng, pool, cfg.batch, cfg.crop, cfg.grey_prob, cfg.jitter)
         terms = losses(model, batch, cfg.giou_weight)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()  # type: ignore[no-untyped-call]

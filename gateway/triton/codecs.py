@@ -1,7 +1,7 @@
 """Bytes on the wire of a ``palm`` inference call, without extra copies; and malloc tuning.
 
 The model contract is fixed: input ``images`` UINT8 ``[N, 3, 512, 512]``, output ``detections`` FP32
-``[N, K, 6]`` with rows ``(x1, y1, x2, y2, score, class_id)``; K (rows per tile, 2048 for palm 1.0.0) is the
+``[N, K, 6]`` with rows ``(x1, y1, x2, y2, score, class_id)``; K (rows per tile, 2048 for palm 1.x) is the
 model's choice, so the gateway accepts any K the server reports.
 
 Why encode by hand: ``tritonclient``'s ``InferInput.set_data_from_numpy`` copies the array into

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export.model import PalmNetConfig
-from export.train import TrainConfig, _dihedral, train
+from export.train import TrainConfig, _dihedral, _photometric, train
 
 TINY = TrainConfig(
     scenes=4,
@@ -57,3 +57,21 @@ def test_dihedral_moves_boxes_with_pixels(k: int, flip: bool) -> None:
     pixels, boxes = _dihedral(img, np.array([[3, 5, 10, 20]], np.float32), k, flip)
     ys, xs = np.nonzero(pixels[0])
     assert boxes[0].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_photometric_grey_is_the_luma_in_every_channel_and_jitter_stays_near() -> None:
+    rng = np.random.default_rng(0)
+    crop = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    grey = _photometric(np.random.default_rng(1), crop, grey_prob=1.0, jitter=0.0)
+    assert np.array_equal(grey[0], grey[1])
+    assert np.array_equal(grey[1], grey[2])
+    luma = 0.299 * crop[0].astype(float) + 0.587 * crop[1] + 0.114 * crop[2]
+    assert np.abs(grey[0].astype(float) - luma).max() <= 0.5 + 1e-6
+
+    jittered = _photometric(np.random.default_rng(2), crop, grey_prob=0.0, jitter=0.1)
+    assert not np.array_equal(jittered, crop)
+    ratio = jittered[crop > 50].astype(float) / crop[crop > 50]
+    assert ratio.min() > 0.88
+    assert ratio.max() < 1.12
+
+    assert _photometric(np.random.default_rng(3), crop, grey_prob=0.0, jitter=0.0) is crop

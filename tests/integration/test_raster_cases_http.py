@@ -167,17 +167,7 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-GREY_LIMITATION = pytest.mark.xfail(
-    strict=True,
-    reason="palm 1.0.0 was trained on colour scenes only: the grey image is read correctly "
-    "(tests/pipeline/test_raster.py) but the model finds no palm in it; retraining with greyscale and "
-    "colour-jitter augmentation would fix it, and this test then starts passing (strict xfail)",
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=GREY_LIMITATION) if n.startswith("grey") else n for n in VARIANTS]
-)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_the_palm_comes_back_at_its_place(
     name: str, scene: Scene, client: httpx.Client, tmp_path: Path
 ) -> None:
