@@ -117,28 +117,11 @@ def decode_and_model(path: Path, batch: int, seconds: float) -> float:
     return timed_loop(step, seconds, warmup=1)
 
 
-async def triton_throughput(url: str, tiles: np.ndarray, batch: int, inflight: int, seconds: float) -> float:
-    feed = np.ascontiguousarray(np.resize(tiles, (batch, *tiles.shape[1:])))
-    async with TritonClient(url, TritonSettings(request_timeout_s=120)) as client:
-        for _ in range(2):
-            await client.infer(feed)
-        done = 0
-        start = time.perf_counter()
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() - start < seconds:
-                await client.infer(feed)
-                done += batch
-
-        await asyncio.gather(*(worker() for _ in range(inflight)))
-        return done / (time.perf_counter() - start)
-
-
-async def triton_shared_throughput(
-    url: str, tiles: np.ndarray, batch: int, inflight: int, seconds: float
+async def triton_throughput(
+    url: str, tiles: np.ndarray, batch: int, inflight: int, seconds: float, *, shared: bool = False
 ) -> float:
-    """As :func:`triton_throughput`, with the batches in shared memory (what the gateway sends)."""
+    """Tiles/s of ``inflight`` concurrent calls of ``batch`` tiles; with ``shared`` the server reads
+    each batch from a shared-memory slot (what the gateway sends), else it travels in the request."""
     from gateway.decode.arena import TileRegion, new_pool_token, region_name
 
     region = TileRegion(region_name(new_pool_token(), 0), inflight, batch)
@@ -148,7 +131,8 @@ async def triton_shared_throughput(
         async with TritonClient(url, TritonSettings(request_timeout_s=120)) as client:
 
             async def call(slot: int) -> None:
-                await client.infer(region.pixels(slot, batch), shared=region.shared(slot, batch))
+                where = region.shared(slot, batch) if shared else None
+                await client.infer(region.pixels(slot, batch), shared=where)
 
             for _ in range(2):
                 await call(0)
@@ -381,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             triton_throughput(url, tiles, args.batch, 2, args.seconds)
         )
         figures["triton_shm_tiles_per_s"] = asyncio.run(
-            triton_shared_throughput(url, tiles, args.batch, 2, args.seconds)
+            triton_throughput(url, tiles, args.batch, 2, args.seconds, shared=True)
         )
         port = free_port()
         gateway = start_gateway(url, work / "gateway", port)

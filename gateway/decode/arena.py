@@ -184,10 +184,6 @@ class SlotLease:
         self._finalizer = weakref.finalize(self, region._return, slot)
         self._finalizer.atexit = False
 
-    @property
-    def active(self) -> bool:
-        return self._finalizer.alive
-
     def release(self) -> None:
         """Nothing reads the slot any more: give it back now."""
         self._finalizer()
