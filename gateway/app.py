@@ -102,4 +102,14 @@ async def connect_triton(settings: Settings, metrics: Metrics) -> AsyncIterator[
             logger.info("embedded tritonserver serving %s on %s", settings.triton.model_name, url)
         client = TritonClient(url, settings.triton)
         stack.push_async_callback(client.close)
+        if settings.triton.url is None:
+            # The embedded model is ready: refuse a batch size it would reject on every request.
+            served = await client.model_info()
+            if 0 < served.max_batch_size < settings.triton.batch_size:
+                raise ValueError(
+                    f"PALM_TRITON__BATCH_SIZE={settings.triton.batch_size} is above the max_batch_size "
+                    f"{served.max_batch_size} of {settings.triton.model_name} "
+                    f"(configs/{settings.triton.model_config_name}.pbtxt); set it to at most "
+                    f"{served.max_batch_size}"
+                )
         yield client

@@ -38,7 +38,9 @@ class TritonSettings(BaseModel):
     )
     request_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one gRPC infer call.")
     ready_timeout_s: float = Field(default=120.0, gt=0, description="How long the embedded server may take.")
-    batch_size: int = Field(default=8, ge=1, le=64, description="Tiles per gRPC request.")
+    batch_size: int = Field(
+        default=4, ge=1, le=64, description="Tiles per gRPC request; at most the model's max_batch_size."
+    )
     max_inflight: int = Field(default=2, ge=1, le=64, description="Concurrent gRPC requests per image.")
     shared_memory: Literal["auto", "off"] = Field(
         default="auto",

@@ -20,7 +20,9 @@ onnxruntime). :class:`EmbeddedTriton` owns that child process:
   SIGTERM to the group, then SIGKILL after ``stop_timeout_s``, then sweeps stragglers found by our
   unique shared-memory prefix. That prefix (``shm-region-prefix-name``) also names every
   ``/dev/shm/triton_python_backend_shm_region_palm_<pid>_<token>_*`` region of this server, so only
-  ours are unlinked; other servers on the machine are left alone.
+  ours are unlinked; other servers on the machine are left alone. The same goes for
+  ``/dev/shm/palm_lanes_<pid>_<token>``, the table in which the model's instances mark themselves
+  busy (``palm/1/model.py``; its name reaches them as ``$PALM_LANES_NAME``).
 
 Sync code uses ``with EmbeddedTriton(...) as triton:``; async code ``async with`` (the blocking parts
 run in a worker thread).
@@ -57,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
+LANES_PREFIX = "palm_lanes_"
 # glibc in the child: keep big blocks on the heap so per-request tensors reuse pages instead of an
 # mmap/munmap and page faults each time (the same as gateway.triton.codecs.tune_malloc in-process).
 MALLOC_ENV = {
@@ -205,7 +208,9 @@ class EmbeddedTriton:
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
         self.on_restart = on_restart
-        self.shm_prefix = f"{SHM_PREFIX}palm_{os.getpid()}_{secrets.token_hex(4)}_"
+        token = secrets.token_hex(4)
+        self.shm_prefix = f"{SHM_PREFIX}palm_{os.getpid()}_{token}_"
+        self.lanes_name = f"{LANES_PREFIX}{os.getpid()}_{token}"
         self.log_path = self.state_dir / "tritonserver.log"
 
         self._ports: TritonPorts | None = None
@@ -521,6 +526,7 @@ class EmbeddedTriton:
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
         if self.tune_malloc:
             env.update(MALLOC_ENV)
+        env["PALM_LANES_NAME"] = self.lanes_name
         env.update(self.extra_env)
         return env
 
@@ -587,7 +593,7 @@ class EmbeddedTriton:
     def _unlink_shm(self) -> None:
         if not SHM_DIR.is_dir():
             return
-        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+        for region in [*SHM_DIR.glob(f"{self.shm_prefix}*"), SHM_DIR / self.lanes_name]:
             with contextlib.suppress(FileNotFoundError):
                 region.unlink()
                 logger.debug("removed shared-memory region %s", region.name)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gateway.errors import InferenceUnavailable
-from gateway.settings import TritonSettings
+from gateway.settings import Settings, TritonSettings
 from gateway.triton.client import TritonClient
 from gateway.triton.launcher import SHM_DIR, EmbeddedTriton, free_ports
 from tests.integration.waiting import wait_for
@@ -59,11 +59,14 @@ def test_stop_leaves_no_process_and_no_shared_memory(make_triton: Callable[..., 
     assert server_pid in running
     assert len(running) >= 2, "expected tritonserver plus at least one python-backend stub"
     assert regions
+    lanes = SHM_DIR / server.lanes_name
+    assert lanes.exists() or len(os.sched_getaffinity(0)) == 1, "the instances' busy table"
 
     server.stop()
 
     assert our_processes(server) == []
     assert our_shm_regions(server) == []
+    assert not lanes.exists()
     assert server_pid is not None
     assert not alive(server_pid)
     assert server.pid is None
@@ -188,3 +191,20 @@ async def test_a_server_that_never_answers_is_unavailable_within_the_deadline() 
             with pytest.raises(InferenceUnavailable):
                 await client.infer(np.zeros((1, 3, 512, 512), np.uint8))
             assert time.monotonic() - started < 3.0
+
+
+async def test_the_service_refuses_a_batch_size_its_embedded_model_would_reject(
+    triton_settings: TritonSettings, tmp_path: Path
+) -> None:
+    from gateway.app import connect_triton
+    from gateway.metrics import Metrics
+
+    too_big = triton_settings.model_copy(update={"batch_size": 8})  # cpu.pbtxt: max_batch_size 4
+    settings = Settings(data_dir=tmp_path, triton=too_big)
+
+    before = set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*"))
+    with pytest.raises(ValueError, match=r"PALM_TRITON__BATCH_SIZE=8 is above the max_batch_size 4"):
+        async with connect_triton(settings, Metrics()):
+            pass
+    # The server started for the check is stopped again (its instances' table is gone with it).
+    assert set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*")) == before

@@ -30,10 +30,10 @@ async def test_model_is_ready_and_described(
         info = await client.model_info()
 
     assert (info.name, info.version, info.backend) == ("palm", "1", "python")
-    assert info.max_batch_size == 16
+    assert info.max_batch_size == 4
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, 4])
 async def test_triton_output_equals_onnxruntime_in_process(
     triton_server: EmbeddedTriton,
     triton_settings: TritonSettings,
@@ -92,7 +92,7 @@ async def test_concurrent_clients_are_batched_and_answers_stay_with_their_reques
 async def test_a_rejected_request_does_not_fail_its_neighbours(
     triton_server: EmbeddedTriton, triton_settings: TritonSettings, scene_tiles: np.ndarray
 ) -> None:
-    too_many = np.zeros((17, 3, 512, 512), np.uint8)  # cpu.pbtxt: max_batch_size 16
+    too_many = np.zeros((5, 3, 512, 512), np.uint8)  # cpu.pbtxt: max_batch_size 4
     async with TritonClient(triton_server.grpc_url, triton_settings) as client:
         outcomes = await asyncio.gather(
             client.infer(scene_tiles[:2]),

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def region() -> Iterator[TileRegion]:
-    made = TileRegion(f"palm_tiles_{os.getpid()}_test{secrets.token_hex(3)}", slots=2, slot_tiles=8)
+    made = TileRegion(f"palm_tiles_{os.getpid()}_test{secrets.token_hex(3)}", slots=2, slot_tiles=4)
     yield made
     made.close()
     assert not made.path.exists()
@@ -42,7 +42,7 @@ def registered(url: str) -> set[str]:
     return set(status.get("regions", {}))
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, 4])
 async def test_the_server_reads_the_tiles_in_shared_memory(
     triton_server: EmbeddedTriton,
     triton_settings: TritonSettings,

@@ -11,7 +11,10 @@ import ctypes
 import gc
 import importlib.util
 import json
+import os
+import secrets
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -193,7 +196,13 @@ def test_output_capsules_are_released_quietly(model_module: types.ModuleType) ->
     np.testing.assert_array_equal(tensor.array, array)
 
 
-def _initialize(module: types.ModuleType, tmp_path: Path, parameters: dict[str, str], count: int = 1) -> Any:
+def _initialize(
+    module: types.ModuleType,
+    tmp_path: Path,
+    parameters: dict[str, str],
+    count: int = 1,
+    instance: str | None = None,
+) -> Any:
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
@@ -203,7 +212,7 @@ def _initialize(module: types.ModuleType, tmp_path: Path, parameters: dict[str, 
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 3])],
         [helper.make_tensor_value_info("detections", TensorProto.FLOAT, ["N", 3])],
     )
-    (tmp_path / "1").mkdir()
+    (tmp_path / "1").mkdir(exist_ok=True)
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model_proto.ir_version = 8
     onnx.save(model_proto, tmp_path / "1" / "tiny.onnx")
@@ -211,10 +220,11 @@ def _initialize(module: types.ModuleType, tmp_path: Path, parameters: dict[str, 
         "parameters": {key: {"string_value": value} for key, value in parameters.items()},
         "instance_group": [{"count": count, "kind": "KIND_CPU"}],
     }
+    args = {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_version": "1"}
+    if instance is not None:
+        args["model_instance_name"] = instance
     model = module.TritonPythonModel()
-    model.initialize(
-        {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_version": "1"}
-    )
+    model.initialize(args)
     return model
 
 
@@ -243,3 +253,69 @@ def test_initialize_names_a_missing_onnx_file(model_module: types.ModuleType, tm
         model.initialize(
             {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_version": "1"}
         )
+
+
+@pytest.fixture
+def two_instances(
+    model_module: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Any, Any, Path]]:
+    """Both instances of a 2-core CPU config, sharing one busy table, sessions swapped for recorders."""
+    lanes = f"palm_lanes_{os.getpid()}_test{secrets.token_hex(3)}"
+    monkeypatch.setenv("PALM_LANES_NAME", lanes)
+    monkeypatch.setattr(model_module.os, "sched_getaffinity", lambda pid: {0, 1})
+    models = []
+    for index in range(2):
+        model = _initialize(
+            model_module, tmp_path, {"onnx_file": "tiny.onnx"}, count=2, instance=f"palm_0_{index}"
+        )
+        assert "calls of <= 1 tiles on an idle server use 2" in FakeLogger.messages[-1]
+        model.session, model.solo = RecordingSession(), RecordingSession()
+        models.append(model)
+    table = Path("/dev/shm") / lanes
+    yield models[0], models[1], table
+    table.unlink(missing_ok=True)
+
+
+def test_a_lone_tile_on_an_idle_server_runs_on_every_core(two_instances: tuple[Any, Any, Path]) -> None:
+    first, second, table = two_instances
+    assert table.exists()
+
+    first.execute([{"images": FakeTensor("images", tiles(1, 3))}])
+    first.execute([{"images": FakeTensor("images", tiles(2, 3))}])
+
+    assert [c.shape[0] for c in first.solo.calls] == [1]
+    assert [c.shape[0] for c in first.session.calls] == [2]
+    assert second.solo.calls == second.session.calls == []
+
+
+def test_a_lone_tile_stays_on_its_own_core_while_another_instance_computes(
+    two_instances: tuple[Any, Any, Path],
+) -> None:
+    first, second, table = two_instances
+
+    second.lanes.enter()  # the other instance is inside onnxruntime
+    first.execute([{"images": FakeTensor("images", tiles(1, 3))}])
+    second.lanes.leave()
+    first.execute([{"images": FakeTensor("images", tiles(1, 4))}])
+
+    assert [int(c[0, 0, 0, 0]) for c in first.session.calls] == [3]
+    assert [int(c[0, 0, 0, 0]) for c in first.solo.calls] == [4]
+    # A failed call leaves the instance marked idle.
+    first.solo.fail = True
+    first.execute([{"images": FakeTensor("images", tiles(1, 5))}])
+    assert not second.lanes.others_busy()
+
+    first.finalize()
+    second.finalize()
+    assert not table.exists()
+
+
+def test_without_an_instance_name_every_call_stays_on_the_instance_share(
+    model_module: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_module.os, "sched_getaffinity", lambda pid: {0, 1})
+
+    model = _initialize(model_module, tmp_path, {"onnx_file": "tiny.onnx"}, count=2)
+
+    assert model.solo is None
+    assert "idle server" not in FakeLogger.messages[-1]

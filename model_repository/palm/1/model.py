@@ -12,6 +12,15 @@ numpy<2; with numpy 2 its ``as_numpy()`` reads zeros and ``Tensor(name, ndarray)
 silently. ``np.from_dlpack(tensor)`` and ``Tensor.from_dlpack(name, capsule)`` are correct with
 numpy>=2.4 (see ``_output_tensor`` for the one wrinkle left).
 
+Threads: the CPU config runs two instances (two stub processes) with one onnxruntime thread per core
+each, i.e. one single-threaded session per core on a 2-core machine. Under load that beats one
+instance using every core (measured 82.7 against 70.6 tiles/s through the gateway, docs/performance.md):
+a single-threaded call never waits at a barrier for a thread the OS gave to the decoder, and while one
+instance hands its answer back the other computes. A lone tile would then take one core's time, so a
+call of at most ``solo_max_tiles`` tiles that arrives while no other instance of this model is
+executing runs on a second session using every core. Instances mark themselves busy in a tiny shared
+``/dev/shm`` table (:class:`_Lanes`); without it every call stays on its own threads.
+
 Errors: a request that cannot be decoded gets its own error response; the others in the batch still
 run. If onnxruntime itself fails, every request of that batch gets the error (they shared the call).
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 from typing import Any
 
@@ -43,6 +53,10 @@ _capsule_set_name = ctypes.pythonapi.PyCapsule_SetName
 _capsule_set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
 _capsule_set_name.restype = ctypes.c_int
 
+LANES_SLOTS = 64
+LANES_ENV = "PALM_LANES_NAME"
+"""Set by the gateway's launcher: the ``/dev/shm`` name of the busy table, which it removes on stop."""
+
 
 def _parameter(config: dict[str, Any], key: str, default: str) -> str:
     """One ``parameters { key: ... value { string_value: ... } }`` entry of the model config."""
@@ -59,7 +73,11 @@ def available_cores() -> int:
 
 
 class TritonPythonModel:
-    """One model instance: one onnxruntime session."""
+    """One model instance: an onnxruntime session on its share of the cores (and one on all of them)."""
+
+    solo: Any = None
+    lanes: "_Lanes | None" = None
+    solo_max_tiles = 0
 
     def initialize(self, args: dict[str, str]) -> None:
         """Load ``<model dir>/<version>/<onnx_file>`` into an onnxruntime CPU session.
@@ -68,6 +86,9 @@ class TritonPythonModel:
             ``onnx_file``: file name inside the version directory (default ``model.onnx``).
             ``intra_op_threads``: threads of one onnxruntime call; ``0`` or unset means every core this
                 process may use (``os.sched_getaffinity``) divided by the instance count.
+            ``solo_max_tiles``: a call of at most this many tiles made while no other instance is
+                executing runs on every core (default ``1``; ``0`` disables). Only with more cores than
+                ``intra_op_threads``.
         """
         self.model_config = config = json.loads(args["model_config"])
         self.logger = pb_utils.Logger
@@ -81,17 +102,19 @@ class TritonPythonModel:
         if threads <= 0:
             threads = max(1, available_cores() // instances)
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Triton owns the process; spinning threads would steal the cores the next batch needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = _session(path, threads)
         self.output_names = [OUTPUT_NAME]
+        self.solo_max_tiles = max(0, int(_parameter(config, "solo_max_tiles", "1")))
+        cores = available_cores()
+        self.solo = None
+        self.lanes = None
+        if self.solo_max_tiles and cores > threads:
+            self.lanes = _Lanes.open(args.get("model_instance_name", ""))
+            if self.lanes is not None:
+                self.solo = _session(path, cores)
         self.logger.log_info(
             f"palm: loaded {path} on onnxruntime {ort.__version__} with {threads} intra-op threads"
+            + (f"; calls of <= {self.solo_max_tiles} tiles on an idle server use {cores}" if self.solo else "")
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -109,7 +132,7 @@ class TritonPythonModel:
         if batch:
             images = batch[0] if len(batch) == 1 else np.concatenate(batch, axis=0)
             try:
-                (detections,) = self.session.run(self.output_names, {INPUT_NAME: images})
+                (detections,) = self._run(images)
             except Exception as exc:  # onnxruntime raises several unrelated types
                 message = f"palm: onnxruntime failed on a batch of {images.shape[0]} tiles: {exc}"
                 self.logger.log_error(message)
@@ -129,9 +152,24 @@ class TritonPythonModel:
                         responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor])
         return responses
 
+    def _run(self, images: np.ndarray) -> list[np.ndarray]:
+        """One onnxruntime call, on every core when it is small and nobody else is computing."""
+        if self.lanes is None:
+            return self.session.run(self.output_names, {INPUT_NAME: images})
+        self.lanes.enter()
+        try:
+            alone = images.shape[0] <= self.solo_max_tiles and not self.lanes.others_busy()
+            session = self.solo if alone else self.session
+            return session.run(self.output_names, {INPUT_NAME: images})
+        finally:
+            self.lanes.leave()
+
     def finalize(self) -> None:
-        """Release the session before the stub exits."""
-        self.session = None
+        """Release the sessions before the stub exits."""
+        self.session = self.solo = None
+        if self.lanes is not None:
+            self.lanes.close()
+            self.lanes = None
 
     @staticmethod
     def _decode(request: Any) -> np.ndarray:
@@ -145,6 +183,76 @@ class TritonPythonModel:
         if array.ndim != 4 or tuple(array.shape[1:]) != TILE_SHAPE or array.shape[0] < 1:
             raise ValueError(f"input {INPUT_NAME!r} must be [N, 3, 512, 512], got {list(array.shape)}")
         return array
+
+
+def _session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Triton owns the process; spinning threads would steal the cores the next batch needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+class _Lanes:
+    """Which instances of this model are executing: one byte per instance in a shared ``/dev/shm`` file.
+
+    Every instance of one server maps the same file: named by ``$PALM_LANES_NAME`` (the launcher sets
+    it and removes the file when the server stops) or else by the server's pid. An instance sets its
+    byte before it looks at the others, so two instances starting together both see the other busy
+    (on x86 the store may still pass the load; the worst case is one oversubscribed call, never a
+    wrong answer).
+    """
+
+    def __init__(self, path: str, view: mmap.mmap, slot: int) -> None:
+        self.path = path
+        self.view = view
+        self.slot = slot
+
+    @classmethod
+    def open(cls, instance_name: str) -> "_Lanes | None":
+        """The table of this server, or ``None`` (no ``/dev/shm``, an unknown instance name)."""
+        group, _, index = instance_name.rpartition("_")
+        group_index = group.rpartition("_")[2]
+        if not (index.isdigit() and group_index.isdigit()):
+            return None
+        slot = (int(group_index) * 8 + int(index)) % LANES_SLOTS
+        name = os.environ.get(LANES_ENV) or f"palm_lanes_{os.getppid()}"
+        path = os.path.join("/dev/shm", os.path.basename(name))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size < LANES_SLOTS:
+                os.ftruncate(fd, LANES_SLOTS)
+            view = mmap.mmap(fd, LANES_SLOTS)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        view[slot] = 0
+        return cls(path, view, slot)
+
+    def enter(self) -> None:
+        self.view[self.slot] = 1
+
+    def leave(self) -> None:
+        self.view[self.slot] = 0
+
+    def others_busy(self) -> bool:
+        return self.view.find(b"\x01", 0, self.slot) >= 0 or self.view.find(b"\x01", self.slot + 1) >= 0
+
+    def close(self) -> None:
+        self.leave()
+        self.view.close()
+        # Every instance of this server mapped the table when it loaded; later ones create it anew.
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 def _output_tensor(name: str, array: np.ndarray) -> Any:
