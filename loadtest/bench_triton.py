@@ -21,7 +21,7 @@ milliseconds per tile (on a small machine, CPU the client burns is CPU the model
 The model is the repository's ``palm/1/model.onnx`` unless ``--model-repository`` points elsewhere
 (e.g. a trivial model with the same contract, to measure transport alone).
 
-Run: ``python -m loadtest.bench_triton [--batch 1 8] [--concurrency 1 4] [--seconds 10]
+Run: ``python -m loadtest.bench_triton [--batch 1 4] [--concurrency 1 4] [--seconds 10]
 [--malloc off on] [--client palm stock] [--rounds 2]``.
 """
 
@@ -332,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="tiles per request")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 4], help="tiles per request (CPU config: at most 4)"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="requests in flight")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     parser.add_argument("--malloc", nargs="+", choices=["off", "on"], default=["off", "on"])
