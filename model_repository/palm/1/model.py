@@ -76,7 +76,7 @@ class TritonPythonModel:
     """One model instance: an onnxruntime session on its share of the cores (and one on all of them)."""
 
     solo: Any = None
-    lanes: "_Lanes | None" = None
+    lanes: _Lanes | None = None
     solo_max_tiles = 0
 
     def initialize(self, args: dict[str, str]) -> None:
@@ -212,7 +212,7 @@ class _Lanes:
         self.slot = slot
 
     @classmethod
-    def open(cls, instance_name: str) -> "_Lanes | None":
+    def open(cls, instance_name: str) -> _Lanes | None:
         """The table of this server, or ``None`` (no ``/dev/shm``, an unknown instance name)."""
         group, _, index = instance_name.rpartition("_")
         group_index = group.rpartition("_")[2]
