@@ -62,17 +62,6 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def timed_loop(step: Callable[[], int], seconds: float, warmup: int = 2) -> float:
-    """Run ``step`` (returns items done) repeatedly for ``seconds``; returns items/s."""
-    for _ in range(warmup):
-        step()
-    done = 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        done += step()
-    return done / (time.perf_counter() - start)
-
-
 def scene_tiles(pixels: np.ndarray) -> np.ndarray:
     specs = tile_grid(pixels.shape[2], pixels.shape[1])
     return np.ascontiguousarray(np.stack([pixels[:, s.y : s.y + 512, s.x : s.x + 512] for s in specs]))

@@ -98,14 +98,14 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"palm: {path} does not exist")
 
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        cores = available_cores()
         threads = int(_parameter(config, "intra_op_threads", "0"))
         if threads <= 0:
-            threads = max(1, available_cores() // instances)
+            threads = max(1, cores // instances)
 
         self.session = _session(path, threads)
         self.output_names = [OUTPUT_NAME]
         self.solo_max_tiles = max(0, int(_parameter(config, "solo_max_tiles", "1")))
-        cores = available_cores()
         self.solo = None
         self.lanes = None
         if self.solo_max_tiles and cores > threads:
