@@ -32,8 +32,9 @@ import numpy.typing as npt
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from export.synth import CATEGORIES, HELDOUT_MIN_SEED, Scene, coco_dataset, render_scene, to_grey
+from export.synth import HELDOUT_MIN_SEED, Scene, coco_dataset, render_scene, to_grey
 from gateway.pipeline.merge import Detections, merge_tiles
+from gateway.pipeline.result import PALM_CATEGORIES
 from gateway.pipeline.tiling import DEFAULT_OVERLAP, TILE_SIZE, tile_grid
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,10 @@ def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]]) ->
     out: dict[str, Any] = figures(slice(None))
     out["per_class"] = {}
     for k, cat_id in enumerate(ev.params.catIds):
-        name = dict(CATEGORIES)[cat_id]
+        name = {c.id: c.name for c in PALM_CATEGORIES}[cat_id]
         out["per_class"][name] = figures(k)
     anns = ground_truth["annotations"]
-    out["num_gt"] = {name: sum(a["category_id"] == cid for a in anns) for cid, name in CATEGORIES}
+    out["num_gt"] = {c.name: sum(a["category_id"] == c.id for a in anns) for c in PALM_CATEGORIES}
     out["num_dets"] = len(results)
     return out
 

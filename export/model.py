@@ -27,8 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: COCO category ids, in heatmap-channel order (channel ``c`` is category ``c + 1``).
-CATEGORIES: tuple[tuple[int, str], ...] = ((1, "palm_tree"), (2, "building"))
 STRIDE = 4
 TILE = 512
 #: Detection rows per tile. A plantation at 7.5 m triangular spacing puts ~1,900 palms in a 512 px tile

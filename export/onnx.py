@@ -34,7 +34,6 @@ import torch
 from onnx import numpy_helper
 
 from export.model import (
-    CATEGORIES,
     TILE,
     TOP_K,
     PalmNet,
@@ -43,6 +42,7 @@ from export.model import (
     fold_batchnorm,
     folded_skeleton,
 )
+from gateway.pipeline.result import PALM_CATEGORIES
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,9 @@ def write_card(
             "gflop_counting": "2 x multiply-accumulates of every conv/linear layer, one 512x512 tile",
         },
         "contract": contract(model.config),
-        "categories": [{"id": cid, "name": name} for cid, name in CATEGORIES],
+        "categories": [
+            {"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in PALM_CATEGORIES
+        ],
         "training": training,
         "reproduce": [
             "python -m export.train --out runs/palmnet  # flags from training (defaults = shipped run)",

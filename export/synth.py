@@ -51,10 +51,11 @@ import rasterio
 from affine import Affine
 from rasterio.warp import transform as warp_transform
 
+from gateway.pipeline.result import PALM_CATEGORIES
+
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
-CATEGORIES: tuple[tuple[int, str], ...] = ((1, "palm_tree"), (2, "building"))
 PALM, BUILDING = 1, 2
 GSD_RANGE = (0.3, 0.6)
 TRAIN_SEEDS = range(0, 900_000)
@@ -946,7 +947,9 @@ def coco_dataset(scenes: Iterable[tuple[Scene, str]]) -> dict[str, Any]:
         "info": {"description": "Palm Serve synthetic aerial scenes (export.synth)"},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": "object"} for cid, name in CATEGORIES],
+        "categories": [
+            {"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in PALM_CATEGORIES
+        ],
     }
 
 

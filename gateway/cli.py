@@ -7,13 +7,11 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from gateway.logs import configure_logging
+from gateway.pipeline.render import FILE_SUFFIXES, OutputFormat
 from gateway.settings import Settings, get_settings
 
 logger = logging.getLogger("palm_serve")
@@ -30,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict = sub.add_parser("predict", help="detect objects in local files, no HTTP involved")
     predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output directory")
-    predict.add_argument("--format", choices=["json", "coco", "geojson"], default="json")
+    predict.add_argument("--format", choices=[f.value for f in OutputFormat], default="json")
     predict.add_argument("--score-threshold", type=float, default=None)
     predict.add_argument("--bands", default=None, help="source bands for R,G,B, e.g. 3,2,1")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,18 +61,19 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
 async def _predict(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gateway.api.predict import parse_bands
-    from gateway.app import connect_triton
-    from gateway.decode import DecodePool
     from gateway.errors import GatewayError
-    from gateway.metrics import Metrics
-    from gateway.model_card import load_model_info
-    from gateway.pipeline.coco import ImageResult, to_coco, to_geojson, to_json
-    from gateway.predictor import PredictOptions, Predictor
+    from gateway.options import PredictOptions
+    from gateway.pipeline.render import OutputFormat, render
+    from gateway.pipeline.result import ImageResult
+    from gateway.runtime import open_runtime
 
-    threshold = settings.tiling.score_threshold if args.score_threshold is None else args.score_threshold
     try:
-        options = PredictOptions(score_threshold=threshold, bands=parse_bands(args.bands), max_pixels=None)
+        options = PredictOptions.parse(
+            score_threshold=args.score_threshold,
+            bands=args.bands,
+            default_score_threshold=settings.tiling.score_threshold,
+            max_pixels=None,
+        )
     except GatewayError as exc:
         print(f"palm-serve: {exc.detail}", file=sys.stderr)
         return 2
@@ -82,19 +81,15 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
     if missing:
         print(f"palm-serve: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
+    fmt = OutputFormat(args.format)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics()
     failures = 0
     results: list[ImageResult] = []
     used: set[Path] = set()
-    async with AsyncExitStack() as stack:
-        backend = await stack.enter_async_context(connect_triton(settings, metrics))
-        pool = DecodePool.for_settings(settings)
-        await pool.start()
-        stack.push_async_callback(pool.close)
-        model = load_model_info(settings.triton)
-        predictor = Predictor(settings, pool, backend, model, metrics)
+    async with open_runtime(settings) as runtime:
+        predictor = runtime.predictor
+        tiling = predictor.tiling_info(options.score_threshold)
         for path in args.files:
             bar = tqdm(total=0, desc=path.name, unit="tile", disable=args.no_progress, leave=False)
 
@@ -112,29 +107,19 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
                 continue
             bar.close()
             results.append(result)
-            if args.format == "json":
-                body: dict[str, Any] = to_json(result, model)
-            elif args.format == "coco":
-                body = to_coco([result], model, predictor.tiling_info(threshold))
-            else:
-                body = to_geojson([result], model)
-            target = _output_path(out, path, args.format, used)
-            target.write_bytes(orjson.dumps(body))
+            target = _output_path(out, path, fmt, used)
+            target.write_bytes(render(fmt, [result], runtime.model, tiling))
             print(f"{path}: {len(result.detections)} detections, {result.tiles_total} tiles -> {target}")
-        if args.format == "coco" and len(results) > 1:
-            combined = out / "predictions.coco.json"
-            combined.write_bytes(orjson.dumps(to_coco(results, model, predictor.tiling_info(threshold))))
-            print(f"all files: {combined}")
-        elif args.format == "geojson" and len(results) > 1:
-            combined = out / "predictions.geojson"
-            combined.write_bytes(orjson.dumps(to_geojson(results, model)))
+        if fmt is not OutputFormat.json and len(results) > 1:
+            combined = out / f"predictions{FILE_SUFFIXES[fmt]}"
+            combined.write_bytes(render(fmt, results, runtime.model, tiling))
             print(f"all files: {combined}")
     return 1 if failures else 0
 
 
-def _output_path(out: Path, source: Path, fmt: str, used: set[Path]) -> Path:
+def _output_path(out: Path, source: Path, fmt: OutputFormat, used: set[Path]) -> Path:
     """``<out>/<stem><suffix>``; inputs sharing a stem in one run get ``-2``, ``-3``, ..."""
-    suffix = {"json": ".json", "coco": ".coco.json", "geojson": ".geojson"}[fmt]
+    suffix = FILE_SUFFIXES[fmt]
     target = out / (source.stem + suffix)
     n = 1
     while target in used:

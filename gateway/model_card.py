@@ -1,4 +1,4 @@
-"""What the gateway tells users about the model: Triton's name/version plus the card's sha256."""
+"""What the gateway tells users about the model: Triton's name/version plus the card's sha256 and classes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from gateway.pipeline.coco import ModelInfo
+from gateway.pipeline.result import PALM_CATEGORIES, Category, ModelInfo
 from gateway.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
@@ -20,20 +20,30 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
     """Read ``<repository>/<model>/<version>/model_card.json`` (written by ``python -m export.onnx``).
 
     The sha256 identifies the exact weights; without a card it is computed from ``model.onnx`` when the
-    repository is local, and left ``None`` when the gateway only knows a remote Triton.
+    repository is local, and left ``None`` when the gateway only knows a remote Triton. The card's
+    ``categories`` name the classes; without them the Palm model's table applies.
     """
     version_dir = Path(triton.model_repository) / triton.model_name / triton.model_version
     sha256: str | None = None
+    categories = PALM_CATEGORIES
     card = version_dir / CARD_NAME
     try:
-        sha256 = str(json.loads(card.read_text())["sha256"])
+        content = json.loads(card.read_text())
+        sha256 = str(content["sha256"])
+        if content.get("categories"):
+            categories = tuple(
+                Category(int(c["id"]), str(c["name"]), str(c.get("supercategory", "object")))
+                for c in content["categories"]
+            )
     except FileNotFoundError:
         onnx = version_dir / ONNX_NAME
         if onnx.is_file():
             sha256 = _file_sha256(onnx)
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, TypeError, OSError) as exc:
         logger.warning("model card %s is unreadable: %s", card, exc)
-    return ModelInfo(name=triton.model_name, version=triton.model_version, sha256=sha256)
+    return ModelInfo(
+        name=triton.model_name, version=triton.model_version, sha256=sha256, categories=categories
+    )
 
 
 def _file_sha256(path: Path) -> str:

@@ -1,6 +1,7 @@
 """One image in, merged and georeferenced detections out: decode → Triton → merge → georeference.
 
-Shared by ``/v1/predict`` and ``palm-serve predict`` (and, later, bulk jobs). Decoding runs in an
+Shared by every entry point (``/v1/predict``, ``palm-serve predict``) through
+:func:`gateway.runtime.open_runtime`. Decoding runs in an
 isolated worker process that writes tile batches into shared memory; up to ``max_inflight`` batches are
 at Triton at once while the next ones decode, so the model never waits on the reader. Triton reads each
 batch where the worker wrote it (the gateway never copies pixels); the slot goes back to the worker when
@@ -14,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -24,12 +24,13 @@ import numpy.typing as npt
 from gateway.decode import DecodePool, StreamPlan, TileBatch
 from gateway.decode.arena import SharedTiles
 from gateway.metrics import Metrics
+from gateway.options import PredictOptions
 from gateway.pipeline import geo
-from gateway.pipeline.coco import ImageMeta, ImageResult, ModelInfo, TilingInfo
 from gateway.pipeline.merge import Candidates, merge_candidates, tile_candidates
 from gateway.pipeline.raster import ReadOptions, drivers_for_name
+from gateway.pipeline.result import ImageMeta, ImageResult, ModelInfo, TilingInfo
 from gateway.pipeline.tiling import tile_count
-from gateway.settings import Settings
+from gateway.settings import TilingSettings, TritonSettings
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +62,30 @@ class InferenceBackend(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class PredictOptions:
-    """Per-request choices."""
-
-    score_threshold: float
-    bands: tuple[int, ...] | None = None
-    max_pixels: int | None = None
-
-
 class Predictor:
-    """Runs the decode → infer → merge → georeference path for one file at a time (many concurrently)."""
+    """Runs the decode → infer → merge → georeference path for one file at a time (many concurrently).
+
+    Args:
+        decode: the pool of decode workers that reads files.
+        inference: the inference server (normally the Triton client).
+        model: the model the server runs, reported with every result.
+        tiling: tile size, overlap and merge IoU.
+        triton: tiles per call, calls in flight per image and the call deadline.
+        metrics: where stage times and tile counts go; none when ``None``.
+    """
 
     def __init__(
         self,
-        settings: Settings,
         decode: DecodePool,
         inference: InferenceBackend,
         model: ModelInfo,
+        *,
+        tiling: TilingSettings,
+        triton: TritonSettings,
         metrics: Metrics | None = None,
     ) -> None:
-        self.settings = settings
+        self.tiling = tiling
+        self.triton = triton
         self.decode = decode
         self.inference = inference
         self.model = model
@@ -90,7 +94,8 @@ class Predictor:
         """Batches of any request now at the inference server (this gateway's view of its load)."""
 
     def tiling_info(self, score_threshold: float) -> TilingInfo:
-        t = self.settings.tiling
+        """How this predictor cuts and merges, as recorded in COCO ``info``."""
+        t = self.tiling
         return TilingInfo(t.tile_size, t.overlap, t.nms_iou, score_threshold)
 
     async def predict_file(
@@ -107,8 +112,8 @@ class Predictor:
         Raises:
             GatewayError: a subclass naming why the file or the inference failed.
         """
-        tiling = self.settings.tiling
-        triton = self.settings.triton
+        tiling = self.tiling
+        triton = self.triton
         started = time.perf_counter()
         read = ReadOptions(
             bands=options.bands, max_pixels=options.max_pixels, drivers=drivers_for_name(file_name)
@@ -205,7 +210,7 @@ class Predictor:
             detections = await self.inference.infer(batch.pixels, shared=batch.shared)
         except BaseException as exc:
             # Cancelled, timed out or failed: the server may still be reading the slot.
-            batch.quarantine(self.settings.triton.request_timeout_s)
+            batch.quarantine(self.triton.request_timeout_s)
             if self.metrics is not None and isinstance(exc, Exception):
                 self.metrics.triton_errors.labels(type(exc).__name__).inc()
             raise

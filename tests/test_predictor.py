@@ -1,8 +1,8 @@
-"""The predictor's orchestration with a scripted inference backend (real decode workers, no Triton).
+"""The predictor's orchestration with the fake inference backend (real decode workers, no Triton).
 
-The real Triton path is covered by tests/integration; here a fake backend returns chosen rows per tile so
-the assertions can be exact: offsets into image coordinates, masked tiles never sent, saturation
-warnings, progress, and failures that leave the pool usable.
+The real Triton path is covered by tests/integration; here the fake returns chosen rows per tile so the
+assertions can be exact: offsets into image coordinates, masked tiles never sent, saturation warnings,
+progress, and failures that leave the pool usable.
 """
 
 from __future__ import annotations
@@ -15,48 +15,13 @@ import numpy.typing as npt
 import pytest
 
 from gateway.decode import DecodePool
-from gateway.decode.arena import SharedTiles
 from gateway.errors import InferenceUnavailable
-from gateway.pipeline.coco import ModelInfo
+from gateway.options import PredictOptions
+from gateway.pipeline.result import ModelInfo
 from gateway.pipeline.tiling import balanced_batch
-from gateway.predictor import PredictOptions, Predictor
-from gateway.settings import DecodeSettings, Settings
-
-K = 64
-
-
-class ScriptedBackend:
-    """Answers every tile with ``rows(tile_pixels)``; records how many tiles it saw."""
-
-    def __init__(self, rows: Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]) -> None:
-        self.rows = rows
-        self.tiles_seen = 0
-        self.fail = False
-
-    async def infer(
-        self, tiles: npt.NDArray[np.uint8], *, shared: SharedTiles | None = None
-    ) -> npt.NDArray[np.float32]:
-        if self.fail:
-            raise InferenceUnavailable("scripted outage")
-        self.tiles_seen += tiles.shape[0]
-        return np.stack([self.rows(tile) for tile in tiles])
-
-    async def model_ready(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        return None
-
-
-def one_box_at_bright_spot(tile: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    """A 20 px box centred on the brightest pixel of the tile, if any pixel is bright."""
-    out = np.zeros((K, 6), np.float32)
-    grey = tile.max(axis=0)
-    if grey.max() < 200:
-        return out
-    y, x = np.unravel_index(int(np.argmax(grey)), grey.shape)
-    out[0] = [x - 10, y - 10, x + 10, y + 10, 0.9, 1]
-    return out
+from gateway.predictor import Predictor
+from gateway.settings import DecodeSettings, TilingSettings, TritonSettings
+from tests.fakes import FakeInference, K, box_at_bright_spot
 
 
 @pytest.fixture
@@ -65,8 +30,10 @@ async def pool() -> AsyncIterator[DecodePool]:
         yield pool
 
 
-def predictor(pool: DecodePool, backend: ScriptedBackend) -> Predictor:
-    return Predictor(Settings(), pool, backend, ModelInfo("palm", "1", None))
+def predictor(pool: DecodePool, backend: FakeInference) -> Predictor:
+    return Predictor(
+        pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=TritonSettings()
+    )
 
 
 async def test_boxes_come_back_in_image_coordinates_once(
@@ -75,7 +42,7 @@ async def test_boxes_come_back_in_image_coordinates_once(
     data = np.zeros((3, 896, 1280), np.uint8)  # 3 x 2 tiles: x at 0, 384, 768; y at 0, 384
     data[:, 450, 700] = 255  # inside the overlap of four tiles
     path = geotiff(width=1280, height=896, data=data)
-    backend = ScriptedBackend(one_box_at_bright_spot)
+    backend = FakeInference(box_at_bright_spot)
     progress: list[tuple[int, int]] = []
     result = await predictor(pool, backend).predict_file(
         path, "bright.tif", PredictOptions(score_threshold=0.5), progress=lambda d, t: progress.append((d, t))
@@ -92,7 +59,7 @@ async def test_fully_masked_tiles_are_never_sent(pool: DecodePool, geotiff: Call
     data = np.full((3, 512, 1280), 7, np.uint8)
     data[:, :, 500:] = 0  # nodata right of x=500: the third tile (x 768..1280) has no valid pixel
     path = geotiff(width=1280, height=512, data=data, nodata=0)
-    backend = ScriptedBackend(one_box_at_bright_spot)
+    backend = FakeInference(box_at_bright_spot)
     result = await predictor(pool, backend).predict_file(path, "masked.tif", PredictOptions(0.5))
     assert result.tiles_total == 3
     assert result.tiles_skipped == 1
@@ -110,12 +77,10 @@ async def test_a_tile_full_of_detections_raises_a_warning(
         return rows
 
     path = geotiff(width=256, height=256)
-    result = await predictor(pool, ScriptedBackend(full)).predict_file(path, "dense.tif", PredictOptions(0.5))
+    result = await predictor(pool, FakeInference(full)).predict_file(path, "dense.tif", PredictOptions(0.5))
     assert len(result.detections) == K
     assert any("maximum number of detections" in w for w in result.image.warnings)
-    quiet = await predictor(pool, ScriptedBackend(full)).predict_file(
-        path, "dense.tif", PredictOptions(0.995)
-    )
+    quiet = await predictor(pool, FakeInference(full)).predict_file(path, "dense.tif", PredictOptions(0.995))
     assert not any("maximum number of detections" in w for w in quiet.image.warnings)
 
 
@@ -123,7 +88,7 @@ async def test_an_inference_outage_fails_the_file_and_the_pool_carries_on(
     pool: DecodePool, geotiff: Callable[..., Path]
 ) -> None:
     path = geotiff(width=1200, height=1200)
-    backend = ScriptedBackend(one_box_at_bright_spot)
+    backend = FakeInference(box_at_bright_spot)
     backend.fail = True
     with pytest.raises(InferenceUnavailable):
         await predictor(pool, backend).predict_file(path, "a.tif", PredictOptions(0.5))

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 
 from gateway.errors import Overloaded
 from gateway.metrics import Metrics
-from gateway.pipeline.coco import ModelInfo
+from gateway.pipeline.result import ModelInfo
 from gateway.predictor import Predictor
 from gateway.settings import Settings
 

@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import time
-from enum import StrEnum
 from typing import Annotated, Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from gateway.api.deps import Services, ServicesDep
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
 from gateway.api.uploads import discard, receive_upload
-from gateway.errors import GatewayError, InvalidParameter
-from gateway.pipeline.coco import CATEGORIES, to_coco, to_geojson, to_json
-from gateway.predictor import PredictOptions
+from gateway.errors import GatewayError
+from gateway.options import PredictOptions
+from gateway.pipeline.render import MEDIA_TYPES, OutputFormat, render
 
 router = APIRouter(tags=["inference"])
-
-
-class OutputFormat(StrEnum):
-    json = "json"
-    coco = "coco"
-    geojson = "geojson"
-
-
-MEDIA_TYPES = {
-    OutputFormat.json: "application/json",
-    OutputFormat.coco: "application/json",
-    OutputFormat.geojson: "application/geo+json",
-}
 
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -53,19 +38,6 @@ UPLOAD_BODY: dict[str, Any] = {
         },
     }
 }
-
-
-def parse_bands(raw: str | None) -> tuple[int, ...] | None:
-    """``"3,2,1"`` → ``(3, 2, 1)``: 1-based source bands for red, green, blue."""
-    if raw is None or not raw.strip():
-        return None
-    try:
-        bands = tuple(int(part) for part in raw.split(","))
-    except ValueError as exc:
-        raise InvalidParameter(f"bands must be comma-separated band numbers like 3,2,1, got {raw!r}") from exc
-    if len(bands) not in (1, 3) or any(b < 1 for b in bands):
-        raise InvalidParameter(f"bands takes 1 or 3 band numbers starting at 1, got {raw!r}")
-    return bands
 
 
 @router.post(
@@ -107,10 +79,10 @@ async def _predict(
     bands: str | None,
 ) -> Response:
     settings = services.settings
-    threshold = settings.tiling.score_threshold if score_threshold is None else score_threshold
-    options = PredictOptions(
-        score_threshold=threshold,
-        bands=parse_bands(bands),
+    options = PredictOptions.parse(
+        score_threshold=score_threshold,
+        bands=bands,
+        default_score_threshold=settings.tiling.score_threshold,
         max_pixels=settings.limits.max_predict_pixels,
     )
     received = time.perf_counter()
@@ -120,7 +92,7 @@ async def _predict(
         request.stream(),
         settings.data_dir / "uploads",
         settings.limits.max_upload_bytes,
-        # Only COCO reports the image's sha256 (images[].sha256); hashing costs about 0.5 ms of CPU per MB.
+        # Only COCO reports the image's sha256 (images[].sha256); hashing costs CPU in proportion to size.
         sha256=format is OutputFormat.coco,
     )
     services.metrics.upload_bytes.inc(upload.size)
@@ -136,18 +108,14 @@ async def _predict(
     finally:
         discard(upload)
     services.metrics.images.labels("ok").inc()
-    counts = np.bincount(result.detections.class_ids, minlength=max(CATEGORIES) + 1)
-    for category_id, name in CATEGORIES.items():
-        services.metrics.detections.labels(name).inc(int(counts[category_id]))
     model = services.model
+    ids, counts = np.unique(result.detections.class_ids, return_counts=True)
+    found = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    for category in model.categories:
+        services.metrics.detections.labels(category.name).inc(found.get(category.id, 0))
     rendering = time.perf_counter()
-    if format is OutputFormat.coco:
-        body = to_coco([result], model, services.predictor.tiling_info(threshold))
-    elif format is OutputFormat.geojson:
-        body = to_geojson([result], model)
-    else:
-        body = to_json(result, model)
-    content = orjson.dumps(body)
+    tiling = services.predictor.tiling_info(options.score_threshold)
+    content = render(format, [result], model, tiling)
     done = time.perf_counter()
     services.metrics.stage_latency.labels("render").observe(done - rendering)
     stages = {"upload": uploaded - received, **result.timings, "render": done - rendering}

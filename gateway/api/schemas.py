@@ -1,4 +1,4 @@
-"""Response schemas for the OpenAPI document (responses themselves are rendered by pipeline/coco.py)."""
+"""Response schemas for the OpenAPI document (responses themselves are rendered by pipeline/render.py)."""
 
 from __future__ import annotations
 

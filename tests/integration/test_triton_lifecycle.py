@@ -196,15 +196,14 @@ async def test_a_server_that_never_answers_is_unavailable_within_the_deadline() 
 async def test_the_service_refuses_a_batch_size_its_embedded_model_would_reject(
     triton_settings: TritonSettings, tmp_path: Path
 ) -> None:
-    from gateway.app import connect_triton
-    from gateway.metrics import Metrics
+    from gateway.runtime import open_runtime
 
     too_big = triton_settings.model_copy(update={"batch_size": 8})  # cpu.pbtxt: max_batch_size 4
     settings = Settings(data_dir=tmp_path, triton=too_big)
 
     before = set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*"))
     with pytest.raises(ValueError, match=r"PALM_TRITON__BATCH_SIZE=8 is above the max_batch_size 4"):
-        async with connect_triton(settings, Metrics()):
+        async with open_runtime(settings):
             pass
     # The server started for the check is stopped again (its instances' table is gone with it).
     assert set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*")) == before

@@ -1,8 +1,8 @@
-"""Results of one image and their COCO / JSON rendering (pure; no I/O).
+"""Results rendered as the plain JSON, COCO or GeoJSON documents users download (pure; no I/O).
 
-The COCO document is the same shape for one image (``/v1/predict?format=coco``) and for a bulk job of
-thousands: ``info`` records the model and the tiling/merge parameters that produced it, ``images``
-carry size, sha256 and georeferencing, ``annotations`` carry ``score`` so the file loads both with
+The COCO document is the same shape for one image (``/v1/predict?format=coco``) and for many:
+``info`` records the model and the tiling/merge parameters that produced it, ``images`` carry size,
+sha256 and georeferencing, ``annotations`` carry ``score`` so the file loads both with
 ``pycocotools.coco.COCO`` and, as a result list, with ``COCO.loadRes``.
 
 Boxes follow the COCO convention: ``[x, y, width, height]`` in pixels of the original image, ``x, y`` the
@@ -12,75 +12,51 @@ top-left corner.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
+import orjson
 
 from gateway.pipeline.merge import Detections
-
-CATEGORIES: Mapping[int, str] = {1: "palm_tree", 2: "building"}
-SUPERCATEGORIES: Mapping[int, str] = {1: "vegetation", 2: "structure"}
-
-GeoJSONGeometry = dict[str, Any]
+from gateway.pipeline.result import GeoJSONGeometry, ImageResult, ModelInfo, TilingInfo
 
 
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """Which model produced a result."""
+class OutputFormat(StrEnum):
+    """The documents a prediction can be rendered as."""
 
-    name: str
-    version: str
-    sha256: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class TilingInfo:
-    """How an image was cut and merged; recorded so results are reproducible."""
-
-    tile_size: int
-    overlap: int
-    nms_iou: float
-    score_threshold: float
+    json = "json"
+    coco = "coco"
+    geojson = "geojson"
 
 
-@dataclass(frozen=True, slots=True)
-class ImageMeta:
-    """The image as the user sent it."""
+MEDIA_TYPES: Mapping[OutputFormat, str] = {
+    OutputFormat.json: "application/json",
+    OutputFormat.coco: "application/json",
+    OutputFormat.geojson: "application/geo+json",
+}
 
-    file_name: str
-    width: int
-    height: int
-    sha256: str | None = None
-    crs: str | None = None
-    transform: tuple[float, ...] | None = None
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ImageResult:
-    """Merged detections of one image with their EPSG:4326 geometries (``None`` without a CRS)."""
-
-    image: ImageMeta
-    detections: Detections
-    geometries: Sequence[GeoJSONGeometry | None]
-    tiles_total: int = 0
-    tiles_skipped: int = 0
-    timings: Mapping[str, float] = field(default_factory=dict)
-    """Seconds per stage: ``open``, ``first_result`` (open to the first batch's detections), ``tiles``
-    (open to the last), ``merge``, ``georeference``."""
+FILE_SUFFIXES: Mapping[OutputFormat, str] = {
+    OutputFormat.json: ".json",
+    OutputFormat.coco: ".coco.json",
+    OutputFormat.geojson: ".geojson",
+}
 
 
-def category_name(category_id: int) -> str:
-    name = CATEGORIES.get(category_id)
-    return name if name is not None else f"class_{category_id}"
+def render(fmt: OutputFormat, results: Sequence[ImageResult], model: ModelInfo, tiling: TilingInfo) -> bytes:
+    """The bytes of ``results`` in format ``fmt``, as the API and the command line deliver them.
 
-
-def coco_bbox(box: Sequence[float]) -> list[float]:
-    """``x1, y1, x2, y2`` to COCO ``[x, y, w, h]``, rounded to 1/100 px."""
-    x1, y1, x2, y2 = (float(v) for v in box[:4])
-    return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
+    Raises:
+        ValueError: ``fmt`` is ``json`` (one image per document) and ``results`` is not exactly one.
+    """
+    if fmt is OutputFormat.json:
+        if len(results) != 1:
+            raise ValueError(f"the json format holds one image, not {len(results)}")
+        return orjson.dumps(to_json(results[0], model))
+    if fmt is OutputFormat.coco:
+        return orjson.dumps(to_coco(results, model, tiling))
+    return orjson.dumps(to_geojson(results, model))
 
 
 def _columns(det: Detections) -> tuple[list[list[float]], list[float], list[int]]:
@@ -90,20 +66,24 @@ def _columns(det: Detections) -> tuple[list[list[float]], list[float], list[int]
     return xywh.tolist(), np.round(det.scores.astype(np.float64), 4).tolist(), det.class_ids.tolist()
 
 
-def _names(classes: list[int]) -> dict[int, str]:
-    """Category name of each distinct id, looked up once per image rather than once per detection."""
-    return {category_id: category_name(category_id) for category_id in set(classes)}
+def _names(model: ModelInfo, classes: list[int]) -> dict[int, str]:
+    """Category name of each distinct id in ``classes``."""
+    return {category_id: model.category_name(category_id) for category_id in set(classes)}
 
 
 def _padded(geometries: Sequence[GeoJSONGeometry | None], n: int) -> list[GeoJSONGeometry | None]:
     return list(geometries) + [None] * (n - len(geometries))
 
 
-def detection_records(result: ImageResult) -> list[dict[str, Any]]:
+def _model(model: ModelInfo) -> dict[str, Any]:
+    return {"name": model.name, "version": model.version, "sha256": model.sha256}
+
+
+def detection_records(result: ImageResult, model: ModelInfo) -> list[dict[str, Any]]:
     """The ``detections`` list of the plain JSON format."""
     bboxes, scores, classes = _columns(result.detections)
     geometries = _padded(result.geometries, len(bboxes))
-    names = _names(classes)
+    names = _names(model, classes)
     return [
         {
             "category_id": category_id,
@@ -120,7 +100,7 @@ def to_json(result: ImageResult, model: ModelInfo) -> dict[str, Any]:
     """The default ``/v1/predict`` body."""
     image = result.image
     return {
-        "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
+        "model": _model(model),
         "image": {
             "file_name": image.file_name,
             "width": image.width,
@@ -128,16 +108,14 @@ def to_json(result: ImageResult, model: ModelInfo) -> dict[str, Any]:
             "crs": image.crs,
             "transform": list(image.transform) if image.transform is not None else None,
         },
-        "detections": detection_records(result),
+        "detections": detection_records(result, model),
         "tiles": {"total": result.tiles_total, "skipped": result.tiles_skipped},
         "warnings": list(image.warnings),
     }
 
 
-def coco_categories() -> list[dict[str, Any]]:
-    return [
-        {"id": cid, "name": name, "supercategory": SUPERCATEGORIES[cid]} for cid, name in CATEGORIES.items()
-    ]
+def coco_categories(model: ModelInfo) -> list[dict[str, Any]]:
+    return [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in model.categories]
 
 
 def coco_info(
@@ -147,7 +125,7 @@ def coco_info(
         "description": description,
         "version": model.version,
         "date_created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
+        "model": _model(model),
         "tiling": {
             "tile_size": tiling.tile_size,
             "overlap": tiling.overlap,
@@ -159,12 +137,10 @@ def coco_info(
 
 
 class CocoBuilder:
-    """Accumulates images and annotations into one COCO dataset, assigning ids in arrival order.
-
-    Bulk jobs add thousands of images one by one; the builder holds plain dicts only.
-    """
+    """Accumulates images and annotations into one COCO dataset, assigning ids in arrival order."""
 
     def __init__(self, model: ModelInfo, tiling: TilingInfo) -> None:
+        self._model = model
         self._info = coco_info(model, tiling)
         self._images: list[dict[str, Any]] = []
         self._annotations: list[dict[str, Any]] = []
@@ -205,7 +181,7 @@ class CocoBuilder:
         return {
             "info": self._info,
             "licenses": [],
-            "categories": coco_categories(),
+            "categories": coco_categories(self._model),
             "images": self._images,
             "annotations": self._annotations,
         }
@@ -224,10 +200,9 @@ def to_geojson(results: Iterable[ImageResult], model: ModelInfo) -> dict[str, An
     features: list[dict[str, Any]] = []
     model_name = f"{model.name}/{model.version}"
     for result in results:
-        # Built straight from the columns: going through detection_records() built every dict twice.
         bboxes, scores, classes = _columns(result.detections)
         geometries = _padded(result.geometries, len(bboxes))
-        names = _names(classes)
+        names = _names(model, classes)
         file_name = result.image.file_name
         features.extend(
             {

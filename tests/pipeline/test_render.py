@@ -6,18 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pycocotools.coco import COCO
 
-from gateway.pipeline.coco import (
-    ImageMeta,
-    ImageResult,
-    ModelInfo,
-    TilingInfo,
-    to_coco,
-    to_geojson,
-    to_json,
-)
 from gateway.pipeline.merge import Detections
+from gateway.pipeline.render import OutputFormat, render, to_coco, to_geojson, to_json
+from gateway.pipeline.result import Category, ImageMeta, ImageResult, ModelInfo, TilingInfo
 
 MODEL = ModelInfo("palm", "1", "ab" * 32)
 TILING = TilingInfo(512, 128, 0.5, 0.3)
@@ -109,3 +103,25 @@ def test_json_and_geojson_agree_and_name_unknown_classes() -> None:
         }
         for d in records
     ]
+
+
+def test_render_gives_the_bytes_of_each_format_and_json_holds_one_image() -> None:
+    results = [result("a.tif", 2), result("b.tif", 1)]
+    assert json.loads(render(OutputFormat.coco, results, MODEL, TILING))["images"][1]["file_name"] == "b.tif"
+    assert len(json.loads(render(OutputFormat.geojson, results, MODEL, TILING))["features"]) == 3
+    assert json.loads(render(OutputFormat.json, results[:1], MODEL, TILING))["image"]["file_name"] == "a.tif"
+    with pytest.raises(ValueError, match="one image"):
+        render(OutputFormat.json, results, MODEL, TILING)
+
+
+def test_categories_come_from_the_model() -> None:
+    model = ModelInfo("trees", "3", None, categories=(Category(4, "oak", "vegetation"),))
+    base = result("a.tif", 1)
+    odd = ImageResult(
+        image=base.image,
+        detections=Detections(base.detections.boxes, base.detections.scores, np.array([4], np.int32)),
+        geometries=base.geometries,
+    )
+    assert to_json(odd, model)["detections"][0]["category"] == "oak"
+    coco = to_coco([odd], model, TILING)
+    assert coco["categories"] == [{"id": 4, "name": "oak", "supercategory": "vegetation"}]

@@ -1,0 +1,61 @@
+"""What a caller may choose per prediction, parsed and checked the same way for every entry point.
+
+The HTTP routes and ``palm-serve predict`` hand the raw values to :meth:`PredictOptions.parse`, so a value
+refused by one is refused by the other with the same message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.errors import InvalidParameter
+
+
+@dataclass(frozen=True, slots=True)
+class PredictOptions:
+    """Per-request choices.
+
+    Attributes:
+        score_threshold: drop detections scoring below this (0 to 1).
+        bands: 1-based source bands for red, green, blue, or one band read as grey; ``None`` applies the
+            reading policy.
+        max_pixels: refuse images with more pixels than this; ``None`` for no limit.
+    """
+
+    score_threshold: float
+    bands: tuple[int, ...] | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        score_threshold: float | None,
+        bands: str | None,
+        default_score_threshold: float,
+        max_pixels: int | None,
+    ) -> PredictOptions:
+        """Options from the values a user typed.
+
+        Raises:
+            InvalidParameter: a value is out of range or malformed; the detail names it.
+        """
+        threshold = default_score_threshold if score_threshold is None else score_threshold
+        return cls(score_threshold=threshold, bands=parse_bands(bands), max_pixels=max_pixels)
+
+
+def parse_bands(raw: str | None) -> tuple[int, ...] | None:
+    """``"3,2,1"`` → ``(3, 2, 1)``: 1-based source bands for red, green, blue (or one, read as grey).
+
+    Raises:
+        InvalidParameter: not 1 or 3 comma-separated band numbers starting at 1.
+    """
+    if raw is None or not raw.strip():
+        return None
+    try:
+        bands = tuple(int(part) for part in raw.split(","))
+    except ValueError as exc:
+        raise InvalidParameter(f"bands must be comma-separated band numbers like 3,2,1, got {raw!r}") from exc
+    if len(bands) not in (1, 3) or any(b < 1 for b in bands):
+        raise InvalidParameter(f"bands takes 1 or 3 band numbers starting at 1, got {raw!r}")
+    return bands

@@ -1,0 +1,82 @@
+"""Value types of a prediction: which model, how the image was cut, what was found (pure; no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.pipeline.merge import Detections
+
+GeoJSONGeometry = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """One class the model detects, as COCO names it."""
+
+    id: int
+    name: str
+    supercategory: str = "object"
+
+
+PALM_CATEGORIES: tuple[Category, ...] = (
+    Category(1, "palm_tree", "vegetation"),
+    Category(2, "building", "structure"),
+)
+"""The Palm model's classes; channel ``c`` of its heatmap is category ``c + 1``. A model card that lists
+its own ``categories`` replaces this table for that model."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Which model produced a result, and the classes it reports."""
+
+    name: str
+    version: str
+    sha256: str | None
+    categories: tuple[Category, ...] = PALM_CATEGORIES
+
+    def category_name(self, category_id: int) -> str:
+        """The name of ``category_id``; ``class_<id>`` for an id the model's table lacks."""
+        for category in self.categories:
+            if category.id == category_id:
+                return category.name
+        return f"class_{category_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class TilingInfo:
+    """How an image was cut and merged; recorded so results are reproducible."""
+
+    tile_size: int
+    overlap: int
+    nms_iou: float
+    score_threshold: float
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMeta:
+    """The image as the user sent it."""
+
+    file_name: str
+    width: int
+    height: int
+    sha256: str | None = None
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """Merged detections of one image with their EPSG:4326 geometries (``None`` without a CRS)."""
+
+    image: ImageMeta
+    detections: Detections
+    geometries: Sequence[GeoJSONGeometry | None]
+    tiles_total: int = 0
+    tiles_skipped: int = 0
+    timings: Mapping[str, float] = field(default_factory=dict)
+    """Seconds per stage: ``open``, ``first_result`` (open to the first batch's detections), ``tiles``
+    (open to the last), ``merge``, ``georeference``."""

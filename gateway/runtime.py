@@ -1,0 +1,102 @@
+"""``open_runtime(settings, metrics)``: the one place that wires the inference engine.
+
+The HTTP app, ``palm-serve predict`` and any other entry point get the same :class:`Runtime`: an
+inference backend (the configured Triton, or an embedded ``tritonserver`` started and supervised here),
+the pool of isolated decode workers, the served model's identity, and the :class:`Predictor` that runs
+files through them. Triton and the decode workers start side by side; leaving the context stops both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from gateway.decode import DecodePool
+from gateway.metrics import Metrics
+from gateway.model_card import load_model_info
+from gateway.pipeline.result import ModelInfo
+from gateway.predictor import InferenceBackend, Predictor
+from gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """A running inference engine: what every entry point needs to predict."""
+
+    settings: Settings
+    metrics: Metrics
+    inference: InferenceBackend
+    decode: DecodePool
+    model: ModelInfo
+    predictor: Predictor
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Runtime]:
+    """Start Triton (or connect to ``settings.triton.url``) and the decode workers; stop both on exit.
+
+    Args:
+        settings: the service configuration.
+        metrics: where the engine's metrics go; a fresh registry by default.
+
+    Raises:
+        InferenceUnavailable: the embedded Triton did not get the model ready.
+        ValueError: the configuration contradicts the served model (e.g. a batch size above its
+            ``max_batch_size``).
+        RuntimeError: the decode workers could not start.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    async with AsyncExitStack() as stack:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        pool = DecodePool.for_settings(settings)
+        stack.push_async_callback(pool.close)
+        triton = connect_triton(settings, metrics)
+        # The workers start while Triton loads the model; a failure of either stops the other.
+        started = await asyncio.gather(
+            stack.enter_async_context(triton), pool.start(), return_exceptions=True
+        )
+        failure = next((r for r in started if isinstance(r, BaseException)), None)
+        if failure is not None:
+            raise failure
+        backend = started[0]
+        assert not isinstance(backend, BaseException)
+        model = load_model_info(settings.triton)
+        predictor = Predictor(
+            pool, backend, model, tiling=settings.tiling, triton=settings.triton, metrics=metrics
+        )
+        yield Runtime(settings, metrics, backend, pool, model, predictor)
+
+
+@asynccontextmanager
+async def connect_triton(settings: Settings, metrics: Metrics) -> AsyncIterator[InferenceBackend]:
+    """The configured Triton, or an embedded one started (and stopped) here."""
+    from gateway.triton.client import TritonClient
+    from gateway.triton.launcher import EmbeddedTriton
+
+    async with AsyncExitStack() as stack:
+        url = settings.triton.url
+        if url is None:
+            launcher = EmbeddedTriton(
+                settings.triton, settings.data_dir / "triton", on_restart=metrics.triton_restarts.inc
+            )
+            await stack.enter_async_context(launcher)
+            url = launcher.grpc_url
+            logger.info("embedded tritonserver serving %s on %s", settings.triton.model_name, url)
+        client = TritonClient(url, settings.triton)
+        stack.push_async_callback(client.close)
+        if settings.triton.url is None:
+            # The embedded model is ready: refuse a batch size it would reject on every request.
+            served = await client.model_info()
+            if 0 < served.max_batch_size < settings.triton.batch_size:
+                raise ValueError(
+                    f"PALM_TRITON__BATCH_SIZE={settings.triton.batch_size} is above the max_batch_size "
+                    f"{served.max_batch_size} of {settings.triton.model_name} "
+                    f"(configs/{settings.triton.model_config_name}.pbtxt); set it to at most "
+                    f"{served.max_batch_size}"
+                )
+        yield client
