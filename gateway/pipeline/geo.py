@@ -184,14 +184,15 @@ def _polygons(lon: FloatArray, lat: FloatArray) -> list[GeoJSON | None]:
 
     Boxes that are unplaceable or cross the antimeridian take the per-box path of :func:`_geometry`.
     """
-    simple = (
-        np.isfinite(lon).all(axis=1)
-        & np.isfinite(lat).all(axis=1)
-        & (np.abs(lat) <= 90).all(axis=1)
-        & (lon.max(axis=1) - lon.min(axis=1) <= 180)
-    )
-    # Shoelace sign per ring; clockwise rings (e.g. north-up images: y grows southward) are reversed.
-    with np.errstate(all="ignore"):  # non-simple rows may hold inf/NaN/huge values; they are not used
+    # Rows holding inf/NaN/huge values are not simple and take the per-box path; ignore their warnings.
+    with np.errstate(all="ignore"):
+        simple = (
+            np.isfinite(lon).all(axis=1)
+            & np.isfinite(lat).all(axis=1)
+            & (np.abs(lat) <= 90).all(axis=1)
+            & (lon.max(axis=1) - lon.min(axis=1) <= 180)
+        )
+        # Shoelace sign per ring; clockwise rings (e.g. north-up images: y grows southward) are reversed.
         area2 = (lon * np.roll(lat, -1, axis=1) - np.roll(lon, -1, axis=1) * lat).sum(axis=1)
     order = np.where((area2 >= 0)[:, None], np.arange(4), np.arange(3, -1, -1))
     order = np.concatenate([order, order[:, :1]], axis=1)
@@ -226,6 +227,11 @@ def _crs(text: str) -> CRS:
 
 
 def _reproject(src: str, dst: str, xs: FloatArray, ys: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Transform points between CRSs; a point without a position in ``dst`` becomes NaN.
+
+    Raises:
+        ValueError: a CRS cannot be interpreted.
+    """
     shape = np.shape(xs)
     x = np.asarray(xs, np.float64).ravel()
     y = np.asarray(ys, np.float64).ravel()
@@ -236,13 +242,35 @@ def _reproject(src: str, dst: str, xs: FloatArray, ys: FloatArray) -> tuple[Floa
     out_y = np.full(y.shape, np.nan)
     if not finite.any():
         return out_x.reshape(shape), out_y.reshape(shape)
-    try:
-        tx, ty = warp_transform(_crs(src), _crs(dst), x[finite].tolist(), y[finite].tolist())
-    except (RasterioError, CPLE_BaseError, CRSError) as exc:
-        raise ValueError(f"cannot transform between these CRSs: {exc}") from exc
-    out_x[finite] = tx
-    out_y[finite] = ty
+    source, target = _crs(src), _crs(dst)
+    index = np.flatnonzero(finite)
+    _transform_into(source, target, x, y, index, out_x, out_y)
     return out_x.reshape(shape), out_y.reshape(shape)
+
+
+def _transform_into(
+    source: CRS,
+    target: CRS,
+    x: FloatArray,
+    y: FloatArray,
+    index: npt.NDArray[np.intp],
+    out_x: FloatArray,
+    out_y: FloatArray,
+) -> None:
+    """Transform the points at ``index``; GDAL fails a whole call for one unplaceable point (a
+    geostationary corner looking into space), so a failing call is split in halves until the points
+    that fail alone are found, and those stay NaN: ``O(k log n)`` calls for ``k`` such points."""
+    try:
+        tx, ty = warp_transform(source, target, x[index].tolist(), y[index].tolist())
+    except (RasterioError, CPLE_BaseError, CRSError):
+        if index.size == 1:
+            return
+        half = index.size // 2
+        _transform_into(source, target, x, y, index[:half], out_x, out_y)
+        _transform_into(source, target, x, y, index[half:], out_x, out_y)
+        return
+    out_x[index] = tx
+    out_y[index] = ty
 
 
 def _geometry(lon: FloatArray, lat: FloatArray) -> GeoJSON | None:

@@ -131,3 +131,18 @@ def test_vectorised_pixels_to_lonlat_keeps_shape() -> None:
     lon, lat = pixels_to_lonlat(geo, xs, xs)
     assert lon.shape == lat.shape == (2, 3)
     assert np.all(np.diff(lon, axis=1) > 0)
+
+
+def test_a_geostationary_view_places_the_disc_and_leaves_space_unplaced() -> None:
+    # A full-disc geostationary image: its corners look past the Earth, its centre at (-75, 0).
+    geos = Georef(
+        "+proj=geos +h=35774290 +lon_0=-75 +sweep=x +ellps=WGS84 +units=m +no_defs",
+        (20054.96, 0.0, -5434895.08, 0.0, -20054.96, 5434895.08),
+    )
+    assert can_georeference(geos.crs, geos.transform, 542, 542)
+    corner, centre = box_polygons(np.array([[0, 0, 10, 10], [271, 271, 280, 280]]), geos)
+    assert corner is None
+    assert centre is not None
+    lon, lat = centre["coordinates"][0][0]
+    assert lon == pytest.approx(-75.0, abs=0.01)
+    assert lat == pytest.approx(0.0, abs=2.0)
