@@ -1,4 +1,5 @@
-"""What the gateway tells users about the model: Triton's name/version plus the card's sha256 and classes."""
+"""What the gateway tells users about the model: Triton's name and version directory, and from the model
+card its release, sha256 and classes."""
 
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
     version_dir = Path(triton.model_repository) / triton.model_name / triton.model_version
     sha256: str | None = None
     categories = PALM_CATEGORIES
+    release = triton.model_version
     card = version_dir / CARD_NAME
     try:
         content = json.loads(card.read_text())
         sha256 = str(content["sha256"])
+        release = str(content.get("version") or release)
         if content.get("categories"):
             categories = tuple(
                 Category(int(c["id"]), str(c["name"]), str(c.get("supercategory", "object")))
@@ -42,7 +45,11 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
     except (KeyError, ValueError, TypeError, OSError) as exc:
         logger.warning("model card %s is unreadable: %s", card, exc)
     return ModelInfo(
-        name=triton.model_name, version=triton.model_version, sha256=sha256, categories=categories
+        name=triton.model_name,
+        version=release,
+        sha256=sha256,
+        triton_version=triton.model_version,
+        categories=categories,
     )
 
 

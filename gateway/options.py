@@ -6,9 +6,13 @@ refused by one is refused by the other with the same message.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 from gateway.errors import InvalidParameter
+
+_ASCII_NUMBER = re.compile(r"[0-9]{1,6}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,21 +45,42 @@ class PredictOptions:
             InvalidParameter: a value is out of range or malformed; the detail names it.
         """
         threshold = default_score_threshold if score_threshold is None else score_threshold
-        return cls(score_threshold=threshold, bands=parse_bands(bands), max_pixels=max_pixels)
+        return cls(
+            score_threshold=check_score_threshold(threshold), bands=parse_bands(bands), max_pixels=max_pixels
+        )
+
+
+def check_score_threshold(value: float) -> float:
+    """``value`` if it is a number from 0 to 1.
+
+    Raises:
+        InvalidParameter: NaN, infinite, or outside ``[0, 1]``.
+    """
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InvalidParameter(
+            f"score_threshold must be a number from 0 to 1, got {value!r}", parameter="score_threshold"
+        )
+    return value
 
 
 def parse_bands(raw: str | None) -> tuple[int, ...] | None:
     """``"3,2,1"`` → ``(3, 2, 1)``: 1-based source bands for red, green, blue (or one, read as grey).
+
+    Only ASCII digits count (``int()`` alone would read ``1_0`` as 10 and accept other scripts' digits).
 
     Raises:
         InvalidParameter: not 1 or 3 comma-separated band numbers starting at 1.
     """
     if raw is None or not raw.strip():
         return None
-    try:
-        bands = tuple(int(part) for part in raw.split(","))
-    except ValueError as exc:
-        raise InvalidParameter(f"bands must be comma-separated band numbers like 3,2,1, got {raw!r}") from exc
+    parts = [part.strip() for part in raw.split(",")]
+    if not all(_ASCII_NUMBER.fullmatch(part) for part in parts):
+        raise InvalidParameter(
+            f"bands must be comma-separated band numbers like 3,2,1, got {raw!r}", parameter="bands"
+        )
+    bands = tuple(int(part) for part in parts)
     if len(bands) not in (1, 3) or any(b < 1 for b in bands):
-        raise InvalidParameter(f"bands takes 1 or 3 band numbers starting at 1, got {raw!r}")
+        raise InvalidParameter(
+            f"bands takes 1 or 3 band numbers starting at 1, got {raw!r}", parameter="bands"
+        )
     return bands

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
-from gateway.errors import Overloaded
+from gateway.errors import InvalidParameter, Overloaded
 from gateway.metrics import Metrics
 from gateway.pipeline.result import ModelInfo
 from gateway.predictor import Predictor
@@ -66,3 +68,35 @@ async def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """Refuse query parameters the route does not take (``?fromat=geojson`` is a typo, not a no-op).
+
+    Raises:
+        InvalidParameter: naming the unknown parameters and the ones the route accepts.
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    accepted = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - accepted)
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        known = ", ".join(sorted(accepted)) or "none"
+        raise InvalidParameter(
+            f"unknown query parameter {names}; {route.path} takes: {known}",
+            unknown=unknown,
+            accepted=sorted(accepted),
+        )
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for child in dependant.dependencies:
+        names |= _query_names(child)
+    return names
+
+
+StrictQuery = Depends(reject_unknown_query)
+"""Add to a router's ``dependencies`` so its routes refuse unknown query parameters."""

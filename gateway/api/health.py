@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.api.deps import ServicesDep
 from gateway.api.schemas import PROBLEM_RESPONSES, Health, Ready
 from gateway.errors import InferenceUnavailable
+from gateway.pipeline.render import model_record
 
 router = APIRouter(tags=["operations"])
 
@@ -29,12 +30,10 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     services.metrics.triton_ready.set(1 if ready else 0)
     if not ready:
         raise InferenceUnavailable(
-            f"model {services.model.name!r} version {services.model.version} is not ready on Triton",
+            f"model {services.model.name!r} version {services.model.triton_version} is not ready on Triton",
             retry_after_s=2,
         )
-    return JSONResponse(
-        {"status": "ready", "model": {"name": services.model.name, "version": services.model.version}}
-    )
+    return JSONResponse({"status": "ready", "model": model_record(services.model)})
 
 
 @router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)

@@ -9,14 +9,14 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from gateway.api.deps import Services, ServicesDep
+from gateway.api.deps import Services, ServicesDep, StrictQuery
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
 from gateway.api.uploads import discard, receive_upload
 from gateway.errors import GatewayError
 from gateway.options import PredictOptions
 from gateway.pipeline.render import MEDIA_TYPES, OutputFormat, render
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], dependencies=[StrictQuery])
 
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -59,7 +59,11 @@ async def predict(
     request: Request,
     services: ServicesDep,
     score_threshold: Annotated[
-        float | None, Query(ge=0.0, le=1.0, description="Drop detections scoring below this")
+        float | None,
+        Query(
+            description="Drop detections scoring below this (0 to 1)",
+            json_schema_extra={"minimum": 0.0, "maximum": 1.0},
+        ),
     ] = None,
     format: Annotated[OutputFormat, Query(description="Response body format")] = OutputFormat.json,
     bands: Annotated[

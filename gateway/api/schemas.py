@@ -21,20 +21,16 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
-class ModelRef(BaseModel):
+class ModelOut(BaseModel):
     name: str
-    version: str
+    version: str = Field(description="The model's release, from its model card (e.g. 1.1.0)")
+    triton_version: str = Field(description="The version directory Triton serves (e.g. 1)")
+    sha256: str | None = Field(description="sha256 of the weights' file")
 
 
 class Ready(BaseModel):
     status: Literal["ready"]
-    model: ModelRef
-
-
-class ModelOut(BaseModel):
-    name: str
-    version: str
-    sha256: str | None
+    model: ModelOut
 
 
 class ImageOut(BaseModel):

@@ -103,12 +103,23 @@ class _PartCollector:
     def on_headers_finished(self) -> None:
         _, params = parse_options_header(self._headers.get("content-disposition", ""))
         name = params.get(b"name", b"").decode("utf-8", "replace")
-        if name == FILE_FIELD and not self.file_seen:
+        is_file = b"filename" in params or b"filename*" in params
+        if name == FILE_FIELD and self.file_seen:
+            raise InputError(
+                f"the form holds more than one part named {FILE_FIELD!r}; this endpoint takes one image per "
+                "request (send many files as a bulk job)"
+            )
+        if name == FILE_FIELD:
             self.file_seen = True
             self._in_file = True
             raw_name = params.get(b"filename*") or params.get(b"filename") or b""
             self.file_name = safe_display_name(raw_name.decode("utf-8", "replace"))
             self.file_content_type = self._headers.get("content-type")
+        elif is_file:
+            raise InputError(
+                f"the form has no part named {FILE_FIELD!r}; it sends a file in a part named "
+                f"{safe_display_name(name)!r}: name that part {FILE_FIELD!r} (curl -F file=@scene.tif)"
+            )
         else:
             if len(self.fields) >= MAX_FIELDS:
                 raise InputError(f"too many form fields (at most {MAX_FIELDS})")

@@ -75,8 +75,14 @@ def _padded(geometries: Sequence[GeoJSONGeometry | None], n: int) -> list[GeoJSO
     return list(geometries) + [None] * (n - len(geometries))
 
 
-def _model(model: ModelInfo) -> dict[str, Any]:
-    return {"name": model.name, "version": model.version, "sha256": model.sha256}
+def model_record(model: ModelInfo) -> dict[str, Any]:
+    """The ``model`` object every document carries."""
+    return {
+        "name": model.name,
+        "version": model.version,
+        "triton_version": model.triton_version,
+        "sha256": model.sha256,
+    }
 
 
 def detection_records(result: ImageResult, model: ModelInfo) -> list[dict[str, Any]]:
@@ -100,7 +106,7 @@ def to_json(result: ImageResult, model: ModelInfo) -> dict[str, Any]:
     """The default ``/v1/predict`` body."""
     image = result.image
     return {
-        "model": _model(model),
+        "model": model_record(model),
         "image": {
             "file_name": image.file_name,
             "width": image.width,
@@ -125,7 +131,7 @@ def coco_info(
         "description": description,
         "version": model.version,
         "date_created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": _model(model),
+        "model": model_record(model),
         "tiling": {
             "tile_size": tiling.tile_size,
             "overlap": tiling.overlap,
@@ -196,10 +202,16 @@ def to_coco(results: Iterable[ImageResult], model: ModelInfo, tiling: TilingInfo
 
 
 def to_geojson(results: Iterable[ImageResult], model: ModelInfo) -> dict[str, Any]:
-    """An RFC 7946 FeatureCollection in EPSG:4326; features without a CRS carry ``geometry: null``."""
+    """An RFC 7946 FeatureCollection in EPSG:4326; features without a CRS carry ``geometry: null``.
+
+    Two foreign members (RFC 7946 section 6.1) go with the features: ``model``, and ``warnings``, what
+    the reader said about each file (``{"file_name", "message"}``), such as why it has no geometry.
+    """
     features: list[dict[str, Any]] = []
+    warnings: list[dict[str, str]] = []
     model_name = f"{model.name}/{model.version}"
     for result in results:
+        warnings.extend({"file_name": result.image.file_name, "message": w} for w in result.image.warnings)
         bboxes, scores, classes = _columns(result.detections)
         geometries = _padded(result.geometries, len(bboxes))
         names = _names(model, classes)
@@ -219,4 +231,9 @@ def to_geojson(results: Iterable[ImageResult], model: ModelInfo) -> dict[str, An
             }
             for bbox, score, category_id, geometry in zip(bboxes, scores, classes, geometries, strict=False)
         )
-    return {"type": "FeatureCollection", "features": features}
+    return {
+        "type": "FeatureCollection",
+        "features": features,
+        "model": model_record(model),
+        "warnings": warnings,
+    }

@@ -30,11 +30,21 @@ its own ``categories`` replaces this table for that model."""
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """Which model produced a result, and the classes it reports."""
+    """Which model produced a result, and the classes it reports.
+
+    Attributes:
+        name: the model's name on Triton.
+        version: the model's own release (its card's ``version``, e.g. ``1.1.0``); Triton's version
+            directory when the model has no card.
+        sha256: the digest of the weights' file.
+        triton_version: the version directory Triton serves (``1``).
+        categories: the classes, as the card lists them.
+    """
 
     name: str
     version: str
     sha256: str | None
+    triton_version: str = "1"
     categories: tuple[Category, ...] = PALM_CATEGORIES
 
     def category_name(self, category_id: int) -> str:

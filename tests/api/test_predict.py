@@ -66,3 +66,38 @@ async def test_each_format_reports_the_box(http: httpx.AsyncClient, geotiff: Cal
     assert body.detections[0].geometry["type"] == "Polygon"
     assert body.model.sha256 == "ab" * 32
     assert set(response.json()) == set(PredictResponse.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "detail"),
+    [
+        ({"fromat": "geojson"}, 422, "unknown query parameter 'fromat'; /v1/predict takes: bands, format,"),
+        ({"score_threshold": "nan"}, 422, "score_threshold must be a number from 0 to 1, got nan"),
+        ({"score_threshold": "5"}, 422, "score_threshold must be a number from 0 to 1, got 5.0"),
+        ({"bands": "1_0"}, 422, "bands must be comma-separated band numbers"),
+    ],
+)
+async def test_parameter_errors_name_the_parameter(
+    http: httpx.AsyncClient, geotiff: Callable[..., Path], params: dict[str, str], status: int, detail: str
+) -> None:
+    files = {"file": ("scene.tif", geotiff(width=64, height=64).read_bytes(), "image/tiff")}
+    response = await http.post("/v1/predict", params=params, files=files)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert detail in response.json()["detail"]
+
+
+async def test_the_image_in_a_wrongly_named_part_or_twice_is_explained(
+    http: httpx.AsyncClient, geotiff: Callable[..., Path]
+) -> None:
+    content = geotiff(width=600, height=600).read_bytes()
+    assert len(content) > 65536
+    wrong = await http.post("/v1/predict", files={"image": ("scene.tif", content, "image/tiff")})
+    assert wrong.status_code == 400
+    assert "no part named 'file'; it sends a file in a part named 'image'" in wrong.json()["detail"]
+    twice = await http.post(
+        "/v1/predict",
+        files=[("file", ("a.tif", content, "image/tiff")), ("file", ("b.tif", content, "image/tiff"))],
+    )
+    assert twice.status_code == 400
+    assert "more than one part named 'file'" in twice.json()["detail"]

@@ -71,8 +71,11 @@ async def test_declared_length_over_the_cap_is_refused_before_reading(tmp_path: 
 
 
 async def test_missing_file_part_and_wrong_content_type(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="no part named 'file'"):
-        await receive_upload(CT, None, chunks(body(b"abc", name="other")), tmp_path, 4096)
+    with pytest.raises(InputError, match="no part named 'file'; it sends a file in a part named 'image'"):
+        await receive_upload(CT, None, chunks(body(b"x" * 100_000, name="image")), tmp_path, 1 << 20)
+    two = body(b"abc")[: -len(f"--{BOUNDARY}--\r\n")] + body(b"def")
+    with pytest.raises(InputError, match="more than one part named 'file'"):
+        await receive_upload(CT, None, chunks(two), tmp_path, 4096)
     with pytest.raises(UnsupportedMediaType, match="multipart/form-data"):
         await receive_upload("application/json", None, chunks(b"{}"), tmp_path, 4096)
     assert list(tmp_path.iterdir()) == []

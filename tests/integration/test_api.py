@@ -21,7 +21,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from export.synth import PalmAt, Scene, render_scene, write_geotiff
 from gateway.app import create_app
 from gateway.server import serve_in_thread
-from gateway.settings import DecodeSettings, LimitSettings, Settings, TritonSettings
+from gateway.settings import REPO_ROOT, DecodeSettings, LimitSettings, Settings, TritonSettings
 from gateway.triton.launcher import EmbeddedTriton
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,16 @@ def test_health_readiness_docs_and_metrics(gateway: httpx.Client) -> None:
     assert gateway.get("/healthz").json() == {"status": "ok"}
     ready = gateway.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "model": {"name": "palm", "version": "1"}}
+    card = json.loads((REPO_ROOT / "model_repository/palm/1/model_card.json").read_text())
+    assert ready.json() == {
+        "status": "ready",
+        "model": {
+            "name": "palm",
+            "version": card["version"],
+            "triton_version": "1",
+            "sha256": card["sha256"],
+        },
+    }
     assert gateway.get("/docs").status_code == 200
     spec = gateway.get("/openapi.json").json()
     assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from gateway.pipeline.merge import Detections
 from gateway.pipeline.render import OutputFormat, render, to_coco, to_geojson, to_json
 from gateway.pipeline.result import Category, ImageMeta, ImageResult, ModelInfo, TilingInfo
 
-MODEL = ModelInfo("palm", "1", "ab" * 32)
+MODEL = ModelInfo("palm", "1.1.0", "ab" * 32, triton_version="1")
 TILING = TilingInfo(512, 128, 0.5, 0.3)
 
 
@@ -61,7 +62,12 @@ def test_coco_loads_with_pycocotools_and_as_results(tmp_path: Path) -> None:
 
 def test_json_format_shape() -> None:
     body = to_json(result("scene.tif", 2), MODEL)
-    assert body["model"] == {"name": "palm", "version": "1", "sha256": MODEL.sha256}
+    assert body["model"] == {
+        "name": "palm",
+        "version": "1.1.0",
+        "triton_version": "1",
+        "sha256": MODEL.sha256,
+    }
     assert body["image"]["transform"] == [0.3, 0.0, 500000.0, 0.0, -0.3, 4000000.0]
     det = body["detections"][1]
     assert det["category"] == "building"
@@ -70,13 +76,22 @@ def test_json_format_shape() -> None:
     assert det["geometry"]["type"] == "Polygon"
 
 
-def test_geojson_is_a_feature_collection_with_null_geometry_without_crs() -> None:
-    doc = to_geojson([result("a.tif", 1), result("b.png", 1, georef=False)], MODEL)
+def test_geojson_is_a_feature_collection_with_null_geometry_without_crs_and_says_why() -> None:
+    plain = result("b.png", 1, georef=False)
+    no_crs = "The file has no CRS: detections are in pixel coordinates without geometry."
+    plain = ImageResult(
+        image=replace(plain.image, warnings=(no_crs,)),
+        detections=plain.detections,
+        geometries=plain.geometries,
+    )
+    doc = to_geojson([result("a.tif", 1), plain], MODEL)
     assert doc["type"] == "FeatureCollection"
     geoms = [f["geometry"] for f in doc["features"]]
     assert geoms[0]["type"] == "Polygon"
     assert geoms[1] is None
     assert doc["features"][0]["properties"]["category"] == "palm_tree"
+    assert doc["warnings"] == [{"file_name": "b.png", "message": no_crs}]
+    assert doc["model"]["version"] == "1.1.0"
 
 
 def test_json_and_geojson_agree_and_name_unknown_classes() -> None:
@@ -99,7 +114,7 @@ def test_json_and_geojson_agree_and_name_unknown_classes() -> None:
             "score": d["score"],
             "bbox_px": d["bbox"],
             "file_name": "a.tif",
-            "model": "palm/1",
+            "model": "palm/1.1.0",
         }
         for d in records
     ]
