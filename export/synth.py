@@ -64,7 +64,9 @@ HELDOUT_MIN_SEED = 1_000_000
 #: Largest building extent in pixels, kept below the tiler's 128 px overlap so every building lies
 #: whole inside at least one tile.
 MAX_BUILDING_PX = 110.0
-#: Palms per 512 px tile that a plantation block may reach (the model's K is 512).
+#: Palms per 512 px tile that a plantation block may reach. The training and evaluation scenes stay
+#: below it, well inside the model's K = 2048 rows per tile; denser plantations at coarse GSD are
+#: unmeasured (see the model card).
 MAX_PALMS_PER_TILE = 400
 #: UTM zones where palms grow (EPSG code, false northing of the hemisphere, typical northing span).
 _ZONES: tuple[tuple[int, float, float], ...] = (
@@ -685,8 +687,7 @@ def _plantation(cv: _Canvas) -> list[_Palm]:
     half_u, half_v = rng.uniform(0.2, 0.8, 2) * n
     triangular = rng.random() < 0.7
     cell_area = spacing * spacing * (0.866 if triangular else 1.0)
-    # The model returns at most K = 512 boxes per 512 px tile; keep a block below MAX_PALMS_PER_TILE
-    # palms wherever a tile falls on it (a limit of the contract at coarse GSD, see the model card).
+    # Keep a block below MAX_PALMS_PER_TILE palms wherever a tile falls on it.
     scale = math.sqrt(min(1.0, MAX_PALMS_PER_TILE * cell_area / (4 * half_u * half_v)))
     half_u, half_v = half_u * scale, half_v * scale
     missing = rng.uniform(0.02, 0.15)

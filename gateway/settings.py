@@ -7,7 +7,9 @@ Examples::
     PALM_LIMITS__MAX_PREDICT_PIXELS=100000000
 
 ``PALM_TRITON_URL`` (single underscore) is accepted as an alias of ``PALM_TRITON__URL`` because it is
-the name the docs and docker-compose use.
+the name the docs and docker-compose use. Sources, highest priority first: arguments passed to
+``Settings(...)``, ``PALM_*`` environment variables (``PALM_TRITON__URL`` among them), then
+``PALM_TRITON_URL``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TRITON_URL_ALIAS = "PALM_TRITON_URL"
 
 
 class TritonSettings(BaseModel):
@@ -100,15 +104,23 @@ class Settings(BaseSettings):
     tiling: TilingSettings = TilingSettings()
     decode: DecodeSettings = DecodeSettings()
 
-    @model_validator(mode="before")
     @classmethod
-    def _triton_url_alias(cls, data: Any) -> Any:
-        url = os.environ.get("PALM_TRITON_URL")
-        if url and isinstance(data, dict):
-            triton = data.get("triton") or {}
-            if isinstance(triton, dict) and not triton.get("url"):
-                data["triton"] = {**triton, "url": url}
-        return data
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The default sources, with ``PALM_TRITON_URL`` below every ``PALM_*`` variable."""
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            TritonUrlAliasSource(settings_cls),
+            file_secret_settings,
+        )
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
@@ -117,6 +129,17 @@ class Settings(BaseSettings):
         if self.tiling.overlap * 2 > self.tiling.tile_size:
             raise ValueError("tiling.overlap must be at most half the tile size")
         return self
+
+
+class TritonUrlAliasSource(PydanticBaseSettingsSource):
+    """``PALM_TRITON_URL`` as ``triton.url``; an empty value counts as unset."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        url = os.environ.get(TRITON_URL_ALIAS)
+        return {"triton": {"url": url}} if url else {}
 
 
 @lru_cache(maxsize=1)

@@ -2,14 +2,14 @@
 
 One ``grpc.aio`` channel carries everything. Control calls (ready, metadata, config, statistics) use
 the stub generated in ``tritonclient.grpc``; ``ModelInfer`` sends bytes from
-:class:`~gateway.triton.codecs.InferRequestEncoder` (one copy of the tiles instead of four). Measured
-with ``loadtest/bench_triton.py`` at batch 8: 0.44 ms to encode a request against 1.8 ms (tuned malloc)
-or 9 ms (untuned) for ``tritonclient.grpc.aio.InferenceServerClient.infer``'s path, and a third of its
-client CPU per tile end to end.
+:class:`~gateway.triton.codecs.InferRequestEncoder` (one copy of the tiles instead of four in
+``tritonclient.grpc.aio.InferenceServerClient.infer``'s path). Measured gain: docs/performance.md,
+"Request encoding and malloc".
 
 Shared memory: when a batch already lies in a ``/dev/shm`` region (the decode workers write there, see
-:mod:`gateway.decode.arena`), the request names the region and offset instead of carrying 6 MB, and
-the server reads the tiles in place. Regions are registered with Triton on first use
+:mod:`gateway.decode.arena`), the request names the region and offset instead of carrying the tiles
+(768 KiB each), and the server reads them in place. Measured gain: docs/performance.md, "Serving"
+(row 3) and "What was done to get here". Regions are registered with Triton on first use
 (``SystemSharedMemoryRegister``) and again after a server restart forgot them. A server that cannot map
 the region (another host or container) refuses the registration once; from then on that region is
 sent over gRPC like any array. ``TritonSettings.shared_memory = "off"`` never tries.
@@ -120,9 +120,9 @@ class TritonClient:
         url: ``host:port`` of Triton's gRPC endpoint.
         settings: Model name/version and ``request_timeout_s``.
         retry_after_s: ``Retry-After`` carried by the unavailability errors.
-        malloc_tuning: Call :func:`~gateway.triton.codecs.tune_malloc` for this process (idempotent);
-            with tritonclient's copying path it made multi-megabyte requests 5x cheaper to encode
-            (this client's single copy gains little, but the rest of the process does).
+        malloc_tuning: Call :func:`~gateway.triton.codecs.tune_malloc` for this process (idempotent):
+            multi-megabyte buffers reuse heap pages instead of a fresh ``mmap`` each. Measured gain:
+            docs/performance.md, "Request encoding and malloc".
     """
 
     def __init__(

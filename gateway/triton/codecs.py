@@ -9,7 +9,8 @@ Why encode by hand: ``tritonclient``'s ``InferInput.set_data_from_numpy`` copies
 :class:`InferRequestEncoder` writes the few header bytes of a ``ModelInferRequest`` itself (cached per
 batch size) and appends the tile buffer as field 7 (``raw_input_contents``) with a single copy. gRPC's
 Python API only accepts ``bytes`` for a request, so that one copy cannot be avoided, and a reusable
-buffer cannot be handed over either; :func:`tune_malloc` makes the allocation cheap instead.
+buffer cannot be handed over either; :func:`tune_malloc` makes the allocation cheap instead. Measured
+gain of both: docs/performance.md, "Request encoding and malloc".
 
 Wire format (proto3, ``grpc_service.proto``)::
 
@@ -89,6 +90,8 @@ def check_tiles(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 
 class InferRequestEncoder:
     """Serialises ``ModelInferRequest`` messages for one model, copying the tiles exactly once.
+
+    Measured gain over tritonclient's path: docs/performance.md, "Request encoding and malloc".
 
     Args:
         model_name: Triton model name.
@@ -183,10 +186,10 @@ def tune_malloc(
     """Make glibc keep large blocks on the heap for this process (idempotent).
 
     With the default dynamic threshold every multi-megabyte request buffer is a fresh ``mmap``, and
-    its pages fault in on every call: measured on 6 MB requests built the way tritonclient builds them,
-    9 ms to encode untuned against 1.8 ms tuned, and 1.7x the tiles/s over gRPC to a trivial model. Raising
-    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` lets those buffers reuse already-mapped heap pages.
-    Child processes get the same through ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``.
+    its pages fault in on every call. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` lets those
+    buffers reuse already-mapped heap pages. Child processes get the same through
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``. Measured gain: docs/performance.md,
+    "Request encoding and malloc".
 
     Args:
         mmap_threshold: Allocations at least this large still use ``mmap``.

@@ -1,8 +1,8 @@
 """The embedded ``tritonserver``: start it, keep it alive, stop it without leaving anything behind.
 
-When ``PALM_TRITON_URL`` is unset the service runs the ``tritonserver`` binary that the
-``nvidia-pytriton`` wheel bundles (python backend only; ``palm/1/model.py`` runs the ONNX on
-onnxruntime). :class:`EmbeddedTriton` owns that child process:
+When ``triton.url`` is unset (``PALM_TRITON__URL``, or its alias ``PALM_TRITON_URL``) the service runs
+the ``tritonserver`` binary that the ``nvidia-pytriton`` wheel bundles (python backend only;
+``palm/1/model.py`` runs the ONNX on onnxruntime). :class:`EmbeddedTriton` owns that child process:
 
 * **ports**: gRPC, HTTP and metrics listen on free loopback ports picked at start and kept across
   restarts, so a client built from :attr:`EmbeddedTriton.grpc_url` stays valid.
@@ -62,6 +62,7 @@ SHM_PREFIX = "triton_python_backend_shm_region_"
 LANES_PREFIX = "palm_lanes_"
 # glibc in the child: keep big blocks on the heap so per-request tensors reuse pages instead of an
 # mmap/munmap and page faults each time (the same as gateway.triton.codecs.tune_malloc in-process).
+# Measured gain: docs/performance.md, "Request encoding and malloc".
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD_BYTES),
     "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD_BYTES),
@@ -172,7 +173,8 @@ class EmbeddedTriton:
         stable_after_s: Uptime after which the restart delay goes back to ``backoff_initial_s``.
         stop_timeout_s: Grace period between SIGTERM and SIGKILL.
         shm_byte_size: Initial and growth size of each python-backend shared-memory region; ``None``
-            keeps the backend's 1 MiB (measured: 64 MiB made no difference at batch 8).
+            keeps the backend's 1 MiB (a larger size measured no gain: docs/performance.md, "Request
+            encoding and malloc").
         tune_malloc: Pass ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` to the child.
         extra_args: More ``tritonserver`` flags, appended last.
         env: More environment variables for the child.

@@ -20,9 +20,9 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from export.synth import PalmAt, Scene, render_scene, write_geotiff
 from gateway.app import create_app
-from gateway.server import serve_in_thread
 from gateway.settings import REPO_ROOT, DecodeSettings, LimitSettings, Settings, TritonSettings
 from gateway.triton.launcher import EmbeddedTriton
+from tests.integration.server import serve_in_thread
 
 pytestmark = pytest.mark.integration
 

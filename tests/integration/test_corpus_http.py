@@ -16,9 +16,9 @@ import pytest
 
 from export.synth import render_scene, write_geotiff
 from gateway.app import create_app
-from gateway.server import serve_in_thread
 from gateway.settings import DecodeSettings, Settings, TritonSettings
 from gateway.triton.launcher import EmbeddedTriton
+from tests.integration.server import serve_in_thread
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

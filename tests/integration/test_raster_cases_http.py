@@ -21,10 +21,10 @@ from rasterio.enums import ColorInterp
 from export.synth import PalmAt, Scene, render_scene
 from gateway.app import create_app
 from gateway.pipeline.geo import Georef, lonlat_to_pixel, pixel_to_lonlat
-from gateway.server import serve_in_thread
 from gateway.settings import DecodeSettings, Settings, TritonSettings
 from gateway.triton.launcher import EmbeddedTriton
 from tests.factories import make_geotiff
+from tests.integration.server import serve_in_thread
 
 pytestmark = pytest.mark.integration
 

@@ -4,22 +4,25 @@ Selected with ``tritonserver --model-config-name=cpu`` (``configs/cpu.pbtxt``); 
 (``config.pbtxt``) uses Triton's own onnxruntime backend and never loads this file.
 
 Batching: Triton's dynamic batcher hands ``execute`` every request that waited in its queue. Their
-``images`` tensors are concatenated along the batch axis and run as ONE onnxruntime call (one big GEMM
-per layer beats many small ones), then the ``detections`` are split back, request by request, in order.
+``images`` tensors are concatenated along the batch axis and run as ONE onnxruntime call, then the
+``detections`` are split back, request by request, in order. Tiles/s by batch size: docs/performance.md,
+"Model" (one session on every core) and "What was done to get here" (single-threaded sessions).
 
 I/O goes through DLPack only. The stub bundled with the ``nvidia-pytriton`` wheel was built against
 numpy<2; with numpy 2 its ``as_numpy()`` reads zeros and ``Tensor(name, ndarray)`` sends empty tensors,
 silently. ``np.from_dlpack(tensor)`` and ``Tensor.from_dlpack(name, capsule)`` are correct with
 numpy>=2.4 (see ``_output_tensor`` for the one wrinkle left).
 
-Threads: the CPU config runs two instances (two stub processes) with one onnxruntime thread per core
-each, i.e. one single-threaded session per core on a 2-core machine. Under load that beats one
-instance using every core (measured 82.7 against 70.6 tiles/s through the gateway, docs/performance.md):
-a single-threaded call never waits at a barrier for a thread the OS gave to the decoder, and while one
-instance hands its answer back the other computes. A lone tile would then take one core's time, so a
-call of at most ``solo_max_tiles`` tiles that arrives while no other instance of this model is
-executing runs on a second session using every core. Instances mark themselves busy in a tiny shared
-``/dev/shm`` table (:class:`_Lanes`); without it every call stays on its own threads.
+Threads: the CPU config runs two instances (two stub processes), each with its share of the cores
+(cores / instances onnxruntime threads), i.e. one single-threaded session per core on a 2-core machine.
+Under load that beats one instance using every core: a single-threaded call never waits at a barrier
+for a thread the OS gave to the decoder, and while one instance hands its answer back the other
+computes. Measured gain: docs/performance.md, "What was done to get here" (two single-threaded
+instances). A lone tile would then take one core's time, so a call of at most ``solo_max_tiles`` tiles
+that arrives while no other instance of this model is executing runs on a second session using every
+core (measured gain: docs/performance.md, "Serving", single-tile stage medians). Instances mark
+themselves busy in a tiny shared ``/dev/shm`` table (:class:`_Lanes`); without it every call stays on
+its own threads.
 
 Errors: a request that cannot be decoded gets its own error response; the others in the batch still
 run. If onnxruntime itself fails, every request of that batch gets the error (they shared the call).

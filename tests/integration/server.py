@@ -1,4 +1,4 @@
-"""Run a gateway app under uvicorn in a background thread (benchmarks, tests, notebooks)."""
+"""Run a gateway app under uvicorn in a background thread, for the tests that talk HTTP to it."""
 
 from __future__ import annotations
 
