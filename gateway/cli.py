@@ -1,4 +1,8 @@
-"""``palm-serve``: ``serve`` runs the HTTP gateway; ``predict`` runs the same pipeline on local files."""
+"""``palm-serve``: ``serve`` runs the HTTP gateway; ``predict`` runs the same pipeline on local files.
+
+Modules beyond the standard library load inside the commands, after the embedded Triton has been
+spawned (see :mod:`gateway.runtime`), so a one-file ``predict`` pays for them while the server starts.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +10,84 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.logs import configure_logging
-from gateway.pipeline.render import FILE_SUFFIXES, OutputFormat
-from gateway.settings import Settings, get_settings
+if TYPE_CHECKING:
+    from gateway.pipeline.render import OutputFormat
+    from gateway.settings import Settings
 
 logger = logging.getLogger("palm_serve")
 
+FORMATS = ("json", "coco", "geojson")
+RASTER_SUFFIXES = (".tif", ".tiff")
+DEFAULT_OUT = Path("predictions")
+
+DESCRIPTION = """\
+Palm Serve: palm-tree and building detection on GeoTIFFs, served by NVIDIA Triton.
+
+  palm-serve serve      serve the HTTP API (what `make run` calls)
+  palm-serve predict    detect objects in local files, without HTTP
+
+Settings come from PALM_* environment variables (see the README's configuration table).
+"""
+
+PREDICT_DESCRIPTION = """\
+Run the same reading, Triton, seam-merge and georeferencing path as POST /v1/predict on local files,
+without the pixel limit of a direct request. A directory stands for every *.tif / *.tiff file under it.
+One output per file goes to the output folder, plus, for coco and geojson with several files, a
+combined predictions.coco.json or predictions.geojson.
+
+Exit status: 0 every file succeeded, 1 some file failed, 2 the command line was wrong.
+Unless PALM_TRITON_URL names a running server, an embedded tritonserver runs for the duration; its
+files go to PALM_DATA_DIR (default: ~/.cache/palm-serve).
+"""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="palm-serve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="palm-serve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the HTTP API (embedded Triton unless PALM_TRITON_URL is set)")
-    serve.add_argument("--host", help="bind address (default PALM_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default PALM_PORT or 8000)")
+    serve.add_argument("--host", help="bind address (default: PALM_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: PALM_PORT or 8000)")
 
-    predict = sub.add_parser("predict", help="detect objects in local files, no HTTP involved")
-    predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output directory")
-    predict.add_argument("--format", choices=[f.value for f in OutputFormat], default="json")
-    predict.add_argument("--score-threshold", type=float, default=None)
-    predict.add_argument("--bands", default=None, help="source bands for R,G,B, e.g. 3,2,1")
+    predict = sub.add_parser(
+        "predict",
+        help="detect objects in local files, no HTTP involved",
+        description=PREDICT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("files", nargs="+", type=Path, metavar="FILE_OR_DIR")
+    predict.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})"
+    )
+    predict.add_argument("--format", choices=FORMATS, default="json", help="output format (default: json)")
+    predict.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="drop detections scoring below this, 0 to 1 (default: PALM_TILING__SCORE_THRESHOLD or 0.3)",
+    )
+    predict.add_argument("--bands", default=None, help="source bands for R,G,B (1-based), e.g. 3,2,1")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     args = parser.parse_args(argv)
+    from gateway.logs import configure_logging
+    from gateway.settings import get_settings
+
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
         return _serve(settings, args.host, args.port)
+    if "data_dir" not in settings.model_fields_set:
+        from gateway.settings import user_dir
+
+        # A one-off command keeps its few files (the embedded server's) in the user's cache.
+        settings = settings.model_copy(update={"data_dir": user_dir("XDG_CACHE_HOME", ".cache")})
     return asyncio.run(_predict(settings, args))
 
 
@@ -58,14 +108,26 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     return 0
 
 
-async def _predict(settings: Settings, args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def expand(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """The files to read, in order: files as given, directories as their ``*.tif``/``*.tiff`` files
+    (recursively, sorted); and the paths that are neither."""
+    files: list[Path] = []
+    missing: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                sorted(p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES and p.is_file())
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append(path)
+    return files, missing
 
+
+async def _predict(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.errors import GatewayError
     from gateway.options import PredictOptions
-    from gateway.pipeline.render import OutputFormat, render
-    from gateway.pipeline.result import ImageResult
-    from gateway.runtime import open_runtime
 
     try:
         options = PredictOptions.parse(
@@ -77,49 +139,74 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"palm-serve: {exc.detail}", file=sys.stderr)
         return 2
-    missing = [str(f) for f in args.files if not f.is_file()]
+    files, missing = expand(args.files)
     if missing:
-        print(f"palm-serve: no such file: {', '.join(missing)}", file=sys.stderr)
+        print(f"palm-serve: no such file or directory: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
-    fmt = OutputFormat(args.format)
+    if not files:
+        print("palm-serve: no .tif or .tiff file found in the given directories", file=sys.stderr)
+        return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # Files are read one after another: one decode worker is enough, and starts sooner.
+    settings = settings.model_copy(update={"decode": settings.decode.model_copy(update={"workers": 1})})
+
+    from gateway.runtime import open_runtime
+
+    async with open_runtime(settings) as runtime:
+        return _report(await _run(runtime, files, options, out, args), len(files))
+
+
+async def _run(runtime: Any, files: list[Path], options: Any, out: Path, args: argparse.Namespace) -> int:
+    """Predict ``files`` one by one, writing each output; returns how many failed."""
+    from tqdm import tqdm
+
+    from gateway.errors import GatewayError
+    from gateway.pipeline.render import FILE_SUFFIXES, OutputFormat, render
+    from gateway.pipeline.result import ImageResult
+
+    fmt = OutputFormat(args.format)
+    tiling = runtime.predictor.tiling_info(options.score_threshold)
     failures = 0
     results: list[ImageResult] = []
     used: set[Path] = set()
-    async with open_runtime(settings) as runtime:
-        predictor = runtime.predictor
-        tiling = predictor.tiling_info(options.score_threshold)
-        for path in args.files:
-            bar = tqdm(total=0, desc=path.name, unit="tile", disable=args.no_progress, leave=False)
+    for path in files:
+        bar = tqdm(total=0, desc=path.name, unit="tile", disable=args.no_progress, leave=False)
 
-            def progress(done: int, total: int, bar: Any = bar) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
+        def progress(done: int, total: int, bar: Any = bar) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
 
-            try:
-                result = await predictor.predict_file(path, path.name, options, progress=progress)
-            except GatewayError as exc:
-                failures += 1
-                bar.close()
-                print(f"{path}: {exc.title}: {exc.detail}", file=sys.stderr)
-                continue
+        try:
+            result = await runtime.predictor.predict_file(path, path.name, options, progress=progress)
+        except GatewayError as exc:
+            failures += 1
+            print(f"{path}: {exc.title}: {exc.detail}", file=sys.stderr)
+            continue
+        finally:
             bar.close()
-            results.append(result)
-            target = _output_path(out, path, fmt, used)
-            target.write_bytes(render(fmt, [result], runtime.model, tiling))
-            print(f"{path}: {len(result.detections)} detections, {result.tiles_total} tiles -> {target}")
-        if fmt is not OutputFormat.json and len(results) > 1:
-            combined = out / f"predictions{FILE_SUFFIXES[fmt]}"
-            combined.write_bytes(render(fmt, results, runtime.model, tiling))
-            print(f"all files: {combined}")
+        results.append(result)
+        target = _output_path(out, path, fmt, used, FILE_SUFFIXES[fmt])
+        target.write_bytes(render(fmt, [result], runtime.model, tiling))
+        for warning in result.image.warnings:
+            print(f"{path}: warning: {warning}", file=sys.stderr)
+        print(f"{path}: {len(result.detections)} detections, {result.tiles_total} tiles -> {target}")
+    if fmt is not OutputFormat.json and len(results) > 1:
+        combined = out / f"predictions{FILE_SUFFIXES[fmt]}"
+        combined.write_bytes(render(fmt, results, runtime.model, tiling))
+        print(f"all files: {combined}")
+    return failures
+
+
+def _report(failures: int, total: int) -> int:
+    if failures:
+        print(f"palm-serve: {failures} of {total} file(s) failed", file=sys.stderr)
     return 1 if failures else 0
 
 
-def _output_path(out: Path, source: Path, fmt: OutputFormat, used: set[Path]) -> Path:
+def _output_path(out: Path, source: Path, fmt: OutputFormat, used: set[Path], suffix: str) -> Path:
     """``<out>/<stem><suffix>``; inputs sharing a stem in one run get ``-2``, ``-3``, ..."""
-    suffix = FILE_SUFFIXES[fmt]
     target = out / (source.stem + suffix)
     n = 1
     while target in used:

@@ -3,7 +3,11 @@
 The HTTP app, ``palm-serve predict`` and any other entry point get the same :class:`Runtime`: an
 inference backend (the configured Triton, or an embedded ``tritonserver`` started and supervised here),
 the pool of isolated decode workers, the served model's identity, and the :class:`Predictor` that runs
-files through them. Triton and the decode workers start side by side; leaving the context stops both.
+files through them. Leaving the context stops what it started.
+
+Start-up order: the embedded ``tritonserver`` is spawned first, then the decode workers start and the
+gateway's own heavier modules load while the server loads its model; a failure of either side stops the
+other. This module therefore imports the engine's modules inside :func:`open_runtime`, not at the top.
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from gateway.decode import DecodePool
-from gateway.metrics import Metrics
-from gateway.model_card import load_model_info
-from gateway.pipeline.result import ModelInfo
-from gateway.predictor import InferenceBackend, Predictor
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.decode import DecodePool
+    from gateway.metrics import Metrics
+    from gateway.pipeline.result import ModelInfo
+    from gateway.predictor import InferenceBackend, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +56,24 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
             ``max_batch_size``).
         RuntimeError: the decode workers could not start.
     """
+    from gateway.metrics import Metrics
+
     metrics = metrics if metrics is not None else Metrics()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        triton = asyncio.create_task(_enter(stack, connect_triton(settings, metrics)))
+        await asyncio.sleep(0)  # let the embedded server spawn before the imports below hold the loop
+        from gateway.decode import DecodePool
+        from gateway.model_card import load_model_info
+        from gateway.predictor import Predictor
+
         pool = DecodePool.for_settings(settings)
         stack.push_async_callback(pool.close)
-        triton = connect_triton(settings, metrics)
-        # The workers start while Triton loads the model; a failure of either stops the other.
-        started = await asyncio.gather(
-            stack.enter_async_context(triton), pool.start(), return_exceptions=True
-        )
+        started = await asyncio.gather(triton, pool.start(), return_exceptions=True)
         failure = next((r for r in started if isinstance(r, BaseException)), None)
         if failure is not None:
             raise failure
-        backend = started[0]
-        assert not isinstance(backend, BaseException)
+        backend = triton.result()
         model = load_model_info(settings.triton)
         predictor = Predictor(
             pool, backend, model, tiling=settings.tiling, triton=settings.triton, metrics=metrics
@@ -72,21 +81,28 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
         yield Runtime(settings, metrics, backend, pool, model, predictor)
 
 
+async def _enter(
+    stack: AsyncExitStack, context: AbstractAsyncContextManager[InferenceBackend]
+) -> InferenceBackend:
+    return await stack.enter_async_context(context)
+
+
 @asynccontextmanager
 async def connect_triton(settings: Settings, metrics: Metrics) -> AsyncIterator[InferenceBackend]:
     """The configured Triton, or an embedded one started (and stopped) here."""
-    from gateway.triton.client import TritonClient
-    from gateway.triton.launcher import EmbeddedTriton
-
     async with AsyncExitStack() as stack:
         url = settings.triton.url
         if url is None:
+            from gateway.triton.launcher import EmbeddedTriton
+
             launcher = EmbeddedTriton(
                 settings.triton, settings.data_dir / "triton", on_restart=metrics.triton_restarts.inc
             )
             await stack.enter_async_context(launcher)
             url = launcher.grpc_url
             logger.info("embedded tritonserver serving %s on %s", settings.triton.model_name, url)
+        from gateway.triton.client import TritonClient
+
         client = TritonClient(url, settings.triton)
         stack.push_async_callback(client.close)
         if settings.triton.url is None:

@@ -94,7 +94,10 @@ class Settings(BaseSettings):
         env_prefix="PALM_", env_nested_delimiter="__", extra="ignore", validate_default=True
     )
 
-    data_dir: Path = Field(default=Path("var"), description="All state: uploads, database, logs.")
+    data_dir: Path = Field(
+        default_factory=lambda: user_dir("XDG_DATA_HOME", ".local/share"),
+        description="All state: uploads, database, results, the embedded Triton's files.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -129,6 +132,12 @@ class Settings(BaseSettings):
         if self.tiling.overlap * 2 > self.tiling.tile_size:
             raise ValueError("tiling.overlap must be at most half the tile size")
         return self
+
+
+def user_dir(variable: str, fallback: str) -> Path:
+    """``$<variable>/palm-serve``, or ``~/<fallback>/palm-serve`` (the XDG base directories)."""
+    base = os.environ.get(variable) or str(Path.home() / fallback)
+    return Path(base) / "palm-serve"
 
 
 class TritonUrlAliasSource(PydanticBaseSettingsSource):

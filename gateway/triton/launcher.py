@@ -17,8 +17,11 @@ the ``tritonserver`` binary that the ``nvidia-pytriton`` wheel bundles (python b
 * **cleanup**: the child leads its own process group (the python backend's stubs inherit it) and, via
   ``setpriv --pdeathsig`` where util-linux has it, gets SIGTERM when the supervisor thread dies, even
   if this process is SIGKILLed (the stubs notice their parent is gone and exit). Stopping sends
-  SIGTERM to the group, then SIGKILL after ``stop_timeout_s``, then sweeps stragglers found by our
-  unique shared-memory prefix. That prefix (``shm-region-prefix-name``) also names every
+  SIGKILL to the group at once: the gateway is the server's only client and stops it only once its
+  own requests are over, and nothing of the server's state outlives it, so a graceful shutdown would
+  only wait (tritonserver polls its models once a second while the python backend unloads, seconds
+  in all). Then stragglers found by our unique shared-memory prefix are killed too. That prefix
+  (``shm-region-prefix-name``) also names every
   ``/dev/shm/triton_python_backend_shm_region_palm_<pid>_<token>_*`` region of this server, so only
   ours are unlinked; other servers on the machine are left alone. The same goes for
   ``/dev/shm/palm_lanes_<pid>_<token>``, the table in which the model's instances mark themselves
@@ -68,6 +71,8 @@ MALLOC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD_BYTES),
 }
 
+EXIT_TIMEOUT_S = 5
+"""tritonserver's own shutdown budget, used when it gets SIGTERM because this process died."""
 _LOG_TAIL_BYTES = 4000
 _PORT_CLASH = "ddress already in use"
 
@@ -171,7 +176,6 @@ class EmbeddedTriton:
         backoff_initial_s: Delay before the first restart after a crash.
         backoff_max_s: Cap of the exponential restart delay.
         stable_after_s: Uptime after which the restart delay goes back to ``backoff_initial_s``.
-        stop_timeout_s: Grace period between SIGTERM and SIGKILL.
         shm_byte_size: Initial and growth size of each python-backend shared-memory region; ``None``
             keeps the backend's 1 MiB (a larger size measured no gain: docs/performance.md, "Request
             encoding and malloc").
@@ -191,7 +195,6 @@ class EmbeddedTriton:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         stable_after_s: float = 60.0,
-        stop_timeout_s: float = 10.0,
         shm_byte_size: int | None = None,
         tune_malloc: bool = True,
         extra_args: Sequence[str] = (),
@@ -204,7 +207,6 @@ class EmbeddedTriton:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.stable_after_s = stable_after_s
-        self.stop_timeout_s = stop_timeout_s
         self.shm_byte_size = shm_byte_size
         self.tune_malloc = tune_malloc
         self.extra_args = tuple(extra_args)
@@ -321,7 +323,7 @@ class EmbeddedTriton:
         )
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``stop_timeout_s``) and clean up.
+        """Stop the server (SIGKILL to its process group, see the module docstring) and clean up.
 
         Idempotent. On return no process of ours and no shared-memory region of ours is left.
         """
@@ -501,7 +503,7 @@ class EmbeddedTriton:
             "--disable-auto-complete-config",
             "--strict-readiness=true",
             "--exit-on-error=true",
-            f"--exit-timeout-secs={max(1, int(self.stop_timeout_s) - 1)}",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--grpc-address=127.0.0.1",
             f"--grpc-port={self._ports.grpc}",
             "--http-address=127.0.0.1",
@@ -552,19 +554,11 @@ class EmbeddedTriton:
     # -- cleanup ------------------------------------------------------------------------------------
 
     def _terminate(self) -> None:
-        """Stop the current incarnation: SIGTERM its group, SIGKILL after the grace, sweep the rest."""
+        """Stop the current incarnation: SIGKILL its process group (server and stubs), sweep the rest."""
         proc = self._proc
         if proc is not None:
-            if proc.poll() is None:
-                _signal_group(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(self.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    logger.warning("tritonserver pid=%s ignored SIGTERM; sending SIGKILL", proc.pid)
-                    _signal_group(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            # Stubs share the group; any still alive after the server is gone are orphans.
             _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
         self._kill_stragglers()
         self._unlink_shm()
 
