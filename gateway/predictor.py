@@ -22,7 +22,6 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.decode import DecodePool, StreamPlan, TileBatch
-from gateway.decode.arena import SharedTiles
 from gateway.metrics import Metrics
 from gateway.pipeline import geo
 from gateway.pipeline.coco import ImageMeta, ImageResult, ModelInfo, TilingInfo
@@ -30,6 +29,7 @@ from gateway.pipeline.merge import Candidates, merge_candidates, tile_candidates
 from gateway.pipeline.raster import ReadOptions, drivers_for_name
 from gateway.pipeline.tiling import tile_count
 from gateway.settings import Settings
+from gateway.shared_memory import SharedTiles
 
 logger = logging.getLogger(__name__)
 

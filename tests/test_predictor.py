@@ -15,12 +15,12 @@ import numpy.typing as npt
 import pytest
 
 from gateway.decode import DecodePool
-from gateway.decode.arena import SharedTiles
 from gateway.errors import InferenceUnavailable
 from gateway.pipeline.coco import ModelInfo
 from gateway.pipeline.tiling import balanced_batch
 from gateway.predictor import PredictOptions, Predictor
 from gateway.settings import DecodeSettings, Settings
+from gateway.shared_memory import SharedTiles
 
 K = 64
 

@@ -54,7 +54,6 @@ import numpy.typing as npt
 
 from gateway.decode import protocol
 from gateway.decode.arena import (
-    SharedTiles,
     SlotLease,
     TileRegion,
     new_pool_token,
@@ -65,6 +64,7 @@ from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.raster import RasterInfo, ReadOptions
 from gateway.pipeline.tiling import TILE_SIZE, TileSpec, tile_grid
 from gateway.settings import DecodeSettings, LimitSettings, Settings
+from gateway.shared_memory import SharedTiles
 
 logger = logging.getLogger(__name__)
 
