@@ -4,6 +4,7 @@ memory and time limits failing one file only, bounded concurrency, clean shutdow
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -185,6 +186,30 @@ async def test_a_crash_fails_only_that_file(
     assert len(before - set(pool.pids)) == 1
     assert set(pool.pids) == decode_children()
     assert len(os.listdir("/proc/self/fd")) == fds  # the lost worker's pipes are closed
+
+
+async def test_a_lost_worker_is_logged_with_its_pid_and_how_it_ended(
+    files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    def replaced() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "replaced by" in r.getMessage()]
+
+    async with DecodePool(DecodeSettings(workers=1), LIMITS, worker_command=CRASHING_WORKER) as pool:
+        (lost,) = pool.pids
+        with caplog.at_level(logging.INFO, logger="gateway.decode"):
+            with pytest.raises(DecoderFailed):
+                await decode_all(pool, files["segv"])
+            for _ in range(100):
+                if replaced():
+                    break
+                await asyncio.sleep(0.1)
+        (replacement,) = pool.pids
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"decode worker {lost} lost" in m and "killed by SIGSEGV" in m for m in warnings), warnings
+    (line,) = replaced()
+    assert line.startswith(f"decode worker {lost} ")
+    assert line.endswith(f"replaced by {replacement}")
+    assert "SIGSEGV" in line, "the replacement names why its predecessor was retired"
 
 
 async def test_leaving_a_stream_early_keeps_the_worker(pool: DecodePool, files: dict[str, Path]) -> None:
