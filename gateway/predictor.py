@@ -22,7 +22,6 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.decode import DecodePool, StreamPlan, TileBatch
-from gateway.decode.arena import SharedTiles
 from gateway.metrics import Metrics
 from gateway.options import PredictOptions
 from gateway.pipeline import geo
@@ -31,6 +30,7 @@ from gateway.pipeline.raster import ReadOptions, drivers_for_name
 from gateway.pipeline.result import ImageMeta, ImageResult, ModelInfo, TilingInfo
 from gateway.pipeline.tiling import tile_count
 from gateway.settings import TilingSettings, TritonSettings
+from gateway.shared_memory import SharedTiles
 
 logger = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway import procfs
 from gateway.decode import DecodePool
 from gateway.pipeline.tiling import tile_count
 from gateway.settings import DecodeSettings, LimitSettings
 from loadtest.bench_raster import decode, large_profile
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = 1024
 
 
@@ -44,39 +44,15 @@ class ProcessPeak:
     seen: list[int] = field(default_factory=list)
 
 
-def descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = [], [root]
-    while frontier:
-        current = frontier.pop()
-        kids = [p for p, parent in parents.items() if parent == current]
-        found += kids
-        frontier += kids
-    return found
-
-
 def sample(pid: int, peaks: dict[int, ProcessPeak]) -> None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            status = dict(line.split(":", 1) for line in f if ":" in line)
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (OSError, ValueError):
+    status, cpu_s, cmdline = procfs.status(pid), procfs.cpu_seconds(pid), procfs.command_line(pid)
+    if status is None or cpu_s is None or cmdline is None:
         return
     peak = peaks.get(pid)
     if peak is None:
-        peak = peaks[pid] = ProcessPeak(pid, status.get("Name", "?").strip(), role=role_of(cmdline))
+        peak = peaks[pid] = ProcessPeak(pid, status.get("Name", "?"), role=role_of(cmdline))
     peak.peak_kib = max(peak.peak_kib, int(status.get("VmHWM", "0 kB").split()[0]))
-    peak.cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    peak.cpu_s = cpu_s
 
 
 def role_of(cmdline: str) -> str:
@@ -100,7 +76,7 @@ def run_predict(path: Path, out: Path, work: Path) -> tuple[float, dict[int, Pro
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=env)
     while proc.poll() is None:
-        for pid in [proc.pid, *descendants(proc.pid)]:
+        for pid in [proc.pid, *procfs.descendants(proc.pid)]:
             sample(pid, peaks)
         time.sleep(0.1)
     elapsed = time.perf_counter() - started

@@ -30,14 +30,13 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+from gateway import procfs
 from gateway.decode import DecodePool
 from gateway.errors import RasterTooLarge
 from gateway.pipeline.raster import ReadOptions, open_raster
 from gateway.pipeline.tiling import tile_grid
 from gateway.settings import DecodeSettings, LimitSettings
 from tests.factories import sparse_bomb
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def large_profile(side: int, *, tiled: bool, gsd: float = 0.3) -> dict[str, Any]:
@@ -83,26 +82,14 @@ def bomb(path: Path) -> Path:
     return path if path.exists() else sparse_bomb(path)
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
-
-
-def cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / CLOCK_TICKS
-
-
 def report_processes(pool: DecodePool) -> None:
     print(f"  {'process':24} {'pid':>7} {'peak RSS (VmHWM)':>17} {'RSS now':>10} {'CPU s':>7}")
     for role, pid in [("gateway (this process)", os.getpid())] + [
         (f"decode worker {i}", p) for i, p in enumerate(pool.pids)
     ]:
-        status = proc_status(pid)
-        print(f"  {role:24} {pid:7} {status['VmHWM']:>17} {status['VmRSS']:>10} {cpu_seconds(pid):7.1f}")
+        status = procfs.status(pid) or {}
+        hwm, rss, cpu_s = status.get("VmHWM", "?"), status.get("VmRSS", "?"), procfs.cpu_seconds(pid) or 0.0
+        print(f"  {role:24} {pid:7} {hwm:>17} {rss:>10} {cpu_s:7.1f}")
 
 
 async def decode(pool: DecodePool, path: Path, batch: int) -> tuple[int, float]:

@@ -48,6 +48,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.synth import render_scene, write_geotiff
+from gateway import procfs
 from gateway.pipeline.raster import open_raster
 from gateway.pipeline.tiling import tile_grid
 from gateway.settings import REPO_ROOT, LimitSettings, TritonSettings
@@ -55,7 +56,6 @@ from gateway.triton.client import TritonClient
 from gateway.triton.launcher import EmbeddedTriton
 
 MODEL = REPO_ROOT / "model_repository" / "palm" / "1" / "model.onnx"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -216,17 +216,10 @@ def start_gateway(triton_url: str, data_dir: Path, port: int) -> subprocess.Pope
 def cpu_seconds() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) of every process, with a short label."""
     found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        found[int(entry)] = (label(cmdline), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    for pid in procfs.pids():
+        seconds, cmdline = procfs.cpu_seconds(pid), procfs.command_line(pid)
+        if seconds is not None and cmdline is not None:
+            found[pid] = (label(cmdline), seconds)
     return found
 
 

@@ -1,6 +1,7 @@
 """Isolated raster decoding: worker processes that turn files into tile batches (see ``pool.py``)."""
 
-from gateway.decode.pool import DecodePool, DecodeSession, StreamPlan, TileBatch
+from gateway.decode.pool import DecodePool
+from gateway.decode.session import DecodeSession, StreamPlan, TileBatch
 from gateway.decode.sync import SyncDecodePool, SyncDecodeSession
 
 __all__ = ["DecodePool", "DecodeSession", "StreamPlan", "SyncDecodePool", "SyncDecodeSession", "TileBatch"]

@@ -38,7 +38,6 @@ import os
 import secrets
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -46,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.pipeline.tiling import TILE_SIZE
+from gateway.shared_memory import SharedTiles
 
 logger = logging.getLogger(__name__)
 
@@ -56,25 +56,6 @@ TILE_BYTES: Final = 3 * TILE_SIZE * TILE_SIZE
 
 class SharedMemoryUnavailable(RuntimeError):
     """``/dev/shm`` cannot hold the tile regions (too small, full, or missing)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SharedTiles:
-    """Where a batch's pixels lie in shared memory: what a server needs to read them in place.
-
-    Attributes:
-        region: the region's name, also its registration name with Triton.
-        key: the POSIX shared-memory key (``/<region>``).
-        region_bytes: the size of the whole region.
-        offset: where this batch starts in the region.
-        nbytes: the batch's size (``n * 3 * 512 * 512``).
-    """
-
-    region: str
-    key: str
-    region_bytes: int
-    offset: int
-    nbytes: int
 
 
 class TileRegion:

@@ -17,7 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from gateway.decode.pool import DecodePool, DecodeSession, TileBatch
+from gateway.decode.pool import DecodePool
+from gateway.decode.session import DecodeSession, TileBatch
 from gateway.pipeline.raster import RasterInfo, ReadOptions
 from gateway.pipeline.tiling import TileSpec
 from gateway.settings import DecodeSettings, LimitSettings

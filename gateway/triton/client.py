@@ -41,9 +41,9 @@ import numpy as np
 import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.decode.arena import SharedTiles
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
 from gateway.settings import TritonSettings
+from gateway.shared_memory import SharedTiles
 from gateway.triton.codecs import (
     INPUT_DATATYPE,
     INPUT_NAME,

@@ -55,6 +55,7 @@ from pathlib import Path
 from types import TracebackType
 
 from gateway.errors import InferenceUnavailable
+from gateway.procfs import alive, processes_matching
 from gateway.settings import TritonSettings
 from gateway.triton.codecs import MALLOC_MMAP_THRESHOLD_BYTES, MALLOC_TRIM_THRESHOLD_BYTES
 
@@ -405,7 +406,7 @@ class EmbeddedTriton:
             proc = self._proc
             assert proc is not None
             up_since = time.monotonic()
-            stubs = [pid for pid in self._our_processes() if pid != proc.pid]
+            stubs = [pid for pid in processes_matching(self.shm_prefix) if pid != proc.pid]
             ticks = 0
             while proc.poll() is None:
                 if self._stopping.wait(0.1):
@@ -562,26 +563,12 @@ class EmbeddedTriton:
         self._kill_stragglers()
         self._unlink_shm()
 
-    def _our_processes(self) -> list[int]:
-        """Live (not zombie) processes whose command line carries our shm prefix: server and stubs."""
-        marker = self.shm_prefix.encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if marker in (entry / "cmdline").read_bytes() and _alive(int(entry.name)):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
-
     def _stub_died(self, stubs: list[int]) -> bool:
-        return any(not _alive(pid) for pid in stubs)
+        return any(not alive(pid) for pid in stubs)
 
     def _kill_stragglers(self) -> None:
         """SIGKILL any process of ours still alive (python-backend stubs outliving their server)."""
-        for pid in self._our_processes():
+        for pid in processes_matching(self.shm_prefix):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
                 logger.info("killed leftover tritonserver process pid=%s", pid)
@@ -602,15 +589,6 @@ class EmbeddedTriton:
                 return log.read().decode("utf-8", "replace")
         except OSError:
             return "(no log)"
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie waiting for its parent (or init) to reap it does not."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -4,6 +4,7 @@ memory and time limits failing one file only, bounded concurrency, clean shutdow
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from gateway import procfs
 from gateway.decode import DecodePool, StreamPlan, TileBatch
 from gateway.decode.arena import SHM_DIR
 from gateway.errors import (
@@ -35,30 +37,9 @@ CRASHING_WORKER = [sys.executable, str(Path(__file__).with_name("crashing_worker
 LIMITS = LimitSettings()
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a running (not zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def decode_children() -> set[int]:
     """Live child processes of this test process that are decode workers."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"worker" in cmdline:
-            found.add(int(entry.name))
-    return found
+    return {pid for pid in procfs.children(os.getpid()) if "worker" in (procfs.command_line(pid) or "")}
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -187,6 +168,30 @@ async def test_a_crash_fails_only_that_file(
     assert len(os.listdir("/proc/self/fd")) == fds  # the lost worker's pipes are closed
 
 
+async def test_a_lost_worker_is_logged_with_its_pid_and_how_it_ended(
+    files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    def replaced() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "replaced by" in r.getMessage()]
+
+    async with DecodePool(DecodeSettings(workers=1), LIMITS, worker_command=CRASHING_WORKER) as pool:
+        (lost,) = pool.pids
+        with caplog.at_level(logging.INFO, logger="gateway.decode"):
+            with pytest.raises(DecoderFailed):
+                await decode_all(pool, files["segv"])
+            for _ in range(100):
+                if replaced():
+                    break
+                await asyncio.sleep(0.1)
+        (replacement,) = pool.pids
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"decode worker {lost} lost" in m and "killed by SIGSEGV" in m for m in warnings), warnings
+    (line,) = replaced()
+    assert line.startswith(f"decode worker {lost} ")
+    assert line.endswith(f"replaced by {replacement}")
+    assert "SIGSEGV" in line, "the replacement names why its predecessor was retired"
+
+
 async def test_leaving_a_stream_early_keeps_the_worker(pool: DecodePool, files: dict[str, Path]) -> None:
     before = pool.pids
     async with pool.open(files["masked"]) as session:
@@ -269,7 +274,7 @@ async def test_time_budget_stops_a_hung_decoder(files: dict[str, Path]) -> None:
         batches, _ = await decode_all(pool, files["small"])
         assert len(batches) == 1
         used = first + pool.pids
-    assert not any(alive(pid) for pid in used)
+    assert not any(procfs.alive(pid) for pid in used)
 
 
 async def test_concurrency_is_bounded_by_the_pool_size(files: dict[str, Path]) -> None:
@@ -287,7 +292,7 @@ async def test_concurrency_is_bounded_by_the_pool_size(files: dict[str, Path]) -
             await asyncio.sleep(0.5)
             assert not entered.is_set()  # queued behind the first file
         assert await asyncio.wait_for(waiting, 30) == 300
-    assert not any(alive(pid) for pid in used)
+    assert not any(procfs.alive(pid) for pid in used)
 
 
 async def test_zero_copy_batches_lie_in_shared_memory_and_hold_the_worker_back(

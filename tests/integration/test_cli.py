@@ -16,31 +16,12 @@ import pytest
 from pycocotools.coco import COCO
 
 from export.synth import render_scene, write_geotiff
+from gateway import procfs
 from gateway.triton.launcher import EmbeddedTriton
 
 pytestmark = pytest.mark.integration
 
 CLI = [sys.executable, "-m", "gateway.cli"]
-
-
-def children_of(pid: int) -> list[int]:
-    """Every descendant process of ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop()
-        kids = [p for p, parent in parents.items() if parent == current]
-        found += kids
-        frontier += kids
-    return found
 
 
 def test_predict_writes_outputs_and_reports_bad_files(triton_server: EmbeddedTriton, tmp_path: Path) -> None:
@@ -118,7 +99,7 @@ def test_serve_starts_embedded_triton_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert ready is not None
         assert ready.status_code == 200
-        descendants = children_of(proc.pid)
+        descendants = procfs.descendants(proc.pid)
         names = {Path(f"/proc/{p}/exe").resolve().name for p in descendants if Path(f"/proc/{p}").exists()}
         assert "tritonserver" in names
         proc.send_signal(signal.SIGTERM)
@@ -133,7 +114,7 @@ def test_serve_starts_embedded_triton_and_stops_cleanly(tmp_path: Path) -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     time.sleep(0.5)
-    alive = [p for p in descendants if Path(f"/proc/{p}").exists()]
+    alive = [p for p in descendants if procfs.alive(p)]
     assert not alive, f"processes left behind: {alive}"
     leftovers = [p.name for p in Path("/dev/shm").glob(f"*palm_{proc.pid}_*")]
     assert not leftovers, leftovers

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gateway.errors import InferenceUnavailable
+from gateway.procfs import alive, processes_matching
 from gateway.settings import Settings, TritonSettings
 from gateway.triton.client import TritonClient
 from gateway.triton.launcher import SHM_DIR, EmbeddedTriton, free_ports
@@ -23,26 +24,7 @@ pytestmark = pytest.mark.integration
 
 def our_processes(server: EmbeddedTriton) -> list[int]:
     """Live processes carrying this server's shm prefix: tritonserver and its python-backend stubs."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if server.shm_prefix.encode() in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def alive(pid: int) -> bool:
-    """Running or sleeping; a zombie left for init to reap holds nothing but its pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return processes_matching(server.shm_prefix)
 
 
 def our_shm_regions(server: EmbeddedTriton) -> list[str]:

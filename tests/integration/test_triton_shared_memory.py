@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from gateway.decode.arena import SharedTiles, TileRegion
+from gateway.decode.arena import TileRegion
 from gateway.settings import TritonSettings
+from gateway.shared_memory import SharedTiles
 from gateway.triton.client import TritonClient
 from gateway.triton.launcher import EmbeddedTriton
 from tests.integration.waiting import wait_for

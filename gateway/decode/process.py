@@ -1,0 +1,276 @@
+"""One decode worker process: started, spoken to over a pipe pair, stopped, and its end described.
+
+::
+
+    gateway                                            python -m gateway.decode.worker
+    WorkerProcess.send(request lines) ── stdin ──────▶ one JSON request per line
+    WorkerProcess.receive()           ◀─ own pipe ──── frames: header, JSON metadata, payload
+    WorkerProcess.give_back(slots)    ── stdin ──────▶ "free": these slots may be written again
+
+A worker is a fresh interpreter (``python -m gateway.decode.worker``, never a ``fork`` of the threaded
+gateway) in a session of its own, with single-threaded BLAS/OpenMP and few malloc arenas so that its
+address-space limit (``--memory-limit``) measures the file it decodes. Its frames come back on a pipe
+created here rather than on an asyncio stream: :class:`WorkerProcess` reads them straight into the
+caller's buffers and reads nothing until asked, so a worker that runs ahead of its consumer blocks on
+a full pipe (backpressure). The wire format is :mod:`gateway.decode.protocol`.
+
+How a worker ended (its exit status or the signal that killed it) becomes the :class:`DecoderFailed`
+the file fails with (:func:`exit_failure`) and a line in the log (:func:`exit_status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.decode import protocol
+from gateway.decode.arena import TileRegion
+from gateway.errors import DecoderFailed
+
+PIPE_BYTES: Final = 1024 * 1024
+"""Capacity of each worker's output pipe (frames and validity masks; pixels go through shared memory)."""
+_F_SETPIPE_SZ: Final = 1031
+READY_TIMEOUT_S: Final = 60.0
+"""How long a new worker may take to import its libraries and say ``ready``."""
+WORKER_ENV: Final = {
+    # Address space is the worker's budget: no BLAS/OpenMP thread pools, few malloc arenas.
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MALLOC_ARENA_MAX": "2",
+}
+
+
+class WorkerProcess:
+    """One worker process: requests on its stdin, frames read from its output pipe, tiles in ``region``.
+
+    Start one with :meth:`spawn` and wait for :meth:`wait_ready` before sending requests.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process, frames_fd: int, region: TileRegion) -> None:
+        self.process = process
+        self.pid = process.pid
+        assert process.stdin is not None
+        self.stdin = process.stdin
+        self.frames = _PipeReader(frames_fd)
+        self.region = region
+
+    @classmethod
+    async def spawn(
+        cls, command: Sequence[str], region: TileRegion, *, memory_limit_bytes: int
+    ) -> WorkerProcess:
+        """Start ``command`` as the worker writing into ``region``.
+
+        Args:
+            command: argv of the worker; ``--memory-limit``, ``--parent-pid`` and the region arguments
+                are appended.
+            region: the shared-memory region the worker maps and writes its batches into.
+            memory_limit_bytes: the worker's address-space limit.
+
+        Returns:
+            The running process, not yet known to be ready (see :meth:`wait_ready`).
+        """
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # fewer wake-ups per batch than the default 64 KiB
+            fcntl.fcntl(read_fd, _F_SETPIPE_SZ, PIPE_BYTES)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                "--memory-limit",
+                str(memory_limit_bytes),
+                "--parent-pid",
+                str(os.getpid()),
+                "--region",
+                region.name,
+                "--slots",
+                str(region.slots),
+                "--slot-tiles",
+                str(region.slot_tiles),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=write_fd,
+                env={**os.environ, **WORKER_ENV},
+                start_new_session=True,  # a terminal's Ctrl-C reaches the gateway, which stops workers
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return cls(process, read_fd, region)
+
+    async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Wait for the worker's ``ready`` frame; on any failure the process is killed and reaped.
+
+        Raises:
+            RuntimeError: the worker exited, stayed silent for ``timeout_s`` or said something else.
+        """
+        try:
+            meta, _ = await asyncio.wait_for(self.receive(0), timeout=timeout_s)
+            if meta.get("kind") != "ready":
+                raise RuntimeError(f"unexpected first message {meta.get('kind')!r}")
+        except BaseException as exc:
+            self.kill()
+            await self.reap()
+            if isinstance(exc, (EOFError, TimeoutError, ValueError)):
+                raise RuntimeError(f"decode worker exited during start ({self.process.returncode})") from exc
+            raise
+
+    def give_back(self, slots: list[int]) -> None:
+        """Tell the worker it may write ``slots`` again (no-op once it is gone: its successor starts
+        with every slot that is not leased)."""
+        if self.alive and slots and not self.stdin.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.stdin.write(protocol.request("free", slots=slots))
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    async def send(self, data: bytes) -> None:
+        self.stdin.write(data)
+        await self.stdin.drain()
+
+    async def receive(self, max_payload: int) -> tuple[dict[str, Any], npt.NDArray[np.uint8]]:
+        """The next frame: its metadata and its payload (read straight into a fresh array).
+
+        Raises:
+            EOFError: the worker's output ended (it exited or crashed).
+            ValueError: the frame is malformed or larger than asked for.
+        """
+        header = bytearray(protocol.HEADER.size)
+        await self.frames.readinto(memoryview(header))
+        meta_length, payload_length = protocol.HEADER.unpack(header)
+        if meta_length > protocol.MAX_META_BYTES or payload_length > max_payload:
+            raise ValueError(f"oversized frame ({meta_length} + {payload_length} bytes)")
+        body = bytearray(meta_length)
+        await self.frames.readinto(memoryview(body))
+        meta = json.loads(body)
+        if not isinstance(meta, dict):
+            raise ValueError("frame metadata is not an object")
+        payload = np.empty(payload_length, np.uint8)
+        if payload_length:
+            await self.frames.readinto(payload.data)
+        return meta, payload
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Close its input (it exits at end of input), then kill it if it lingers."""
+        if self.alive:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.stdin.close()
+            try:
+                await asyncio.wait_for(self.process.wait(), grace_s)
+            except TimeoutError:
+                self.kill()
+        await self.reap()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    async def reap(self) -> int | None:
+        """Wait (briefly) for the process to end and close its pipe; returns its exit status, if any."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), 5.0)
+        if not self.alive:
+            self.frames.close()
+        return self.process.returncode
+
+
+class _PipeReader:
+    """Reads a worker's output pipe straight into caller buffers (one copy, no stream buffer).
+
+    Nothing is read until a frame is asked for, so a worker that is ahead of its consumer blocks on a
+    full pipe: that is the backpressure.
+    """
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+
+    async def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` completely.
+
+        Raises:
+            EOFError: the pipe closed first.
+        """
+        loop = asyncio.get_running_loop()
+        while view.nbytes:
+            try:
+                count = os.readv(self.fd, [view])
+            except BlockingIOError:
+                readable = loop.create_future()
+                loop.add_reader(self.fd, readable.set_result, None)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(self.fd)
+                continue
+            if count == 0:
+                raise EOFError("the worker's output ended")
+            view = view[count:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def exit_status(code: int | None) -> str:
+    """How a worker ended, for the log: ``exit status 3``, ``killed by SIGSEGV``, or ``still running``."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {_signal_name(-code)}"
+    return f"exit status {code}"
+
+
+def exit_failure(code: int | None, memory_limit_bytes: int) -> DecoderFailed:
+    """The error a file fails with when its worker ended with ``code`` (``None``: it hung)."""
+    return DecoderFailed(_describe_exit(code, memory_limit_bytes), cause=_cause(code))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _cause(code: int | None) -> str:
+    if code is not None and code < 0:
+        return "memory" if -code == signal.SIGKILL else "crash"
+    return "crash"
+
+
+def _describe_exit(code: int | None, memory_limit_bytes: int) -> str:
+    if code is None:
+        return "The decoder stopped responding while reading this file."
+    if code < 0:
+        name = _signal_name(-code)
+        if -code == signal.SIGKILL:
+            return (
+                "The decoder was killed while reading this file (SIGKILL), most likely for using more "
+                f"than its {memory_limit_bytes / 1024**3:.1f} GiB memory limit."
+            )
+        what = {
+            "SIGSEGV": "crashed (SIGSEGV, a memory fault)",
+            "SIGABRT": "aborted (SIGABRT)",
+            "SIGBUS": "crashed (SIGBUS)",
+            "SIGFPE": "crashed (SIGFPE)",
+            "SIGILL": "crashed (SIGILL)",
+        }.get(name, f"died of {name}")
+        return (
+            f"The decoder {what} while reading this file; the file is probably corrupt or hostile. "
+            "Other files are unaffected."
+        )
+    return f"The decoder exited (status {code}) while reading this file."
