@@ -9,7 +9,11 @@ PIP := $(BIN)/python -m pip
 # it without dependencies keeps numpy 2 (model.py does its I/O over DLPack, see model_repository/).
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: install install-dev run test lint typecheck unit bench clean
+# Debian packages the tests drive for real (a browser for the pages). As root (CI) `make test` installs
+# them; anyone else is told what to install.
+SYSTEM_PACKAGES := chromium chromium-driver
+
+.PHONY: install install-dev system-deps run test lint typecheck unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +31,14 @@ $(VENV)/.dev-installed: $(VENV)/.serve-installed
 install: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
 
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "make test needs these Debian packages: sudo apt-get install $$missing" >&2; exit 1; fi; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	fi
+
 run: install
 	$(BIN)/palm-serve serve
 
@@ -37,7 +49,7 @@ lint: install-dev
 typecheck: install-dev
 	$(BIN)/mypy
 
-test: install-dev lint typecheck
+test: install-dev system-deps lint typecheck
 	$(BIN)/pytest
 
 unit: install-dev

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import __version__
-from gateway.api import health, predict
+from gateway.api import docs, health, predict
 from gateway.api.deps import Admission, Services
 from gateway.api.middleware import ObservabilityMiddleware
 from gateway.errors import install_problem_handlers
@@ -70,9 +70,13 @@ def create_app(
         version=__version__,
         summary="Palm-tree and building detection on GeoTIFFs, served by NVIDIA Triton",
         lifespan=lifespan,
+        docs_url=None,  # served from the package by gateway.api.docs, not from a CDN
+        redoc_url=None,
     )
     install_problem_handlers(app)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(docs.router)
+    app.mount(docs.STATIC_PATH, docs.static_files(), name="static")
     return app

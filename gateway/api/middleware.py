@@ -7,6 +7,7 @@ import re
 import secrets
 import time
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.logs import request_id_var
@@ -33,6 +34,12 @@ class ObservabilityMiddleware:
         request_id = incoming if _SAFE_ID.match(incoming) else secrets.token_hex(8).encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
         method = scope.get("method", "GET")
+        entry = {
+            "type": "http",
+            "path": scope["path"],
+            "root_path": scope.get("root_path", ""),
+            "method": method,
+        }
         status = 500
         start = time.perf_counter()
 
@@ -51,8 +58,7 @@ class ObservabilityMiddleware:
         finally:
             self.metrics.http_inflight.dec()
             elapsed = time.perf_counter() - start
-            # The router records the matched route in the (shared) scope; its path is the template.
-            route = str(getattr(scope.get("route"), "path", "unmatched"))
+            route = route_template(scope, entry)
             self.metrics.http_requests.labels(route, method, str(status)).inc()
             self.metrics.http_latency.labels(route, method).observe(elapsed)
             logger.info(
@@ -64,3 +70,21 @@ class ObservabilityMiddleware:
                 extra={"route": route, "status": status, "duration_ms": round(elapsed * 1000, 1)},
             )
             request_id_var.reset(token)
+
+
+def route_template(scope: Scope, entry: Scope) -> str:
+    """The path template of the route that served ``scope`` (``/v1/jobs/{job_id}``), or ``unmatched``.
+
+    FastAPI's own routes record themselves in the scope; plain Starlette routes and mounts (the
+    OpenAPI document, static files) are matched here against the app's routes, with ``entry``: the
+    path as the request arrived (a mount rewrites it in the scope).
+    """
+    route = scope.get("route")
+    if route is None:
+        app = scope.get("app")
+        for candidate in getattr(getattr(app, "router", None), "routes", ()):
+            match, _ = candidate.matches(entry)
+            if match is Match.FULL:
+                route = candidate
+                break
+    return str(getattr(route, "path", "unmatched")) if route is not None else "unmatched"
