@@ -32,9 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
+
+# No gRPC call is ever made in a child of this process (decode workers are exec'd fresh), so gRPC's
+# fork handlers protect nothing; enabled, they log a warning on each worker spawned during a call.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 import numpy as np

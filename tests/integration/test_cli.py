@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from export.synth import render_scene, write_geotiff
 from gateway import procfs
 from gateway.triton.launcher import EmbeddedTriton
+from tests.factories import make_geotiff
 
 pytestmark = pytest.mark.integration
 
@@ -63,18 +64,78 @@ def test_predict_writes_outputs_and_reports_bad_files(triton_server: EmbeddedTri
     assert single["images"][0]["width"] == 700
 
 
-def test_predict_rejects_missing_files_and_bad_bands(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--bands", "a,b"], "bands must be comma-separated band numbers"),
+        (["--score-threshold", "5"], "score_threshold must be a number from 0 to 1, got 5.0"),
+        (["--score-threshold", "-1"], "score_threshold must be a number from 0 to 1, got -1.0"),
+        (["--score-threshold", "nan"], "score_threshold must be a number from 0 to 1, got nan"),
+    ],
+)
+def test_predict_refuses_what_the_api_refuses(tmp_path: Path, arguments: list[str], message: str) -> None:
+    scene = write_geotiff(render_scene(5103, size=64, populate=False), tmp_path / "s.tif")
+    result = subprocess.run(
+        [*CLI, "predict", str(scene), *arguments], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_predict_rejects_missing_files(tmp_path: Path) -> None:
     missing = subprocess.run(
         [*CLI, "predict", str(tmp_path / "nope.tif")], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 2
-    assert "no such file" in missing.stderr
-    scene = write_geotiff(render_scene(5103, size=64, populate=False), tmp_path / "s.tif")
-    bands = subprocess.run(
-        [*CLI, "predict", str(scene), "--bands", "a,b"], capture_output=True, text=True, timeout=60
+    assert "no such file or directory" in missing.stderr
+    empty = subprocess.run([*CLI, "predict", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2
+    assert "no .tif or .tiff file" in empty.stderr
+
+
+def test_predict_reads_a_folder_and_says_why_a_file_has_no_geometry(
+    triton_server: EmbeddedTriton, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    write_geotiff(render_scene(5104, size=300), folder / "a.tif")
+    write_geotiff(render_scene(5105, size=300), folder / "nested" / "b.TIFF")
+    (folder / "notes.txt").write_text("not an image")
+    make_geotiff(folder / "plain.tif", crs=None)
+    out = tmp_path / "out"
+    env = {**os.environ, "PALM_TRITON_URL": triton_server.grpc_url, "PALM_DATA_DIR": str(tmp_path / "var")}
+    result = subprocess.run(
+        [*CLI, "predict", str(folder), "--out", str(out), "--format", "geojson", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert bands.returncode == 2
-    assert "bands" in bands.stderr
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.geojson",
+        "b.geojson",
+        "plain.geojson",
+        "predictions.geojson",
+    ]
+    assert "plain.tif: warning: The file has no CRS" in result.stderr
+    combined = json.loads((out / "predictions.geojson").read_text())
+    assert any(w["file_name"] == "plain.tif" and "no CRS" in w["message"] for w in combined["warnings"])
+
+
+def test_serve_refuses_a_busy_port_before_starting_triton(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "PALM_DATA_DIR": str(tmp_path / "var"), "PALM_PORT": str(port)}
+        env.pop("PALM_TRITON_URL", None)
+        started = time.monotonic()
+        result = subprocess.run([*CLI, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "PALM_PORT" in result.stderr
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "var" / "triton").exists()
 
 
 def test_serve_starts_embedded_triton_and_stops_cleanly(tmp_path: Path) -> None:
