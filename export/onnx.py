@@ -1,10 +1,11 @@
 """ONNX export of PalmNet, torch-vs-onnxruntime parity, and the model card.
 
-``python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt`` writes
-``model_repository/palm/1/model.onnx`` (one file, opset 18, dynamic batch) and ``model_card.json`` next to
-it. Batch norms are folded into the convolutions before export so the ONNX initializers carry the
-torch ``state_dict`` names one-to-one; the architecture config rides along as ONNX metadata, so
-:func:`load_torch_twin` can rebuild the exact torch model behind any exported file.
+``python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt`` writes ``runs/palmnet/model.onnx`` (one
+file, opset 18, dynamic batch) and ``model_card.json`` next to it; ``--out
+model_repository/palm/1/model.onnx`` replaces the served model. Batch norms are folded into the
+convolutions before export so the ONNX initializers carry the torch ``state_dict`` names one-to-one;
+the architecture config rides along as ONNX metadata, so :func:`load_torch_twin` can rebuild the exact
+torch model behind any exported file.
 
 Parity is measured as an order-insensitive distance between the two ``[K, 6]`` outputs of each tile:
 ``max_i min_j max_c |a_ic - b_jc|`` taken both ways, because two peaks whose scores differ by float
@@ -47,7 +48,8 @@ from gateway.pipeline.result import PALM_CATEGORIES
 log = logging.getLogger(__name__)
 
 OPSET = 18
-DEFAULT_ONNX = Path("model_repository/palm/1/model.onnx")
+SERVED_ONNX = Path("model_repository/palm/1/model.onnx")
+RANDOM_INIT_ONNX = Path("runs/random-init/model.onnx")
 MODEL_NAME = "palm"
 CONFIG_KEY = "palmnet_config"
 
@@ -233,7 +235,8 @@ def write_card(
         "training": training,
         "reproduce": [
             "python -m export.train --out runs/palmnet  # flags from training (defaults = shipped run)",
-            "python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt --version " + version,
+            "python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt "
+            "--out model_repository/palm/1/model.onnx --version " + version,
             "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
             "--seed 1000000 --card",
             "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
@@ -295,7 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="checkpoint from export.train")
     parser.add_argument("--random-init", action="store_true", help="export untrained weights (seeded)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init and parity tiles")
-    parser.add_argument("--out", type=Path, default=DEFAULT_ONNX)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where to write the ONNX and its card (default: next to the checkpoint, or "
+        f"{RANDOM_INIT_ONNX} with --random-init; {SERVED_ONNX} replaces the served model)",
+    )
     parser.add_argument("--version", default="0.0.0-untrained")
     parser.add_argument("--evaluation", type=Path, help="JSON written by export.evaluate, for the card")
     parser.add_argument("--throughput", type=Path, help="JSON written by export.bench, for the card")
@@ -314,7 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model, training = PalmNet().eval(), None
     else:
-        parser.error("give --checkpoint or --random-init")
+        parser.error("give --checkpoint CHECKPOINT (from export.train) or --random-init")
+    if args.out is None:
+        args.out = args.checkpoint.parent / "model.onnx" if args.checkpoint is not None else RANDOM_INIT_ONNX
+    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     if args.top_k != model.config.top_k:
         weights = model.state_dict()

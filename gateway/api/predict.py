@@ -46,7 +46,7 @@ UPLOAD_BODY: dict[str, Any] = {
     description=(
         "Upload one image as multipart field `file`. Images larger than one 512x512 tile are tiled with "
         "overlap, batched to Triton, and detections are merged across seams. Images above the pixel "
-        "limit get 413; send those through `palm-serve predict` or a bulk job."
+        "limit get 413; send those through `palm-serve predict`, which has no pixel limit."
     ),
     response_model=PredictResponse,
     responses={

@@ -107,7 +107,7 @@ class _PartCollector:
         if name == FILE_FIELD and self.file_seen:
             raise InputError(
                 f"the form holds more than one part named {FILE_FIELD!r}; this endpoint takes one image per "
-                "request (send many files as a bulk job)"
+                "request (palm-serve predict takes a folder of files)"
             )
         if name == FILE_FIELD:
             self.file_seen = True
@@ -132,7 +132,7 @@ class _PartCollector:
             if self.size > self.max_bytes:
                 raise UploadTooLarge(
                     f"upload exceeds {self.max_bytes} bytes; "
-                    "use palm-serve predict or a bulk job for larger files",
+                    "use palm-serve predict for larger files",
                     limit_bytes=self.max_bytes,
                 )
             if self.hasher is not None:
@@ -186,7 +186,7 @@ async def receive_upload(
     if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes + overhead:
         raise UploadTooLarge(
             f"upload of {int(content_length)} bytes exceeds {max_bytes} bytes; "
-            "use palm-serve predict or a bulk job for larger files",
+            "use palm-serve predict for larger files",
             limit_bytes=max_bytes,
         )
     upload_dir.mkdir(parents=True, exist_ok=True)
