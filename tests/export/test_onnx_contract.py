@@ -77,5 +77,8 @@ def test_card_describes_this_file() -> None:
     assert card["sha256"] == hashlib.sha256(MODEL.read_bytes()).hexdigest()
     assert card["contract"]["inputs"][0]["name"] == "images"
     assert card["contract"]["outputs"][0]["shape"] == [-1, K, 6]
-    assert card["categories"] == [{"id": 1, "name": "palm_tree"}, {"id": 2, "name": "building"}]
+    assert card["categories"] == [
+        {"id": 1, "name": "palm_tree", "supercategory": "vegetation"},
+        {"id": 2, "name": "building", "supercategory": "structure"},
+    ]
     assert card["architecture"]["gflop_per_tile"] <= 6.0
