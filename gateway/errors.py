@@ -10,16 +10,20 @@
     │   ├── UnsupportedRaster            422  decodable, but not a layout we can turn into RGB
     │   ├── RasterTooLarge               413  a budget (pixels, bands, decoded bytes) is exceeded
     │   ├── UploadTooLarge               413  the upload's byte size is over the cap
+    │   ├── RequestTimeout               408  the client sent its body too slowly
     │   └── DecoderFailed                422  the decoder crashed, ran out of memory or time on this file
+    ├── ClientClosedRequest              499  the client went away before the answer (nobody reads it)
     ├── TemporarilyUnavailable           503  retry later (Retry-After)
     │   ├── InferenceUnavailable         503  Triton unreachable or the model not ready
     │   │   └── InferenceTimeout         503  an inference call missed its deadline
+    │   ├── DecoderLost                  503  a decode worker was killed from outside mid-file
     │   └── Overloaded                   503  too many requests in flight
     └── InferenceError                   502  Triton answered with an error
 
 Domain code raises these; third-party errors are translated at their module boundary with ``from exc``.
 Each class carries its HTTP status, a stable ``type`` slug and a title; the instance carries the detail
-(the reason a user can act on) and optional extension members.
+(the reason a user can act on) and optional extension members, and says whether trying the same work
+again may succeed (:attr:`GatewayError.retryable`: the server's state, not the input, was at fault).
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed later (a server-side condition, not the input)."""
+        return False
 
 
 class InputError(GatewayError):
@@ -96,10 +105,29 @@ class UploadTooLarge(InputError):
     title = "Upload too large"
 
 
+class RequestTimeout(InputError):
+    status = 408
+    slug = "request-timeout"
+    title = "Request body too slow"
+
+
 class DecoderFailed(InputError):
     status = 422
     slug = "decoder-failed"
     title = "Decoding this file failed"
+
+    @property
+    def retryable(self) -> bool:
+        """A file that ran out of its time budget may fit on a less busy server; a crash will recur."""
+        return self.extensions.get("cause") == "timeout"
+
+
+class ClientClosedRequest(GatewayError):
+    """The client closed the connection before the response (nginx's 499); nobody reads the answer."""
+
+    status = 499
+    slug = "client-closed-request"
+    title = "Client closed the request"
 
 
 class TemporarilyUnavailable(GatewayError):
@@ -117,6 +145,10 @@ class TemporarilyUnavailable(GatewayError):
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
 
+    @property
+    def retryable(self) -> bool:
+        return True
+
 
 class InferenceUnavailable(TemporarilyUnavailable):
     slug = "inference-unavailable"
@@ -128,10 +160,26 @@ class InferenceTimeout(InferenceUnavailable):
     title = "Inference timed out"
 
 
+class DecoderLost(TemporarilyUnavailable):
+    """A decode worker died of a signal sent from outside (SIGKILL, SIGTERM) while reading a file.
+
+    Nothing says the file was the cause (an operator, a supervisor or the kernel's OOM killer picked the
+    process); the same file is tried once more on a fresh worker before it is blamed.
+    """
+
+    slug = "decoder-lost"
+    title = "Decoder lost"
+    default_retry_after_s = 1
+
+
 class InferenceError(GatewayError):
     status = 502
     slug = "inference-error"
     title = "Inference server error"
+
+    @property
+    def retryable(self) -> bool:
+        return True
 
 
 class Overloaded(TemporarilyUnavailable):

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.decode import DecodePool, StreamPlan, TileBatch
+from gateway.errors import DecoderFailed, DecoderLost
 from gateway.metrics import Metrics
 from gateway.options import PredictOptions
 from gateway.pipeline import geo
@@ -109,9 +110,34 @@ class Predictor:
     ) -> ImageResult:
         """Detect objects in the raster at ``path``.
 
+        A decode worker killed from outside while reading the file (:class:`DecoderLost`) costs one more
+        attempt on a fresh worker; killed again, the file is blamed (:class:`DecoderFailed`).
+
         Raises:
             GatewayError: a subclass naming why the file or the inference failed.
         """
+        try:
+            return await self._predict_once(path, file_name, options, sha256=sha256, progress=progress)
+        except DecoderLost as lost:
+            logger.warning("%s: %s; trying once more on a fresh decoder", file_name, lost.detail)
+        try:
+            return await self._predict_once(path, file_name, options, sha256=sha256, progress=progress)
+        except DecoderLost as again:
+            raise DecoderFailed(
+                f"The decoder was stopped twice while reading this file ({again.extensions.get('signal')}); "
+                "most likely the file needs more memory than this server grants a decoder.",
+                cause="killed",
+            ) from again
+
+    async def _predict_once(
+        self,
+        path: Path,
+        file_name: str,
+        options: PredictOptions,
+        *,
+        sha256: str | None,
+        progress: ProgressCallback | None,
+    ) -> ImageResult:
         tiling = self.tiling
         triton = self.triton
         started = time.perf_counter()

@@ -7,6 +7,7 @@ progress, and failures that leave the pool usable.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy.typing as npt
 import pytest
 
 from gateway.decode import DecodePool
-from gateway.errors import InferenceUnavailable
+from gateway.errors import DecoderFailed, InferenceUnavailable
 from gateway.options import PredictOptions
 from gateway.pipeline.result import ModelInfo
 from gateway.pipeline.tiling import balanced_batch
@@ -102,3 +103,23 @@ async def test_an_inference_outage_fails_the_file_and_the_pool_carries_on(
 )
 def test_batches_are_balanced(tiles: int, limit: int, size: int) -> None:
     assert balanced_batch(tiles, limit) == size
+
+
+CRASHING_WORKER = [sys.executable, str(Path(__file__).parent / "decode" / "crashing_worker.py")]
+
+
+async def test_a_decoder_killed_once_is_retried_and_twice_blames_the_file(
+    geotiff: Callable[..., Path],
+) -> None:
+    async with DecodePool(
+        DecodeSettings(workers=1, file_timeout_s=60), worker_command=CRASHING_WORKER
+    ) as pool:
+        backend = FakeInference(box_at_bright_spot)
+        once = geotiff("killedonce-scene.tif", width=600, height=600)
+        result = await predictor(pool, backend).predict_file(once, once.name, PredictOptions(0.5))
+        assert result.tiles_total == 4
+        always = geotiff("killed-scene.tif", width=600, height=600)
+        with pytest.raises(DecoderFailed, match="stopped twice") as caught:
+            await predictor(pool, backend).predict_file(always, always.name, PredictOptions(0.5))
+        assert caught.value.status == 422
+        assert not caught.value.retryable

@@ -34,7 +34,10 @@ import numpy.typing as npt
 
 from gateway.decode import protocol
 from gateway.decode.arena import TileRegion
-from gateway.errors import DecoderFailed
+from gateway.errors import DecoderFailed, DecoderLost
+
+EXTERNAL_SIGNALS: Final = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+"""Signals a worker never raises itself: it was stopped from outside, not by the file it read."""
 
 PIPE_BYTES: Final = 1024 * 1024
 """Capacity of each worker's output pipe (frames and validity masks; pixels go through shared memory)."""
@@ -234,9 +237,22 @@ def exit_status(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def exit_failure(code: int | None, memory_limit_bytes: int) -> DecoderFailed:
-    """The error a file fails with when its worker ended with ``code`` (``None``: it hung)."""
-    return DecoderFailed(_describe_exit(code, memory_limit_bytes), cause=_cause(code))
+def exit_failure(code: int | None, memory_limit_bytes: int) -> DecoderFailed | DecoderLost:
+    """The error a file fails with when its worker ended with ``code`` (``None``: it hung).
+
+    A signal that only comes from outside the process (SIGKILL, SIGTERM, SIGINT, SIGHUP: an operator,
+    a supervisor, the kernel's OOM killer) gives :class:`DecoderLost`, which the caller may retry; a
+    crash (SIGSEGV, SIGABRT, ...) or an exit gives :class:`DecoderFailed`. Running past the worker's
+    own memory limit is not a signal: allocations fail inside it and it reports the file itself.
+    """
+    if code is not None and -code in EXTERNAL_SIGNALS:
+        return DecoderLost(
+            f"The decoder reading this file was stopped from outside ({_signal_name(-code)}); the file "
+            "was not shown to be the cause. Retry the request.",
+            cause="killed",
+            signal=_signal_name(-code),
+        )
+    return DecoderFailed(_describe_exit(code, memory_limit_bytes), cause="crash")
 
 
 def _signal_name(number: int) -> str:
@@ -246,22 +262,11 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _cause(code: int | None) -> str:
-    if code is not None and code < 0:
-        return "memory" if -code == signal.SIGKILL else "crash"
-    return "crash"
-
-
 def _describe_exit(code: int | None, memory_limit_bytes: int) -> str:
     if code is None:
         return "The decoder stopped responding while reading this file."
     if code < 0:
         name = _signal_name(-code)
-        if -code == signal.SIGKILL:
-            return (
-                "The decoder was killed while reading this file (SIGKILL), most likely for using more "
-                f"than its {memory_limit_bytes / 1024**3:.1f} GiB memory limit."
-            )
         what = {
             "SIGSEGV": "crashed (SIGSEGV, a memory fault)",
             "SIGABRT": "aborted (SIGABRT)",
@@ -270,7 +275,8 @@ def _describe_exit(code: int | None, memory_limit_bytes: int) -> str:
             "SIGILL": "crashed (SIGILL)",
         }.get(name, f"died of {name}")
         return (
-            f"The decoder {what} while reading this file; the file is probably corrupt or hostile. "
-            "Other files are unaffected."
+            f"The decoder {what} while reading this file; the file is probably corrupt or hostile, or "
+            f"needs more than the decoder's {memory_limit_bytes / 1024**3:.1f} GiB. Other files are "
+            "unaffected."
         )
     return f"The decoder exited (status {code}) while reading this file."

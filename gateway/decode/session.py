@@ -117,7 +117,7 @@ class StreamPlan:
 class _WorkerLost(Exception):
     """The worker died, hung, or broke the protocol; the session cannot continue on it."""
 
-    def __init__(self, failure: DecoderFailed) -> None:
+    def __init__(self, failure: GatewayError) -> None:
         super().__init__(failure.detail)
         self.failure = failure
 

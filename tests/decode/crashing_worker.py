@@ -1,7 +1,9 @@
 """A decode worker that misbehaves on purpose, keyed on the file name (run as a script by test_pool).
 
 ``abort-*`` calls abort() like a failed libtiff assertion, ``segv-*`` dereferences NULL like a decoder
-memory fault, ``hog-*`` allocates far beyond RLIMIT_AS, ``hang-*`` never answers, ``exit-*`` quits.
+memory fault, ``hog-*`` allocates far beyond RLIMIT_AS, ``hang-*`` never answers, ``exit-*`` quits,
+``killed-*`` is SIGKILLed as if by an operator or the OOM killer, and ``killedonce-*`` only the first
+time (a marker file next to it remembers).
 Any other file is opened normally, so the same pool also serves ordinary files.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,6 +36,10 @@ def hostile_open(path: Path, limits: LimitSettings, options: ReadOptions) -> Ras
         time.sleep(3600)
     if name.startswith("exit-"):
         os._exit(3)
+    marker = path.with_name(path.name + ".killed")
+    if name.startswith("killed-") or (name.startswith("killedonce-") and not marker.exists()):
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
     return open_raster(path, limits, options)
 
 

@@ -21,6 +21,7 @@ from gateway.decode.arena import SHM_DIR
 from gateway.errors import (
     CorruptRaster,
     DecoderFailed,
+    DecoderLost,
     GatewayError,
     InvalidParameter,
     RasterTooLarge,
@@ -166,6 +167,19 @@ async def test_a_crash_fails_only_that_file(
     assert len(before - set(pool.pids)) == 1
     assert set(pool.pids) == decode_children()
     assert len(os.listdir("/proc/self/fd")) == fds  # the lost worker's pipes are closed
+
+
+async def test_a_worker_killed_from_outside_is_not_blamed_on_the_file(
+    pool: DecodePool, tmp_path: Path
+) -> None:
+    victim = make_geotiff(tmp_path / "killed-scene.tif", width=64, height=64)
+    with pytest.raises(DecoderLost, match="stopped from outside \\(SIGKILL\\)") as caught:
+        await decode_all(pool, victim)
+    assert caught.value.status == 503
+    assert caught.value.retryable
+    assert caught.value.headers() == {"Retry-After": "1"}
+    batches, _ = await decode_all(pool, make_geotiff(tmp_path / "fine.tif", width=64, height=64))
+    assert len(batches) == 1
 
 
 async def test_a_lost_worker_is_logged_with_its_pid_and_how_it_ended(
