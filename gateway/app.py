@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from gateway import __version__
 from gateway.api import docs, health, predict
 from gateway.api.deps import Admission, Services
-from gateway.api.middleware import ObservabilityMiddleware
+from gateway.api.middleware import BodyGuard, ObservabilityMiddleware
 from gateway.errors import install_problem_handlers
 from gateway.metrics import Metrics
 from gateway.predictor import Predictor
@@ -50,7 +50,8 @@ def create_app(
             model=ready.model,
             predictor=ready,
             readiness=ready.inference,
-            admission=Admission(settings.limits.max_concurrent_predicts),
+            admission=Admission(settings.limits.max_concurrent_predicts, "predictions"),
+            uploads=Admission(settings.limits.max_concurrent_uploads, "uploads"),
         )
 
     @asynccontextmanager
@@ -74,7 +75,8 @@ def create_app(
         redoc_url=None,
     )
     install_problem_handlers(app)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    app.add_middleware(BodyGuard, limits=settings.http)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: sees every status
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(docs.router)

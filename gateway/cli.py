@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -95,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     host = host or settings.host
     port = port if port is not None else settings.port
+    from gateway.serving import listen, uvicorn_config
+
     try:
         # Bound before the engine starts, so a busy port fails at once instead of after Triton loads.
         listener = listen(host, port)
@@ -109,35 +110,11 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
 
     from gateway.app import create_app
 
-    config = uvicorn.Config(
-        create_app(settings),
-        log_level=settings.log_level.lower(),
-        log_config=None,  # uvicorn's loggers propagate to ours (same format, request ids)
-        timeout_graceful_shutdown=30,
-        access_log=False,  # the gateway logs each request itself, with its request id
-    )
+    config = uvicorn_config(create_app(settings), settings.http, settings.log_level)
     logger.info("palm-serve listening on http://%s:%d (ready once the model is loaded)", host, port)
     with listener:
         uvicorn.Server(config).run(sockets=[listener])
     return 0
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (IPv4 or IPv6), the way uvicorn binds its own.
-
-    Raises:
-        OSError: the address is in use, or not one of this machine's.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.set_inheritable(True)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def expand(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +255,17 @@ def install_problem_handlers(app: FastAPI) -> None:
             errors=errors,
         )
 
+    async def on_client_gone(request: Request, exc: Exception) -> JSONResponse:
+        # Nobody reads this answer; it is what the logs and metrics record (nginx's 499).
+        logger.info("%s %s: the client closed the connection", request.method, request.url.path)
+        return problem(
+            ClientClosedRequest.status,
+            ClientClosedRequest.title,
+            "The client closed the connection before the response.",
+            slug=ClientClosedRequest.slug,
+            instance=request.url.path,
+        )
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path)
         return problem(
@@ -265,6 +277,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)

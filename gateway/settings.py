@@ -57,7 +57,12 @@ class LimitSettings(BaseModel):
 
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="Enforced while the upload streams.")
     max_concurrent_predicts: int = Field(
-        default=32, gt=0, description="/v1/predict requests admitted at once; more get 503 + Retry-After."
+        default=32,
+        gt=0,
+        description="/v1/predict requests predicting at once (uploads done); more get 503 + Retry-After.",
+    )
+    max_concurrent_uploads: int = Field(
+        default=64, gt=0, description="Uploads streaming to disk at once; more get 503 + Retry-After."
     )
     max_predict_pixels: int = Field(
         default=64_000_000, gt=0, description="Above this /v1/predict answers 413."
@@ -68,6 +73,35 @@ class LimitSettings(BaseModel):
     max_decoded_bytes: int = Field(
         default=64 * 1024**3, gt=0, description="width x height x bands x bytes per sample of the source."
     )
+
+
+class HttpSettings(BaseModel):
+    """What a client may hold of the server: time and bytes before and while it sends a request.
+
+    The HTTP server closes connections that stay silent or send their headers too slowly, and refuses
+    oversized request lines and headers; the app times out bodies that arrive too slowly.
+    """
+
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="A new request's line and headers must arrive within this."
+    )
+    keep_alive_s: float = Field(default=5.0, gt=0, description="Idle time between requests before close.")
+    body_idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest pause between two chunks of a request body."
+    )
+    body_min_rate_bytes: int = Field(
+        default=16 * 1024,
+        ge=0,
+        description="Slowest average body rate accepted (bytes/s) once body_grace_s has passed.",
+    )
+    body_grace_s: float = Field(
+        default=10.0, ge=0, description="Time a body may take before the rate counts."
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, gt=0, description="Request line and headers together; more is 431."
+    )
+    max_headers: int = Field(default=100, gt=0, description="Header fields per request; more is 431.")
+    max_url_bytes: int = Field(default=8 * 1024, gt=0, description="Path and query; longer is 414.")
 
 
 class TilingSettings(BaseModel):
@@ -103,6 +137,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
     triton: TritonSettings = TritonSettings()
+    http: HttpSettings = HttpSettings()
     limits: LimitSettings = LimitSettings()
     tiling: TilingSettings = TilingSettings()
     decode: DecodeSettings = DecodeSettings()

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from gateway.errors import InvalidParameter, Overloaded
+from gateway.errors import ClientClosedRequest, InvalidParameter, Overloaded
 from gateway.metrics import Metrics
 from gateway.pipeline.result import ModelInfo
 from gateway.predictor import Predictor
 from gateway.settings import Settings
+
+T = TypeVar("T")
 
 
 class ReadinessProbe(Protocol):
@@ -31,15 +34,16 @@ class Admission:
     Retry-After) costs nothing, an upload queued behind hundreds of others costs disk and times out.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str = "requests") -> None:
         self.limit = limit
+        self.what = what
         self.active = 0
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         if self.active >= self.limit:
             raise Overloaded(
-                f"{self.active} predictions are in progress (the limit is {self.limit}); retry shortly"
+                f"{self.active} {self.what} are in progress (the limit is {self.limit}); retry shortly"
             )
         self.active += 1
         try:
@@ -58,6 +62,33 @@ class Services:
     predictor: Predictor
     readiness: ReadinessProbe
     admission: Admission
+    uploads: Admission
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` while watching the connection: if the client leaves first, ``work`` is cancelled
+    (its decoding and inference calls with it) and :class:`ClientClosedRequest` is raised.
+
+    Call once the request body has been read: the watcher consumes the connection's next event.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    if task.cancelled():
+        raise ClientClosedRequest("the client closed the connection; its work was cancelled")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def get_services(request: Request) -> Services:

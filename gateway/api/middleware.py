@@ -1,7 +1,8 @@
-"""ASGI middleware: request ids and HTTP metrics, labelled by route template (bounded cardinality)."""
+"""ASGI middleware: request ids and HTTP metrics by route template; deadlines on request bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -10,8 +11,10 @@ import time
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import RequestTimeout
 from gateway.logs import request_id_var
 from gateway.metrics import Metrics
+from gateway.settings import HttpSettings
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +91,67 @@ def route_template(scope: Scope, entry: Scope) -> str:
                 route = candidate
                 break
     return str(getattr(route, "path", "unmatched")) if route is not None else "unmatched"
+
+
+class BodyGuard:
+    """Deadlines on reading a request body, and a closed connection after an answer given early.
+
+    Every ``receive`` of body bytes must return within ``body_idle_timeout_s``, and once
+    ``body_grace_s`` has passed the body must have averaged at least ``body_min_rate_bytes`` per second
+    (the deadline moves out by one second per ``body_min_rate_bytes`` received, as nginx and Apache's
+    mod_reqtimeout do). A late body raises :class:`RequestTimeout` in whoever reads it (408). A
+    response that starts before the request body was read whole carries ``Connection: close``: the
+    rest of the body is not read, so the connection cannot serve another request.
+    """
+
+    def __init__(self, app: ASGIApp, limits: HttpSettings) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        has_body = headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
+        limits = self.limits
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        received = 0
+        complete = not has_body
+
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            now = loop.time()
+            budget = started + limits.body_grace_s - now
+            if limits.body_min_rate_bytes:
+                budget += received / limits.body_min_rate_bytes
+            timeout = min(limits.body_idle_timeout_s, budget)
+            try:
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(_too_slow(limits, received, loop.time() - started)) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete:
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, guarded_receive, closing_send)
+
+
+def _too_slow(limits: HttpSettings, received: int, elapsed: float) -> str:
+    return (
+        f"the request body stalled: {received} bytes in {elapsed:.1f} s; a body may pause at most "
+        f"{limits.body_idle_timeout_s:g} s and must average {limits.body_min_rate_bytes} bytes/s after "
+        f"{limits.body_grace_s:g} s"
+    )

@@ -9,12 +9,13 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from gateway.api.deps import Services, ServicesDep, StrictQuery
+from gateway.api.deps import Services, ServicesDep, StrictQuery, unless_disconnected
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
 from gateway.api.uploads import discard, receive_upload
 from gateway.errors import GatewayError
 from gateway.options import PredictOptions
 from gateway.pipeline.render import MEDIA_TYPES, OutputFormat, render
+from gateway.pipeline.result import ImageResult
 
 router = APIRouter(tags=["inference"], dependencies=[StrictQuery])
 
@@ -71,17 +72,6 @@ async def predict(
         Query(description="Source bands for R,G,B (1-based), e.g. 3,2,1 for multispectral", max_length=64),
     ] = None,
 ) -> Response:
-    async with services.admission.slot():
-        return await _predict(request, services, score_threshold, format, bands)
-
-
-async def _predict(
-    request: Request,
-    services: Services,
-    score_threshold: float | None,
-    format: OutputFormat,
-    bands: str | None,
-) -> Response:
     settings = services.settings
     options = PredictOptions.parse(
         score_threshold=score_threshold,
@@ -90,27 +80,41 @@ async def _predict(
         max_pixels=settings.limits.max_predict_pixels,
     )
     received = time.perf_counter()
-    upload = await receive_upload(
-        request.headers.get("content-type"),
-        request.headers.get("content-length"),
-        request.stream(),
-        settings.data_dir / "uploads",
-        settings.limits.max_upload_bytes,
-        # Only COCO reports the image's sha256 (images[].sha256); hashing costs CPU in proportion to size.
-        sha256=format is OutputFormat.coco,
-    )
-    services.metrics.upload_bytes.inc(upload.size)
-    uploaded = time.perf_counter()
-    services.metrics.stage_latency.labels("upload").observe(uploaded - received)
-    try:
-        result = await services.predictor.predict_file(
-            upload.path, upload.file_name, options, sha256=upload.sha256
+    async with services.uploads.slot():
+        upload = await receive_upload(
+            request.headers.get("content-type"),
+            request.headers.get("content-length"),
+            request.stream(),
+            settings.data_dir / "uploads",
+            settings.limits.max_upload_bytes,
+            # Only COCO reports the image's sha256 (images[].sha256); hashing costs CPU per byte.
+            sha256=format is OutputFormat.coco,
         )
+    uploaded = time.perf_counter()
+    try:
+        services.metrics.upload_bytes.inc(upload.size)
+        services.metrics.stage_latency.labels("upload").observe(uploaded - received)
+        # A prediction slot is taken only now that there is work: a slow upload holds none.
+        async with services.admission.slot():
+            result = await unless_disconnected(
+                request,
+                services.predictor.predict_file(upload.path, upload.file_name, options, sha256=upload.sha256),
+            )
     except GatewayError as exc:
         services.metrics.images.labels(exc.slug).inc()
         raise
     finally:
         discard(upload)
+    return _respond(services, result, options, format, {"upload": uploaded - received})
+
+
+def _respond(
+    services: Services,
+    result: ImageResult,
+    options: PredictOptions,
+    format: OutputFormat,
+    stages: dict[str, float],
+) -> Response:
     services.metrics.images.labels("ok").inc()
     model = services.model
     ids, counts = np.unique(result.detections.class_ids, return_counts=True)
@@ -122,7 +126,7 @@ async def _predict(
     content = render(format, [result], model, tiling)
     done = time.perf_counter()
     services.metrics.stage_latency.labels("render").observe(done - rendering)
-    stages = {"upload": uploaded - received, **result.timings, "render": done - rendering}
+    stages = {**stages, **result.timings, "render": done - rendering}
     # Server-Timing (W3C): where the time of this request went, shown by browsers' developer tools.
     timing = ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in stages.items())
     return Response(content, media_type=MEDIA_TYPES[format], headers={"Server-Timing": timing})

@@ -87,3 +87,46 @@ async def test_the_hash_is_skipped_when_not_asked_for(tmp_path: Path) -> None:
     assert up.sha256 is None
     assert up.path.read_bytes() == payload
     assert up.size == len(payload)
+
+
+async def test_a_boundary_longer_than_rfc_2046_allows_is_refused(tmp_path: Path) -> None:
+    boundary = "b" * 300
+    with pytest.raises(InputError, match="boundary is 300 characters long"):
+        await receive_upload(f"multipart/form-data; boundary={boundary}", None, chunks(b"x"), tmp_path, 4096)
+
+
+async def test_every_part_counts_whatever_its_name(tmp_path: Path) -> None:
+    many = b"".join(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="x"\r\n\r\nv\r\n'.encode()
+        for _ in range(50_000)
+    )
+    with pytest.raises(InputError, match="more than 17 parts"):
+        await receive_upload(CT, None, chunks(many + body(b"abc"), 64 * 1024), tmp_path, 1 << 20)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_the_whole_body_is_capped_not_only_the_file(tmp_path: Path) -> None:
+    fields = b"".join(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\n'.encode()
+        + b"v" * 60_000
+        + b"\r\n"
+        for i in range(2)
+    )
+    with pytest.raises(UploadTooLarge, match="request body exceeds"):
+        await receive_upload(CT, None, chunks(fields + body(b"x" * 1000), 4096), tmp_path, 4096)
+    with pytest.raises(InputError, match="goes on after its closing boundary"):
+        await receive_upload(CT, None, chunks(body(b"x" * 1000) + b"z" * 5000, 512), tmp_path, 1 << 20)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_body_without_its_closing_boundary_is_incomplete(tmp_path: Path) -> None:
+    truncated = body(b"x" * 1000)[: -len(f"\r\n--{BOUNDARY}--\r\n")]
+    with pytest.raises(InputError, match="ends before its closing boundary"):
+        await receive_upload(CT, None, chunks(truncated), tmp_path, 1 << 20)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_names_lose_characters_that_hide_or_reorder_text() -> None:
+    assert safe_display_name("invoice\u202egpj.tif") == "invoicegpj.tif"
+    assert safe_display_name("a\u200bb\u2028c.tif") == "abc.tif"
+    assert safe_display_name("palmeraie-\u00e9t\u00e9.tif") == "palmeraie-\u00e9t\u00e9.tif"

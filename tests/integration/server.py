@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,20 +10,31 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
+from gateway.serving import listen, uvicorn_config
+from gateway.settings import HttpSettings
+
 
 @contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", startup_timeout_s: float = 180.0) -> Iterator[str]:
+def serve_in_thread(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    startup_timeout_s: float = 180.0,
+    http: HttpSettings | None = None,
+) -> Iterator[str]:
     """Serve ``app`` on a free loopback port until the block exits; yields its base URL.
+
+    The server is configured as ``palm-serve serve`` configures its own (:mod:`gateway.serving`), with
+    ``http`` limits (the defaults unless given).
 
     Raises:
         RuntimeError: the server did not finish its startup (lifespan) within ``startup_timeout_s``.
     """
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    listener = listen(host, 0)
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app, http or HttpSettings(), "warning"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [listener]}, name=f"uvicorn-{port}", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
     while not server.started:
@@ -40,3 +50,4 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", startup_timeout_s: fl
     finally:
         server.should_exit = True
         thread.join(60)
+        listener.close()
