@@ -19,7 +19,7 @@ from gateway.api.deps import Admission, Services
 from gateway.api.middleware import BodyGuard, ObservabilityMiddleware
 from gateway.errors import install_problem_handlers
 from gateway.metrics import Metrics
-from gateway.predictor import Predictor
+from gateway.predictor import InferenceBackend, Predictor
 from gateway.runtime import open_runtime
 from gateway.settings import Settings, get_settings
 
@@ -30,6 +30,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     predictor: Predictor | None = None,
+    inference: InferenceBackend | None = None,
     metrics: Metrics | None = None,
 ) -> FastAPI:
     """Build the gateway.
@@ -38,6 +39,8 @@ def create_app(
         settings: configuration; defaults to the environment (``PALM_*``).
         predictor: a ready predictor (decode pool and inference backend already running); the app then
             neither starts nor stops an engine, and reports readiness from its inference backend.
+        inference: an inference backend to use instead of Triton; the app starts and stops the rest of
+            the engine (the decode workers) as it would with Triton.
         metrics: the metric families; a fresh registry by default.
     """
     settings = settings if settings is not None else get_settings()
@@ -60,7 +63,7 @@ def create_app(
             app.state.services = services(predictor)
             yield
             return
-        async with open_runtime(settings, metrics) as runtime:
+        async with open_runtime(settings, metrics, inference=inference) as runtime:
             app.state.services = services(runtime.predictor)
             model = runtime.model
             logger.info("gateway up: model %s/%s sha256=%s", model.name, model.version, model.sha256)

@@ -43,12 +43,16 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Runtime]:
+async def open_runtime(
+    settings: Settings, metrics: Metrics | None = None, *, inference: InferenceBackend | None = None
+) -> AsyncIterator[Runtime]:
     """Start Triton (or connect to ``settings.triton.url``) and the decode workers; stop both on exit.
 
     Args:
         settings: the service configuration.
         metrics: where the engine's metrics go; a fresh registry by default.
+        inference: a backend to use instead of Triton (the caller owns it); everything else is built
+            as configured.
 
     Raises:
         InferenceUnavailable: the embedded Triton did not get the model ready.
@@ -61,7 +65,8 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
     metrics = metrics if metrics is not None else Metrics()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        triton = asyncio.create_task(_enter(stack, connect_triton(settings, metrics)))
+        backend_context = connect_triton(settings, metrics) if inference is None else _given(inference)
+        triton = asyncio.create_task(_enter(stack, backend_context))
         await asyncio.sleep(0)  # let the embedded server spawn before the imports below hold the loop
         from gateway.decode import DecodePool
         from gateway.model_card import load_model_info
@@ -79,6 +84,11 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
             pool, backend, model, tiling=settings.tiling, triton=settings.triton, metrics=metrics
         )
         yield Runtime(settings, metrics, backend, pool, model, predictor)
+
+
+@asynccontextmanager
+async def _given(inference: InferenceBackend) -> AsyncIterator[InferenceBackend]:
+    yield inference
 
 
 async def _enter(

@@ -73,7 +73,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._awaiting_headers:
+        # Bytes count towards the header limit when the chunk starts inside a request's line and
+        # headers (not when it carries the end of a body), and only while those stay incomplete.
+        in_headers = self._awaiting_headers
+        if in_headers:
             self._received_any = True
             if self._header_timer is None:  # the next request on a kept-alive connection begins
                 self._arm_header_timer()
@@ -91,7 +94,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._refuse(400, "bad-request", f"malformed HTTP request: {exc}")
             return
-        if self._awaiting_headers and not self.transport.is_closing():
+        if in_headers and self._awaiting_headers and not self.transport.is_closing():
             self._header_bytes += len(data)
             if self._header_bytes > self.limits.max_header_bytes:
                 self._refuse(
@@ -110,6 +113,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._awaiting_headers = True
+        self._header_bytes = 0
         self._header_count = 0
         self._url_bytes = 0
 
