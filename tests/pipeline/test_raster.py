@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,15 @@ from gateway.errors import (
 from gateway.pipeline import raster
 from gateway.pipeline.raster import (
     RasterInfo,
+    RasterReader,
     ReadOptions,
     Tile,
+    TileCutter,
+    Window,
     describe_bytes,
     drivers_for_name,
     open_raster,
+    policy,
 )
 from gateway.pipeline.tiling import TileSpec, tile_grid
 from gateway.settings import LimitSettings
@@ -579,28 +584,39 @@ def test_band_interleaved_file(geotiff: GeoTiffFactory) -> None:
     assert np.abs(image[2].astype(int) - expected_stretch(data[2], low, high)).max() <= 1
 
 
+class CountingSource:
+    """A :class:`BlockSource` over an open reader that records every window read."""
+
+    def __init__(self, reader: RasterReader) -> None:
+        self.reader = reader
+        self.windows: list[Window] = []
+
+    def read(
+        self, bands: Sequence[int], window: Window, out: npt.NDArray[Any] | None = None
+    ) -> npt.NDArray[Any]:
+        self.windows.append(window)
+        return self.reader.read(bands, window, out)
+
+    def read_mask(self, band: int, window: Window) -> npt.NDArray[Any]:
+        return self.reader.read_mask(band, window)
+
+
 @pytest.mark.parametrize(("tiled", "block"), [(True, 256), (False, 16), (False, 1)])
-def test_each_block_is_decoded_once(
-    geotiff: GeoTiffFactory, monkeypatch: pytest.MonkeyPatch, tiled: bool, block: int
-) -> None:
+def test_each_block_is_decoded_once(geotiff: GeoTiffFactory, tiled: bool, block: int) -> None:
     width, height = 1500, 1700
-    path = geotiff(width=width, height=height, tiled=tiled, blocksize=block, photometric="RGB")
-    reads: list[tuple[int, int, int, int]] = []
+    data = synthetic_bands(width, height, 3, "uint8", seed=block)
+    path = geotiff(width=width, height=height, data=data, tiled=tiled, blocksize=block, photometric="RGB")
+    specs = tile_grid(width, height)
     with open_raster(path, LIMITS) as reader:
-        original = reader._read
-
-        def spy(bands: Any, window: Any, **kwargs: Any) -> Any:
-            reads.append((int(window.row_off), int(window.height), int(window.col_off), int(window.width)))
-            return original(bands, window, **kwargs)
-
-        monkeypatch.setattr(reader, "_read", spy)
-        tiles = list(reader.tiles(tile_grid(width, height)))
-    assert len(tiles) == len(tile_grid(width, height))
+        source = CountingSource(reader)
+        tiles = list(TileCutter(source, reader.plan, width, height, specs).tiles())
+    assert len(tiles) == len(specs)
+    np.testing.assert_array_equal(mosaic(tiles, width, height)[0], data)
     rows = np.zeros(height, int)
-    for row, h, col, w in reads:
-        assert row % block == 0, "reads start on block rows"
-        assert (col, w) == (0, width)
-        rows[row : row + h] += 1
+    for window in source.windows:
+        assert window.row_off % block == 0, "reads start on block rows"
+        assert (window.col_off, window.width) == (0, width)
+        rows[window.row_off : window.row_off + window.height] += 1
     np.testing.assert_array_equal(rows, 1)  # every row, so every block, read exactly once
 
 
@@ -661,7 +677,7 @@ def test_missing_codec_is_unsupported(geotiff: GeoTiffFactory) -> None:
 
 def test_giant_blocks_are_refused(geotiff: GeoTiffFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     path = geotiff(width=128, height=128, tiled=True, blocksize=64)
-    monkeypatch.setattr(raster, "MAX_BLOCK_BYTES", 64 * 64 * 3 - 1)
+    monkeypatch.setattr(policy, "MAX_BLOCK_BYTES", 64 * 64 * 3 - 1)
     with pytest.raises(UnsupportedRaster, match="Re-save it tiled"):
         open_raster(path, LIMITS)
 
