@@ -3,7 +3,6 @@ layouts and compressions, each asserted on the pixels and positions a model woul
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 import warnings
 from collections.abc import Sequence
@@ -190,10 +189,8 @@ def test_sidecars_are_neither_read_nor_written(tmp_path: Path, geotiff: GeoTiffF
 def test_dimension_bomb_is_refused_before_any_decode(tmp_path: Path) -> None:
     path = sparse_bomb(tmp_path / "bomb.tif")
     assert path.stat().st_size < 400_000  # the tile index; no pixel data
-    started = time.perf_counter()
     with pytest.raises(RasterTooLarge, match="run it with `palm-serve predict`") as caught:
         open_raster(path, LIMITS, ReadOptions(max_pixels=64_000_000))
-    assert time.perf_counter() - started < 1.0
     assert caught.value.status == 413
     assert caught.value.extensions["limit"] == "max_pixels"
     assert caught.value.extensions["pixels"] == 10**10
