@@ -3,6 +3,7 @@ layouts and compressions, each asserted on the pixels and positions a model woul
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from rasterio.env import get_gdal_config
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_gcps
 
+from gateway.decode import protocol
 from gateway.errors import (
     CorruptRaster,
     InvalidParameter,
@@ -28,9 +30,13 @@ from gateway.errors import (
 )
 from gateway.pipeline import raster
 from gateway.pipeline.raster import (
+    Colour,
+    GeorefSource,
+    MaskSource,
     RasterInfo,
     RasterReader,
     ReadOptions,
+    Scaling,
     Tile,
     TileCutter,
     Window,
@@ -473,6 +479,23 @@ def test_all_nodata_image_yields_no_tiles(geotiff: GeoTiffFactory) -> None:
     assert tiles == []
     assert skipped == 4
     assert any("No valid pixel" in w for w in info.warnings)
+
+
+def test_info_crosses_the_worker_wire_as_the_same_strings(geotiff: GeoTiffFactory) -> None:
+    data = synthetic_bands(40, 30, 1, "float32", seed=16)
+    info, _, _ = read(geotiff(width=40, height=30, bands=1, dtype="float32", data=data, nodata=-1.0))
+    wire = json.loads(json.dumps(protocol.info_to_wire(info)))
+    assert (wire["colour"], wire["scaling"], wire["georef"]) == ("grey", "percentile", "transform")
+    assert wire["masking"] == ["nodata", "nan"]
+    back = protocol.info_from_wire(wire)
+    assert back == info
+    assert (back.colour, back.scaling, back.georef) == (
+        Colour.GREY,
+        Scaling.PERCENTILE,
+        GeorefSource.TRANSFORM,
+    )
+    assert back.masking == (MaskSource.NODATA, MaskSource.NAN)
+    assert all(isinstance(m, MaskSource) for m in back.masking)
 
 
 # -- georeferencing --------------------------------------------------------------------------------
