@@ -1,1 +1,1 @@
-"""Pure, synchronous steps from raster to COCO; only ``raster.py`` touches files."""
+"""Pure, synchronous steps from raster to COCO; only ``raster/reader.py`` touches files."""
