@@ -9,9 +9,9 @@ PIP := $(BIN)/python -m pip
 # it without dependencies keeps numpy 2 (model.py does its I/O over DLPack, see model_repository/).
 PYTRITON := nvidia-pytriton==0.7.0
 
-# Debian packages the tests drive for real (a browser for the pages). As root (CI) `make test` installs
-# them; anyone else is told what to install.
-SYSTEM_PACKAGES := chromium chromium-driver
+# Debian packages the tests drive for real (a browser for the pages, nginx for the shipped proxy
+# configuration). As root (CI) `make test` installs them; anyone else is told what to install.
+SYSTEM_PACKAGES := chromium chromium-driver nginx-light
 
 .PHONY: install install-dev system-deps run test lint typecheck unit bench clean
 
