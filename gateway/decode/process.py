@@ -211,7 +211,7 @@ class _PipeReader:
                 count = os.readv(self.fd, [view])
             except BlockingIOError:
                 readable = loop.create_future()
-                loop.add_reader(self.fd, readable.set_result, None)
+                loop.add_reader(self.fd, _wake, readable)
                 try:
                     await readable
                 finally:
@@ -226,6 +226,12 @@ class _PipeReader:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    """The pipe is readable; the waiter may have been cancelled since the callback was queued."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def exit_status(code: int | None) -> str:

@@ -244,11 +244,24 @@ def _reproject(src: str, dst: str, xs: FloatArray, ys: FloatArray) -> tuple[Floa
         return out_x.reshape(shape), out_y.reshape(shape)
     source, target = _crs(src), _crs(dst)
     index = np.flatnonzero(finite)
-    _transform_into(source, target, x, y, index, out_x, out_y)
+    if not _try_transform(source, target, x, y, index, out_x, out_y):
+        # GDAL fails a whole call for one unplaceable point (a geostationary corner looking into space).
+        # A spread of single points tells a CRS pair that cannot be transformed at all (another planet)
+        # from one where some points can; only the second is worth searching point by point.
+        spread = np.linspace(0, index.size - 1, min(index.size, PROBE_POINTS)).astype(np.intp)
+        placed = [_try_transform(source, target, x, y, index[i : i + 1], out_x, out_y) for i in spread]
+        if any(placed):
+            _bisect(source, target, x, y, index, out_x, out_y, budget=[MAX_FAILED_CALLS])
     return out_x.reshape(shape), out_y.reshape(shape)
 
 
-def _transform_into(
+PROBE_POINTS = 16
+"""Single points tried after a failed call, to tell whether any point can be placed at all."""
+MAX_FAILED_CALLS = 256
+"""Failed calls the search for unplaceable points may spend; points left undecided stay NaN."""
+
+
+def _try_transform(
     source: CRS,
     target: CRS,
     x: FloatArray,
@@ -256,21 +269,36 @@ def _transform_into(
     index: npt.NDArray[np.intp],
     out_x: FloatArray,
     out_y: FloatArray,
-) -> None:
-    """Transform the points at ``index``; GDAL fails a whole call for one unplaceable point (a
-    geostationary corner looking into space), so a failing call is split in halves until the points
-    that fail alone are found, and those stay NaN: ``O(k log n)`` calls for ``k`` such points."""
+) -> bool:
+    """Transform the points at ``index`` into ``out_x``/``out_y``; ``False`` if GDAL refused the call."""
     try:
         tx, ty = warp_transform(source, target, x[index].tolist(), y[index].tolist())
     except (RasterioError, CPLE_BaseError, CRSError):
-        if index.size == 1:
-            return
-        half = index.size // 2
-        _transform_into(source, target, x, y, index[:half], out_x, out_y)
-        _transform_into(source, target, x, y, index[half:], out_x, out_y)
-        return
+        return False
     out_x[index] = tx
     out_y[index] = ty
+    return True
+
+
+def _bisect(
+    source: CRS,
+    target: CRS,
+    x: FloatArray,
+    y: FloatArray,
+    index: npt.NDArray[np.intp],
+    out_x: FloatArray,
+    out_y: FloatArray,
+    budget: list[int],
+) -> None:
+    """Split a failing call in halves until the points that fail alone are found (``O(k log n)`` calls
+    for ``k`` of them), spending at most ``budget[0]`` failed calls."""
+    if index.size <= 1 or budget[0] <= 0:
+        return
+    half = index.size // 2
+    for part in (index[:half], index[half:]):
+        if not _try_transform(source, target, x, y, part, out_x, out_y):
+            budget[0] -= 1
+            _bisect(source, target, x, y, part, out_x, out_y, budget)
 
 
 def _geometry(lon: FloatArray, lat: FloatArray) -> GeoJSON | None:
