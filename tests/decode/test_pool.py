@@ -185,11 +185,16 @@ async def test_a_worker_killed_from_outside_is_not_blamed_on_the_file(
 async def test_a_lost_worker_is_logged_with_its_pid_and_how_it_ended(
     files: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    def replaced() -> list[str]:
-        return [r.getMessage() for r in caplog.records if "replaced by" in r.getMessage()]
-
     async with DecodePool(DecodeSettings(workers=1), LIMITS, worker_command=CRASHING_WORKER) as pool:
         (lost,) = pool.pids
+
+        def replaced() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if "replaced by" in r.getMessage() and r.getMessage().startswith(f"decode worker {lost} ")
+            ]
+
         with caplog.at_level(logging.INFO, logger="gateway.decode"):
             with pytest.raises(DecoderFailed):
                 await decode_all(pool, files["segv"])
