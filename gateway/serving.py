@@ -57,6 +57,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_count = 0
+        self._headers_seen = 0
         self._url_bytes = 0
         self._received_any = False
         self._header_timer: asyncio.TimerHandle | None = None
@@ -76,6 +77,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Bytes count towards the header limit when the chunk starts inside a request's line and
         # headers (not when it carries the end of a body), and only while those stay incomplete.
         in_headers = self._awaiting_headers
+        headed = self._headers_seen
         if in_headers:
             self._received_any = True
             if self._header_timer is None:  # the next request on a kept-alive connection begins
@@ -94,7 +96,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._refuse(400, "bad-request", f"malformed HTTP request: {exc}")
             return
-        if in_headers and self._awaiting_headers and not self.transport.is_closing():
+        still_in_headers = in_headers and self._headers_seen == headed and self._awaiting_headers
+        if still_in_headers and not self.transport.is_closing():
             self._header_bytes += len(data)
             if self._header_bytes > self.limits.max_header_bytes:
                 self._refuse(
@@ -142,6 +145,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
         self._header_bytes = 0
+        self._headers_seen += 1
         self._cancel_header_timer()
         super().on_headers_complete()
 

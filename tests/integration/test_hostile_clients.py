@@ -464,3 +464,25 @@ async def test_departed_clients_leave_triton_idle_for_the_next_one(
     tiles_sent = after_departures - before
     assert tiles_sent < 30 * 25 / 3, f"{tiles_sent} tiles inferred for 30 clients that left"
     assert loaded < max(3 * idle, idle + 0.5), (idle, loaded)
+
+
+def test_bodies_sent_with_their_headers_on_a_kept_alive_connection_pass(
+    gateway: Gateway, tile_bytes: bytes
+) -> None:
+    body = multipart(tile_bytes)
+    request = (
+        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    assert len(request) > 4 * FAST_LIMITS.max_header_bytes
+    with socket.create_connection(gateway.address, timeout=30) as conn:
+        reader = conn.makefile("rb")
+        for _ in range(3):
+            conn.sendall(request)  # headers and the whole body in one write
+            status = reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            length = 0
+            while (line := reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert json.loads(reader.read(length))["detections"]
