@@ -114,9 +114,21 @@ class TilingSettings(BaseModel):
 
 
 class DecodeSettings(BaseModel):
-    """Isolated raster decoding (worker processes)."""
+    """Isolated raster decoding (worker processes).
+
+    ``reserved_online_workers`` of the ``workers`` are never leased to batch (job) files, so a
+    ``/v1/predict`` request finds a worker free at once instead of waiting for a job's file to finish
+    decoding; batch files still get at least one worker (``max(1, workers - reserved_online_workers)``).
+    Online files may use every worker, and are served first whenever files wait.
+    """
 
     workers: int = Field(default=2, ge=1, le=64)
+    reserved_online_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Decode workers batch (job) files never take, kept free for online requests.",
+    )
     memory_limit_bytes: int = Field(default=3 * 1024**3, gt=0, description="RLIMIT_AS of each decode worker.")
     file_timeout_s: float = Field(default=600.0, gt=0, description="Wall-clock budget to decode one file.")
 
