@@ -7,6 +7,13 @@ at Triton at once while the next ones decode, so the model never waits on the re
 batch where the worker wrote it (the gateway never copies pixels); the slot goes back to the worker when
 the call returns. Per-tile candidates are cut down to above-threshold boxes as soon as a batch returns;
 only those are held until the seam merge.
+
+Online callers and bulk jobs share the engine through two lanes (:mod:`gateway.scheduling`): a file
+predicted at :attr:`Priority.BATCH` waits behind online files for a decode worker and never takes the
+workers reserved for them, and its Triton calls wait behind online ones for one of the gateway's
+``max_calls_in_flight`` and never hold more than ``max_batch_calls_in_flight``; at Triton its requests
+carry the lower priority level. Cancelling a prediction cancels its calls at Triton first, then winds
+its decoder down through the protocol (the worker stays in the pool).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from gateway.pipeline.merge import Candidates, merge_candidates, tile_candidates
 from gateway.pipeline.raster import ReadOptions, drivers_for_name
 from gateway.pipeline.result import ImageMeta, ImageResult, ModelInfo, TilingInfo
 from gateway.pipeline.tiling import tile_count
+from gateway.scheduling import Priority, PriorityLimiter
 from gateway.settings import TilingSettings, TritonSettings
 from gateway.shared_memory import SharedTiles
 
@@ -47,12 +55,17 @@ class InferenceBackend(Protocol):
     """What the gateway needs from an inference server (normally the Triton gRPC client)."""
 
     async def infer(
-        self, tiles: npt.NDArray[np.uint8], *, shared: SharedTiles | None = None
+        self,
+        tiles: npt.NDArray[np.uint8],
+        *,
+        shared: SharedTiles | None = None,
+        priority: Priority = Priority.ONLINE,
     ) -> npt.NDArray[np.float32]:
         """uint8 ``[N, 3, 512, 512]`` tiles to float32 ``[N, K, 6]`` detections.
 
         ``shared``, when given, says where ``tiles`` lie in shared memory; a server that can map it
-        reads them there instead of receiving them.
+        reads them there instead of receiving them. ``priority`` is the request's priority level at
+        the server (1 is served first).
         """
         ...
 
@@ -71,7 +84,8 @@ class Predictor:
         inference: the inference server (normally the Triton client).
         model: the model the server runs, reported with every result.
         tiling: tile size, overlap and merge IoU.
-        triton: tiles per call, calls in flight per image and the call deadline.
+        triton: tiles per call, calls in flight per image and for the whole gateway (online and
+            batch), and the call deadline.
         metrics: where stage times and tile counts go; none when ``None``.
     """
 
@@ -93,6 +107,9 @@ class Predictor:
         self.metrics = metrics
         self._at_triton = 0
         """Batches of any request now at the inference server (this gateway's view of its load)."""
+        calls = triton.max_calls_in_flight
+        self._calls = PriorityLimiter(calls, reserved=max(0, calls - triton.max_batch_calls_in_flight))
+        """Inference calls in flight for the whole gateway, online calls first."""
 
     def tiling_info(self, score_threshold: float) -> TilingInfo:
         """How this predictor cuts and merges, as recorded in COCO ``info``."""
@@ -107,21 +124,41 @@ class Predictor:
         *,
         sha256: str | None = None,
         progress: ProgressCallback | None = None,
+        priority: Priority = Priority.ONLINE,
     ) -> ImageResult:
         """Detect objects in the raster at ``path``.
 
         A decode worker killed from outside while reading the file (:class:`DecoderLost`) costs one more
         attempt on a fresh worker; killed again, the file is blamed (:class:`DecoderFailed`).
 
+        Cancelling the call (a client gone, a job cancelled) cancels its Triton calls, then ends its
+        decode session through the protocol, so the worker goes back to the pool; the
+        :class:`asyncio.CancelledError` propagates once that is done (within the session's control
+        timeout).
+
+        Args:
+            path: the raster, a local file.
+            file_name: the name the client gave it (picks the formats allowed; reported in results).
+            options: the caller's choices (threshold, bands, pixel limit).
+            sha256: the file's digest, reported in COCO results.
+            progress: called with (tiles done, tiles total) as batches complete.
+            priority: :attr:`Priority.ONLINE` for a caller waiting on the answer,
+                :attr:`Priority.BATCH` for a job's file (served after online work, on bounded
+                capacity, see :mod:`gateway.scheduling`).
+
         Raises:
             GatewayError: a subclass naming why the file or the inference failed.
         """
         try:
-            return await self._predict_once(path, file_name, options, sha256=sha256, progress=progress)
+            return await self._predict_once(
+                path, file_name, options, sha256=sha256, progress=progress, priority=priority
+            )
         except DecoderLost as lost:
             logger.warning("%s: %s; trying once more on a fresh decoder", file_name, lost.detail)
         try:
-            return await self._predict_once(path, file_name, options, sha256=sha256, progress=progress)
+            return await self._predict_once(
+                path, file_name, options, sha256=sha256, progress=progress, priority=priority
+            )
         except DecoderLost as again:
             raise DecoderFailed(
                 f"The decoder was stopped twice while reading this file ({again.extensions.get('signal')}); "
@@ -137,6 +174,7 @@ class Predictor:
         *,
         sha256: str | None,
         progress: ProgressCallback | None,
+        priority: Priority,
     ) -> ImageResult:
         tiling = self.tiling
         triton = self.triton
@@ -159,7 +197,7 @@ class Predictor:
 
         async def run(batch: TileBatch) -> list[Candidates]:
             nonlocal saturated, first_result
-            raw = await self._infer(batch)
+            raw = await self._infer(batch, priority)
             first_result = first_result or time.perf_counter()
             # The model returns its top K rows per tile; if even the last one clears the threshold, the
             # tile may hold more objects than the model can report.
@@ -173,7 +211,7 @@ class Predictor:
 
         batches = _Inflight(run, triton.max_inflight)
         try:
-            async with self.decode.open(path, read, plan=plan) as session:
+            async with self.decode.open(path, read, plan=plan, priority=priority) as session:
                 opened = time.perf_counter()
                 info = session.info
                 total = tile_count(info.width, info.height, tiling.tile_size, tiling.overlap)
@@ -182,8 +220,14 @@ class Predictor:
                     if progress is not None:
                         progress(done + session.skipped, total)
 
-                async for batch in session.batches(zero_copy=True):
-                    await batches.submit(batch, report)
+                try:
+                    async for batch in session.batches(zero_copy=True):
+                        await batches.submit(batch, report)
+                except BaseException:
+                    # Failed or cancelled: stop the calls at Triton before the decoder winds down
+                    # (which waits for the worker to finish the batch it is on).
+                    await batches.cancel()
+                    raise
                 skipped = session.skipped
             # The decoder is back in the pool while the last batches are still at Triton.
             candidates = await batches.drain(report)
@@ -228,12 +272,18 @@ class Predictor:
             },
         )
 
-    async def _infer(self, batch: TileBatch) -> npt.NDArray[np.float32]:
-        """Run one batch; its slot goes back to the decoder once the server has answered."""
+    async def _infer(self, batch: TileBatch, priority: Priority) -> npt.NDArray[np.float32]:
+        """Run one batch once a call slot of ``priority`` is free; its slot goes back to the decoder
+        once the server has answered."""
+        try:
+            await self._calls.acquire(priority)
+        except BaseException:
+            batch.release()  # never sent
+            raise
         start = time.perf_counter()
         self._at_triton += 1
         try:
-            detections = await self.inference.infer(batch.pixels, shared=batch.shared)
+            detections = await self.inference.infer(batch.pixels, shared=batch.shared, priority=priority)
         except BaseException as exc:
             # Cancelled, timed out or failed: the server may still be reading the slot.
             batch.quarantine(self.triton.request_timeout_s)
@@ -244,6 +294,7 @@ class Predictor:
             batch.release()
             return detections
         finally:
+            self._calls.release(priority)
             self._at_triton -= 1
             if self.metrics is not None:
                 self.metrics.triton_latency.observe(time.perf_counter() - start)

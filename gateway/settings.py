@@ -28,7 +28,17 @@ TRITON_URL_ALIAS = "PALM_TRITON_URL"
 
 
 class TritonSettings(BaseModel):
-    """Where inference runs and how the gateway talks to it."""
+    """Where inference runs and how the gateway talks to it.
+
+    Calls in flight are bounded twice: ``max_inflight`` per image (enough to keep the model fed while
+    the next batch decodes) and ``max_calls_in_flight`` for the whole gateway, handed out online
+    requests first (:class:`~gateway.scheduling.PriorityLimiter`). Its default, 8, is twice what the
+    default decode workers (2) times ``max_inflight`` (2) produce, so online images at the defaults
+    never wait on it; it keeps Triton's queue short when many images or jobs run at once. Of those,
+    batch (job) work holds at most ``max_batch_calls_in_flight``: 2, one call per model instance in the
+    shipped configs, keeps a job streaming while it never queues more than two calls ahead of an
+    online request (which Triton then serves first anyway: its requests carry priority level 1).
+    """
 
     url: str | None = Field(
         default=None,
@@ -46,6 +56,15 @@ class TritonSettings(BaseModel):
         default=4, ge=1, le=64, description="Tiles per gRPC request; at most the model's max_batch_size."
     )
     max_inflight: int = Field(default=2, ge=1, le=64, description="Concurrent gRPC requests per image.")
+    max_calls_in_flight: int = Field(
+        default=8, ge=1, le=1024, description="gRPC infer calls in flight in the whole gateway, online first."
+    )
+    max_batch_calls_in_flight: int = Field(
+        default=2,
+        ge=1,
+        le=1024,
+        description="Of max_calls_in_flight, the most batch (job) work holds; at most max_calls_in_flight.",
+    )
     shared_memory: Literal["auto", "off"] = Field(
         default="auto",
         description="auto: Triton reads tiles in the decoders' /dev/shm if it can map it; off: always gRPC.",
@@ -114,9 +133,21 @@ class TilingSettings(BaseModel):
 
 
 class DecodeSettings(BaseModel):
-    """Isolated raster decoding (worker processes)."""
+    """Isolated raster decoding (worker processes).
+
+    ``reserved_online_workers`` of the ``workers`` are never leased to batch (job) files, so a
+    ``/v1/predict`` request finds a worker free at once instead of waiting for a job's file to finish
+    decoding; batch files still get at least one worker (``max(1, workers - reserved_online_workers)``).
+    Online files may use every worker, and are served first whenever files wait.
+    """
 
     workers: int = Field(default=2, ge=1, le=64)
+    reserved_online_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Decode workers batch (job) files never take, kept free for online requests.",
+    )
     memory_limit_bytes: int = Field(default=3 * 1024**3, gt=0, description="RLIMIT_AS of each decode worker.")
     file_timeout_s: float = Field(default=600.0, gt=0, description="Wall-clock budget to decode one file.")
 

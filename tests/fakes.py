@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
 from gateway.errors import InferenceUnavailable
+from gateway.scheduling import Priority
 
 K = 64
 """Rows per tile the fake model returns."""
@@ -17,16 +20,43 @@ Rows = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 
 
 class FakeInference:
-    """Answers every tile with ``rows(tile)``; counts the tiles it saw and fails while ``fail`` is set."""
+    """Answers every tile with ``rows(tile)``; counts the tiles it saw and fails while ``fail`` is set.
 
-    def __init__(self, rows: Rows) -> None:
+    With ``delay_s`` each call takes that long, like a busy server. It records what a test of
+    scheduling needs: the calls started (``calls``, and by priority in ``priorities``), those running
+    now (``in_flight``), the most that ran at once (``peak``, overall and by priority) and the calls
+    cancelled while running (``cancelled``).
+    """
+
+    def __init__(self, rows: Rows, *, delay_s: float = 0.0) -> None:
         self.rows = rows
+        self.delay_s = delay_s
         self.tiles_seen = 0
         self.fail = False
+        self.calls = 0
+        self.cancelled = 0
+        self.priorities: list[Priority] = []
+        self.in_flight: Counter[Priority] = Counter()
+        self.peak: Counter[Priority | None] = Counter()
 
-    async def infer(self, tiles: npt.NDArray[np.uint8], **transport: object) -> npt.NDArray[np.float32]:
+    async def infer(
+        self, tiles: npt.NDArray[np.uint8], *, priority: Priority = Priority.ONLINE, **transport: object
+    ) -> npt.NDArray[np.float32]:
         if self.fail:
             raise InferenceUnavailable("scripted outage")
+        self.calls += 1
+        self.priorities.append(priority)
+        self.in_flight[priority] += 1
+        self.peak[priority] = max(self.peak[priority], self.in_flight[priority])
+        self.peak[None] = max(self.peak[None], self.in_flight.total())
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight[priority] -= 1
         self.tiles_seen += tiles.shape[0]
         return np.stack([self.rows(tile) for tile in tiles])
 

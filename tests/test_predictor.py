@@ -7,6 +7,7 @@ progress, and failures that leave the pool usable.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from gateway.options import PredictOptions
 from gateway.pipeline.result import ModelInfo
 from gateway.pipeline.tiling import balanced_batch
 from gateway.predictor import Predictor
+from gateway.scheduling import Priority
 from gateway.settings import DecodeSettings, TilingSettings, TritonSettings
 from tests.fakes import FakeInference, K, box_at_bright_spot
 
@@ -123,3 +125,87 @@ async def test_a_decoder_killed_once_is_retried_and_twice_blames_the_file(
             await predictor(pool, backend).predict_file(always, always.name, PredictOptions(0.5))
         assert caught.value.status == 422
         assert not caught.value.retryable
+
+
+def scene(geotiff: Callable[..., Path], name: str = "scene.tif", size: int = 2048) -> Path:
+    """A scene with a bright spot per tile and a nodata margin, so batches carry validity masks."""
+    data = np.full((3, size, size), 40, np.uint8)
+    data[:, 200::384, 200::384] = 255
+    data[:, :, :64] = 0
+    return geotiff(name, width=size, height=size, data=data, nodata=0)
+
+
+async def test_cancelled_predictions_keep_their_decoders_and_stop_their_triton_calls(
+    geotiff: Callable[..., Path],
+) -> None:
+    path = scene(geotiff)
+    # The same scene, its frames sent in two halves 0.1 s apart (tests/decode/crashing_worker.py): a
+    # cancellation there lands with half a frame read.
+    stutter = scene(geotiff, "stutter-scene.tif")
+    backend = FakeInference(box_at_bright_spot, delay_s=0.05)
+    # A cancelled call's slot waits out the call deadline before its decoder writes it again; a short
+    # one keeps twenty cancellations in a row from leaving the decoders without slots for seconds.
+    triton = TritonSettings(request_timeout_s=0.5)
+    settings = DecodeSettings(workers=2, file_timeout_s=60)
+    async with DecodePool(settings, worker_command=CRASHING_WORKER) as pool:
+        engine = Predictor(
+            pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=triton
+        )
+        expected = await engine.predict_file(path, path.name, PredictOptions(0.5))
+        decoders = pool.pids
+        cancelled = 0
+        for attempt in range(20):
+            # Fast and slow inference and a stuttering decoder, both lanes, cancelled from before the
+            # worker is leased to the last batches.
+            slow, stuttering = attempt % 4 == 1, attempt % 4 == 3
+            backend.delay_s = 0.05 if slow else 0.0
+            priority = Priority.BATCH if attempt % 2 else Priority.ONLINE
+            source = stutter if stuttering else path
+            task = asyncio.create_task(
+                engine.predict_file(source, source.name, PredictOptions(0.5), priority=priority)
+            )
+            await asyncio.sleep({0: 0.03, 1: 0.07, 2: 0.03, 3: 0.08}[attempt % 4] * (attempt // 4))
+            if task.done():
+                continue
+            task.cancel()
+            cancelled += 1
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert backend.in_flight.total() == 0, "its Triton calls ended with it"
+            calls = backend.calls
+            await asyncio.sleep(0.05)
+            assert backend.calls == calls, "no call started after the cancellation"
+            assert pool.pids == decoders, f"attempt {attempt}: a decoder was replaced"
+        assert cancelled >= 10
+        assert backend.cancelled > 0
+        again = await engine.predict_file(path, path.name, PredictOptions(0.5))
+        assert sorted(again.detections.boxes.tolist()) == sorted(expected.detections.boxes.tolist())
+        assert len(expected.detections) == 25
+        assert again.tiles_total == expected.tiles_total
+        assert pool.pids == decoders
+
+
+async def test_batch_calls_are_capped_and_online_files_finish_first(geotiff: Callable[..., Path]) -> None:
+    large = scene(geotiff, "large.tif")
+    small = geotiff("small.tif", width=512, height=512)
+    backend = FakeInference(box_at_bright_spot, delay_s=0.1)
+    triton = TritonSettings(max_inflight=4, max_calls_in_flight=3, max_batch_calls_in_flight=1)
+    async with DecodePool(DecodeSettings(workers=2, file_timeout_s=60)) as pool:
+        engine = Predictor(
+            pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=triton
+        )
+        job = asyncio.create_task(
+            engine.predict_file(large, large.name, PredictOptions(0.5), priority=Priority.BATCH)
+        )
+        async with asyncio.timeout(10):
+            while not backend.calls:
+                await asyncio.sleep(0.01)
+        online = await asyncio.wait_for(engine.predict_file(small, small.name, PredictOptions(0.5)), 10)
+        assert not job.done(), "the online file did not wait for the job"
+        result = await asyncio.wait_for(job, 60)
+    assert online.tiles_total == 1
+    assert result.tiles_total == 25
+    assert backend.peak[Priority.BATCH] == 1
+    assert backend.peak[None] <= 3
+    assert backend.priorities.count(Priority.ONLINE) == 1
+    assert backend.priorities.count(Priority.BATCH) == len(backend.priorities) - 1

@@ -31,9 +31,16 @@ pixels out and gives the slot back at once.
 Backpressure: a worker with no free slot waits for one, so at most ``slots_per_worker`` batches per
 worker are decoded ahead of inference, whatever the image size. Sessions lease a worker from the idle
 queue (:meth:`DecodePool.acquire` returns a :class:`WorkerLease`): at most ``DecodeSettings.workers``
-files decode at once and further requests wait their turn (first come, first served). A session ends
-its lease with :meth:`WorkerLease.release` (the worker is in step: back to the idle queue) or
+files decode at once and further requests wait their turn. A session ends its lease with
+:meth:`WorkerLease.release` (the worker is in step: back to the idle queue) or
 :meth:`WorkerLease.retire` with a reason (the worker is killed and a replacement started).
+
+Priority lanes: each lease is taken at a :class:`~gateway.scheduling.Priority` through a
+:class:`~gateway.scheduling.PriorityLimiter` with one permit per worker. Online sessions are served
+before batch (job) ones, first come first served within a lane, and batch sessions hold at most
+``workers - DecodeSettings.reserved_online_workers`` workers (at least one), so an online request finds
+a worker free while a job runs. A permit stands for a worker that can be leased: it is given back when
+the worker is back in the idle queue, and a retired worker's permit only once its replacement is.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from gateway.decode.arena import TileRegion, new_pool_token, region_name, sweep_
 from gateway.decode.process import WorkerProcess, exit_status
 from gateway.decode.session import DecodeSession, StreamPlan
 from gateway.pipeline.raster import ReadOptions
+from gateway.scheduling import Priority, PriorityLimiter
 from gateway.settings import DecodeSettings, LimitSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -64,7 +72,8 @@ class DecodePool:
     :meth:`close`. Create and use it on one event loop.
 
     Args:
-        settings: worker count, memory limit and per-file time budget.
+        settings: worker count, workers reserved for online sessions, memory limit and per-file time
+            budget.
         limits: default size budgets for :meth:`open`.
         worker_command: argv that starts a worker (default ``python -m gateway.decode.worker``); the
             pool appends ``--memory-limit``, ``--parent-pid`` and the region arguments. Tests pass a
@@ -94,6 +103,7 @@ class DecodePool:
         self._command = list(worker_command or [sys.executable, "-m", "gateway.decode.worker"])
         # Last in, first out: the worker that finished most recently has the warmest caches.
         self._idle: asyncio.Queue[WorkerProcess] = asyncio.LifoQueue()
+        self._lanes = PriorityLimiter(settings.workers, reserved=settings.reserved_online_workers)
         self._workers: set[WorkerProcess] = set()
         self._spawning: set[asyncio.Task[None]] = set()
         self._started = False
@@ -173,10 +183,12 @@ class DecodePool:
         *,
         limits: LimitSettings | None = None,
         plan: StreamPlan | None = None,
+        priority: Priority = Priority.ONLINE,
     ) -> DecodeSession:
         """A session decoding ``path``: ``async with pool.open(path, options) as session``.
 
-        Entering it waits for a free worker, opens the file there and fills :attr:`DecodeSession.info`.
+        Entering it waits for a free worker (see :meth:`acquire` for who goes first), opens the file
+        there and fills :attr:`DecodeSession.info`.
 
         Args:
             path: a local file (the worker reads it; the gateway never opens rasters itself).
@@ -184,18 +196,28 @@ class DecodePool:
             limits: size budgets; the pool's by default.
             plan: start streaming this tile grid right after opening (then call ``batches()`` with no
                 specs).
+            priority: the session's lane: :attr:`Priority.ONLINE` for a caller waiting on the answer,
+                :attr:`Priority.BATCH` for a job's file.
 
         Raises:
             GatewayError: on entering the session, the subclass that
                 :func:`~gateway.pipeline.raster.open_raster` raises for the file, or
                 :class:`~gateway.errors.DecoderFailed` when the worker crashed, ran out of memory or time.
         """
-        return DecodeSession(self, Path(path), options or ReadOptions(), limits or self.limits, plan)
+        return DecodeSession(
+            self, Path(path), options or ReadOptions(), limits or self.limits, plan, priority=priority
+        )
 
     # -- worker lifecycle ---------------------------------------------------------------------------
 
-    async def acquire(self) -> WorkerLease:
+    async def acquire(self, priority: Priority = Priority.ONLINE) -> WorkerLease:
         """Wait for an idle worker and lease it (what :class:`DecodeSession` does on entering).
+
+        Online requests are served before batch ones; batch leases never exceed
+        ``workers - reserved_online_workers`` (at least one) at once. Cancelling the wait is safe.
+
+        Args:
+            priority: the lane to wait in.
 
         Returns:
             The lease; end it with :meth:`WorkerLease.release` or :meth:`WorkerLease.retire`.
@@ -205,14 +227,25 @@ class DecodePool:
         """
         if self._closed or not self._started:
             raise RuntimeError("the decode pool is not running (call start() first)")
-        while True:
-            worker = await self._idle.get()
-            if worker.alive and worker in self._workers:
-                return WorkerLease(self, worker)
-            ended = exit_status(worker.process.returncode)
-            if worker in self._workers:
-                logger.warning("decode worker %d died while idle (%s)", worker.pid, ended)
-            self._retire(worker, f"it died while idle ({ended})")
+        await self._lanes.acquire(priority)
+        try:
+            while True:
+                # A permit means a worker is idle (or, while one died idle, its replacement is coming).
+                worker = await self._idle.get()
+                if worker.alive and worker in self._workers:
+                    return WorkerLease(self, worker, priority)
+                ended = exit_status(worker.process.returncode)
+                if worker in self._workers:
+                    logger.warning("decode worker %d died while idle (%s)", worker.pid, ended)
+                self._retire(worker, f"it died while idle ({ended})")
+        except BaseException:
+            self._lanes.release(priority)
+            raise
+
+    @property
+    def leased(self) -> dict[Priority, int]:
+        """Workers leased now (or being replaced after their lease), by lane (for monitoring and tests)."""
+        return {priority: self._lanes.held(priority) for priority in Priority}
 
     async def _spawn(self, region: TileRegion) -> WorkerProcess:
         worker = await WorkerProcess.spawn(
@@ -239,45 +272,54 @@ class DecodePool:
             with contextlib.suppress(RuntimeError):  # the loop is shutting down
                 self._loop.call_soon_threadsafe(worker.give_back, slots)
 
-    def _release(self, worker: WorkerProcess) -> None:
+    def _release(self, worker: WorkerProcess, lane: Priority) -> None:
         if self._closed:
-            self._retire(worker, "the pool is closed")
+            self._retire(worker, "the pool is closed", lane)
         elif not worker.alive:
-            self._retire(worker, f"it exited ({exit_status(worker.process.returncode)})")
+            self._retire(worker, f"it exited ({exit_status(worker.process.returncode)})", lane)
         else:
             self._idle.put_nowait(worker)
+            self._lanes.release(lane)
 
-    def _retire(self, worker: WorkerProcess, reason: str) -> None:
-        """Kill ``worker`` (if alive) and start a replacement in the background."""
+    def _retire(self, worker: WorkerProcess, reason: str, lane: Priority | None = None) -> None:
+        """Kill ``worker`` (if alive) and start a replacement in the background; the ``lane`` permit its
+        lease held is given back once the replacement is idle."""
         worker.kill()
         if worker in self._workers:
             self._workers.discard(worker)
             if not self._closed:
                 logger.info("retiring decode worker %d: %s", worker.pid, reason)
-                task = asyncio.create_task(self._replace(worker, reason))
+                task = asyncio.create_task(self._replace(worker, reason, lane))
                 self._spawning.add(task)
                 task.add_done_callback(self._spawning.discard)
-
-    async def _replace(self, old: WorkerProcess, reason: str) -> None:
-        await old.reap()
-        delay = 0.5
-        while not self._closed:
-            try:
-                worker = await self._spawn(old.region)
-            except RuntimeError:
-                logger.exception(
-                    "replacement for decode worker %d failed; retrying in %.1f s", old.pid, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            if self._closed:
-                await worker.stop()
-                self._workers.discard(worker)
                 return
-            logger.info("decode worker %d (retired: %s) replaced by %d", old.pid, reason, worker.pid)
-            self._idle.put_nowait(worker)
-            return
+        if lane is not None:
+            self._lanes.release(lane)
+
+    async def _replace(self, old: WorkerProcess, reason: str, lane: Priority | None) -> None:
+        try:
+            await old.reap()
+            delay = 0.5
+            while not self._closed:
+                try:
+                    worker = await self._spawn(old.region)
+                except RuntimeError:
+                    logger.exception(
+                        "replacement for decode worker %d failed; retrying in %.1f s", old.pid, delay
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                if self._closed:
+                    await worker.stop()
+                    self._workers.discard(worker)
+                    return
+                logger.info("decode worker %d (retired: %s) replaced by %d", old.pid, reason, worker.pid)
+                self._idle.put_nowait(worker)
+                return
+        finally:
+            if lane is not None:
+                self._lanes.release(lane)
 
 
 class WorkerLease:
@@ -287,13 +329,15 @@ class WorkerLease:
 
     Attributes:
         worker: the leased worker process.
+        priority: the lane the lease was taken in.
     """
 
-    __slots__ = ("_ended", "_pool", "worker")
+    __slots__ = ("_ended", "_pool", "priority", "worker")
 
-    def __init__(self, pool: DecodePool, worker: WorkerProcess) -> None:
+    def __init__(self, pool: DecodePool, worker: WorkerProcess, priority: Priority = Priority.ONLINE) -> None:
         self._pool = pool
         self.worker = worker
+        self.priority = priority
         self._ended = False
 
     def release(self) -> None:
@@ -301,7 +345,7 @@ class WorkerLease:
         retired if it exited meanwhile or the pool closed."""
         if not self._ended:
             self._ended = True
-            self._pool._release(self.worker)
+            self._pool._release(self.worker, self.priority)
 
     def retire(self, reason: str) -> None:
         """The worker cannot be trusted any more: kill it and start a replacement in the background.
@@ -311,4 +355,4 @@ class WorkerLease:
         """
         if not self._ended:
             self._ended = True
-            self._pool._retire(self.worker, reason)
+            self._pool._retire(self.worker, reason, self.priority)

@@ -14,6 +14,12 @@ created here rather than on an asyncio stream: :class:`WorkerProcess` reads them
 caller's buffers and reads nothing until asked, so a worker that runs ahead of its consumer blocks on
 a full pipe (backpressure). The wire format is :mod:`gateway.decode.protocol`.
 
+Reading a frame survives cancellation: the frame being read (its buffers and how far each is filled)
+belongs to the :class:`WorkerProcess`, not to the awaiting coroutine, so a cancelled :meth:`receive
+<WorkerProcess.receive>` leaves the pipe at a known position and the next call completes that frame.
+A session cancelled mid-frame can therefore still speak the protocol to the worker (cancel, drain,
+close) instead of killing it.
+
 How a worker ended (its exit status or the signal that killed it) becomes the :class:`DecoderFailed`
 the file fails with (:func:`exit_failure`) and a line in the log (:func:`exit_status`).
 """
@@ -64,7 +70,7 @@ class WorkerProcess:
         self.pid = process.pid
         assert process.stdin is not None
         self.stdin = process.stdin
-        self.frames = _PipeReader(frames_fd)
+        self.frames = _FrameReader(_PipeReader(frames_fd))
         self.region = region
 
     @classmethod
@@ -145,24 +151,14 @@ class WorkerProcess:
     async def receive(self, max_payload: int) -> tuple[dict[str, Any], npt.NDArray[np.uint8]]:
         """The next frame: its metadata and its payload (read straight into a fresh array).
 
+        Safe to cancel: a frame interrupted half-way is completed by the next call (whose
+        ``max_payload`` then no longer applies: the frame was checked against the first one's).
+
         Raises:
             EOFError: the worker's output ended (it exited or crashed).
             ValueError: the frame is malformed or larger than asked for.
         """
-        header = bytearray(protocol.HEADER.size)
-        await self.frames.readinto(memoryview(header))
-        meta_length, payload_length = protocol.HEADER.unpack(header)
-        if meta_length > protocol.MAX_META_BYTES or payload_length > max_payload:
-            raise ValueError(f"oversized frame ({meta_length} + {payload_length} bytes)")
-        body = bytearray(meta_length)
-        await self.frames.readinto(memoryview(body))
-        meta = json.loads(body)
-        if not isinstance(meta, dict):
-            raise ValueError("frame metadata is not an object")
-        payload = np.empty(payload_length, np.uint8)
-        if payload_length:
-            await self.frames.readinto(payload.data)
-        return meta, payload
+        return await self.frames.receive(max_payload)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Close its input (it exits at end of input), then kill it if it lingers."""
@@ -188,6 +184,53 @@ class WorkerProcess:
         return self.process.returncode
 
 
+class _FrameReader:
+    """Frames off a worker's output pipe, one at a time, resumable after a cancelled read.
+
+    The frame in progress (header, metadata and payload buffers, and how many bytes of the current one
+    are filled) lives here and is updated right after every read, with no ``await`` in between: a
+    cancellation can only land while waiting for the pipe, and never loses bytes already taken off it.
+    """
+
+    def __init__(self, pipe: _PipeReader) -> None:
+        self.pipe = pipe
+        self._header = bytearray(protocol.HEADER.size)
+        self._meta: bytearray | None = None
+        self._payload: npt.NDArray[np.uint8] | None = None
+        self._meta_read = False
+        self._filled = 0
+
+    async def receive(self, max_payload: int) -> tuple[dict[str, Any], npt.NDArray[np.uint8]]:
+        if self._meta is None:
+            await self._fill(memoryview(self._header))
+            meta_length, payload_length = protocol.HEADER.unpack(self._header)
+            if meta_length > protocol.MAX_META_BYTES or payload_length > max_payload:
+                raise ValueError(f"oversized frame ({meta_length} + {payload_length} bytes)")
+            self._meta = bytearray(meta_length)
+            self._payload = np.empty(payload_length, np.uint8)
+        assert self._payload is not None
+        if not self._meta_read:
+            await self._fill(memoryview(self._meta))
+            self._meta_read = True
+        await self._fill(self._payload.data)
+        body, payload = self._meta, self._payload
+        self._meta, self._payload, self._meta_read = None, None, False
+        meta = json.loads(body)
+        if not isinstance(meta, dict):
+            raise ValueError("frame metadata is not an object")
+        return meta, payload
+
+    async def _fill(self, buffer: memoryview) -> None:
+        """Fill ``buffer`` from where the last (possibly cancelled) call left it."""
+        while self._filled < buffer.nbytes:
+            count = await self.pipe.read_some(buffer[self._filled :])
+            self._filled += count
+        self._filled = 0
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
 class _PipeReader:
     """Reads a worker's output pipe straight into caller buffers (one copy, no stream buffer).
 
@@ -199,14 +242,14 @@ class _PipeReader:
         os.set_blocking(fd, False)
         self.fd = fd
 
-    async def readinto(self, view: memoryview) -> None:
-        """Fill ``view`` completely.
+    async def read_some(self, view: memoryview) -> int:
+        """Read at least one byte into ``view`` (waiting until the pipe is readable); how many.
 
         Raises:
             EOFError: the pipe closed first.
         """
         loop = asyncio.get_running_loop()
-        while view.nbytes:
+        while True:
             try:
                 count = os.readv(self.fd, [view])
             except BlockingIOError:
@@ -219,7 +262,7 @@ class _PipeReader:
                 continue
             if count == 0:
                 raise EOFError("the worker's output ended")
-            view = view[count:]
+            return count
 
     def close(self) -> None:
         if self.fd >= 0:

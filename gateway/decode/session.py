@@ -7,13 +7,19 @@ step (the file closed, any stream cancelled and drained), :meth:`~gateway.decode
 with the reason otherwise. Its life, as :class:`SessionState`::
 
     NEW ──acquire + open──▶ OPEN ──batches(specs)──▶ STREAMING ──end / error──▶ OPEN ──exit──▶ CLOSED
-                             │                                                           (close: release)
-                             └─ open with a plan ──▶ PLANNED ──batches()──▶ STREAMING
-    any state ──crash, hang, time budget, protocol error, cancel mid-frame, recycle──▶ BROKEN
-                                                                            ──exit──▶ CLOSED (retire)
+     │                       │                                                           (close: release)
+     └─acquire + open with a plan──▶ PLANNED ──batches()──▶ STREAMING
+    any state ──crash, hang, time budget, protocol error, recycle──▶ BROKEN ──exit──▶ CLOSED (retire)
 
 Every wait on the worker is charged to the file's time budget (``DecodeSettings.file_timeout_s``), not
 the time the consumer spends on inference between batches.
+
+Cancellation (a client gone, a job cancelled) ends the session through the protocol, not by killing the
+worker: a frame the cancellation interrupted half-way stays with the worker's reader
+(:meth:`WorkerProcess.receive <gateway.decode.process.WorkerProcess.receive>` resumes it), and on exit
+the session sends ``cancel`` if a stream runs, discards the batches still coming until the worker's
+``end``, then ``close``; the worker goes back to the pool. Only a worker that does not answer within
+``CONTROL_TIMEOUT_S`` (or a second cancellation during that exchange) is killed and replaced.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from gateway.decode.process import WorkerProcess, exit_failure, exit_status
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.raster import RasterInfo, ReadOptions
 from gateway.pipeline.tiling import TILE_SIZE, TileSpec, tile_grid
+from gateway.scheduling import Priority
 from gateway.settings import LimitSettings
 from gateway.shared_memory import SharedTiles
 
@@ -127,7 +134,7 @@ class DecodeSession:
 
     Create with :meth:`DecodePool.open <gateway.decode.pool.DecodePool.open>`; use as an async context
     manager, which returns the worker to the pool (or retires it) on exit, even when the batches were
-    not all consumed.
+    not all consumed or the task was cancelled.
     """
 
     def __init__(
@@ -137,9 +144,12 @@ class DecodeSession:
         options: ReadOptions,
         limits: LimitSettings,
         plan: StreamPlan | None = None,
+        *,
+        priority: Priority = Priority.ONLINE,
     ) -> None:
         self._pool = pool
         self._plan = plan
+        self._priority = priority
         self._path = path
         self._options = options
         self._limits = limits
@@ -165,8 +175,10 @@ class DecodeSession:
         return self._lease.worker
 
     async def __aenter__(self) -> DecodeSession:
-        self._lease = await self._pool.acquire()
-        self._state = SessionState.OPEN
+        self._lease = await self._pool.acquire(self._priority)
+        # From the first byte sent, the worker may be streaming the plan: a cancellation from here on
+        # must cancel that stream before closing.
+        self._state = SessionState.OPEN if self._plan is None else SessionState.PLANNED
         try:
             requests = protocol.request(
                 "open",
@@ -185,12 +197,11 @@ class DecodeSession:
             await self._send(requests)  # one write: the worker wakes once for both
             meta, _ = await self._receive(0)
             if meta.get("kind") == "error":
+                self._state = SessionState.OPEN  # a plan behind a failed open is ignored by the worker
                 raise self._failed(meta)
             if meta.get("kind") != "info":
                 raise self._lost(f"unexpected reply {meta.get('kind')!r} to open")
             self._info = protocol.info_from_wire(meta["info"])
-            if self._plan is not None:
-                self._state = SessionState.PLANNED
         except _WorkerLost as exc:
             await self._finish()
             raise exc.failure from None
@@ -313,7 +324,11 @@ class DecodeSession:
             raise await self._lost_worker("its input pipe closed") from exc
 
     async def _receive(self, max_payload: int) -> tuple[dict[str, Any], npt.NDArray[np.uint8]]:
-        """The next frame, charging the wait to the file's time budget."""
+        """The next frame, charging the wait to the file's time budget.
+
+        Cancelling it leaves the worker in step: a frame read half-way is completed by the next
+        receive (the drain on exit).
+        """
         worker = self._worker
         remaining = self._budget_s - self._used_s
         started = time.monotonic()
@@ -335,9 +350,6 @@ class DecodeSession:
             raise await self._lost_worker("its output ended") from exc
         except (ValueError, UnicodeDecodeError) as exc:
             raise self._lost(f"malformed frame: {exc}") from exc
-        except asyncio.CancelledError:
-            self._break("cancelled while a frame may be half read")  # the stream cannot be trusted
-            raise
         finally:
             self._used_s += time.monotonic() - started
 
@@ -363,7 +375,11 @@ class DecodeSession:
         return error
 
     async def _finish(self) -> None:
-        """Bring the worker back to idle (cancel, drain, close) or retire it; never raises."""
+        """Bring the worker back to idle (cancel, drain, close) or retire it.
+
+        Raises only :class:`asyncio.CancelledError`, when the task is cancelled (again) while the
+        worker is being brought back; the worker is then retired.
+        """
         lease, self._lease = self._lease, None
         if lease is None:
             return
@@ -394,7 +410,8 @@ class DecodeSession:
 
 
 async def _drain(worker: WorkerProcess) -> None:
-    """Cancel a stream the consumer left early and discard what is in flight."""
+    """Cancel a stream the consumer left early (or was cancelled in) and discard what is in flight,
+    starting with the rest of a frame a cancellation interrupted."""
     await worker.send(protocol.request("cancel"))
     while True:
         meta, _ = await worker.receive(_MAX_DRAIN_PAYLOAD)

@@ -25,6 +25,12 @@ Error translation, the only place ``tritonclient``/``grpc`` errors become ours::
 Every call has a deadline (``settings.request_timeout_s`` unless given), and calls never wait for a
 connection that is down (``wait_for_ready`` off), so an unreachable server fails fast.
 
+Every infer call carries a priority level (the request parameter ``priority`` of Triton's
+schedule-policy extension): :attr:`~gateway.scheduling.Priority.ONLINE` (1) by default,
+:attr:`~gateway.scheduling.Priority.BATCH` (2) for a job's tiles. The model configs declare
+``priority_levels: 2`` so the dynamic batcher serves level 1 first; a model without priority levels
+treats every level as its default.
+
 A client is bound to the event loop of its first call (a ``grpc.aio`` rule); create one per loop.
 """
 
@@ -47,6 +53,7 @@ import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
+from gateway.scheduling import Priority
 from gateway.settings import TritonSettings
 from gateway.shared_memory import SharedTiles
 from gateway.triton.codecs import (
@@ -160,6 +167,7 @@ class TritonClient:
         shared: SharedTiles | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
+        priority: int = Priority.ONLINE,
     ) -> npt.NDArray[np.float32]:
         """Run the model on a batch of tiles.
 
@@ -171,25 +179,31 @@ class TritonClient:
                 this call returns (and, if it fails, until its deadline has passed).
             timeout_s: Deadline of this call; ``settings.request_timeout_s`` when ``None``.
             request_id: Echoed by Triton in its logs and response.
+            priority: The request's priority level at Triton: a :class:`~gateway.scheduling.Priority`
+                (1, online, is served first); 0 leaves the model's default level.
 
         Returns:
             Read-only float32 ``[N, K, 6]``: ``x1, y1, x2, y2, score, class_id`` per detection slot.
 
         Raises:
             TypeError: ``tiles`` is not uint8.
-            ValueError: ``tiles`` does not have shape ``[N, 3, 512, 512]``.
+            ValueError: ``tiles`` does not have shape ``[N, 3, 512, 512]``, or ``priority`` is negative.
             InferenceUnavailable: The server is unreachable or the model not ready.
             InferenceTimeout: The deadline passed while the server was working on it.
             InferenceError: The server answered with an error, or with an off-contract output.
         """
+        if priority < 0:
+            raise ValueError(f"a priority level is at least 0, got {priority}")
         batch = tiles.shape[0]
         self._connect()
         deadline = self._deadline(timeout_s)
         if shared is not None and await self._usable(shared, deadline):
-            response = await self._infer_shared(check_tiles(tiles).shape, shared, deadline, request_id)
+            response = await self._infer_shared(
+                check_tiles(tiles).shape, shared, deadline, request_id, priority
+            )
             if response is not None:
                 return self._detections(response, batch)
-        payload = self._encoder.encode(tiles, request_id)
+        payload = self._encoder.encode(tiles, request_id, priority=priority)
         try:
             response = await self._infer_call(payload, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
@@ -197,12 +211,12 @@ class TritonClient:
         return self._detections(response, batch)
 
     async def _infer_shared(
-        self, shape: tuple[int, ...], shared: SharedTiles, deadline: float, request_id: str
+        self, shape: tuple[int, ...], shared: SharedTiles, deadline: float, request_id: str, priority: int
     ) -> Any:
         """The response to an infer whose input the server reads from ``shared``; ``None`` if the
         server no longer accepts the region (then the caller sends the tiles)."""
         batch = shape[0]
-        payload = self._shared_request(shape, shared, request_id)
+        payload = self._shared_request(shape, shared, request_id, priority)
         for attempt in (1, 2):
             try:
                 return await self._infer_call(payload, timeout=deadline)
@@ -215,11 +229,15 @@ class TritonClient:
                 return None
         return None
 
-    def _shared_request(self, shape: tuple[int, ...], shared: SharedTiles, request_id: str) -> bytes:
+    def _shared_request(
+        self, shape: tuple[int, ...], shared: SharedTiles, request_id: str, priority: int
+    ) -> bytes:
         """A ``ModelInferRequest`` whose input is read from ``shared`` (a few hundred bytes)."""
         request = service_pb2.ModelInferRequest(
             model_name=self.settings.model_name, model_version=self.settings.model_version, id=request_id
         )
+        if priority:
+            request.parameters["priority"].uint64_param = priority
         tensor = request.inputs.add(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=list(shape))
         tensor.parameters["shared_memory_region"].string_param = shared.region
         tensor.parameters["shared_memory_byte_size"].int64_param = shared.nbytes

@@ -14,9 +14,17 @@ gain of both: docs/performance.md, "Request encoding and malloc".
 
 Wire format (proto3, ``grpc_service.proto``)::
 
-    ModelInferRequest   1 model_name  2 model_version  3 id  5 inputs  6 outputs  7 raw_input_contents
+    ModelInferRequest   1 model_name  2 model_version  3 id  4 parameters  5 inputs  6 outputs
+                        7 raw_input_contents
+    parameters          map<string, InferParameter>: one entry message per key, 1 key  2 value
+    InferParameter      oneof 1 bool_param  2 int64_param  3 string_param  4 double_param
+                        5 uint64_param
     InferInputTensor    1 name  2 datatype  3 shape (packed int64)
     InferRequestedOutputTensor  1 name
+
+The only request parameter written is ``priority`` (``uint64_param``): Triton's schedule-policy
+extension reads it as the request's priority level (1 is served first; 0 or none: the model's
+``default_priority_level``).
 
 This module is pure: no ``tritonclient`` import, no I/O.
 """
@@ -47,7 +55,9 @@ MALLOC_TRIM_THRESHOLD_BYTES: Final = 256 * 1024 * 1024
 _M_TRIM_THRESHOLD: Final = -1
 _M_MMAP_THRESHOLD: Final = -3
 
+_WIRE_VARINT: Final = 0
 _WIRE_LEN: Final = 2  # length-delimited wire type
+_UINT64_PARAM: Final = 5  # InferParameter.uint64_param
 
 
 def _varint(value: int) -> bytes:
@@ -64,6 +74,20 @@ def _varint(value: int) -> bytes:
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field: tag, length, payload."""
     return _varint(number << 3 | _WIRE_LEN) + _varint(len(payload)) + payload
+
+
+def priority_parameter(priority: int) -> bytes:
+    """The ``parameters`` entry (field 4) ``{"priority": uint64_param}``; empty for ``priority`` 0.
+
+    Raises:
+        ValueError: ``priority`` is negative.
+    """
+    if priority < 0:
+        raise ValueError(f"a priority level is at least 0, got {priority}")
+    if priority == 0:
+        return b""
+    value = _varint(_UINT64_PARAM << 3 | _WIRE_VARINT) + _varint(priority)
+    return _field(4, _field(1, b"priority") + _field(2, value))
 
 
 def check_tiles(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -107,6 +131,7 @@ class InferRequestEncoder:
         self._prefix = prefix
         self._requested_output = _field(6, _field(1, OUTPUT_NAME.encode()))
         self._headers: dict[int, bytes] = {}
+        self._parameters: dict[int, bytes] = {}
 
     def _header(self, batch: int) -> bytes:
         header = self._headers.get(batch)
@@ -118,27 +143,35 @@ class InferRequestEncoder:
                 self._headers[batch] = header
         return header
 
-    def encode(self, tiles: npt.NDArray[np.uint8], request_id: str = "") -> bytes:
+    def encode(self, tiles: npt.NDArray[np.uint8], request_id: str = "", *, priority: int = 0) -> bytes:
         """The serialised request for ``tiles``.
 
         Args:
             tiles: uint8 ``[N, 3, 512, 512]``; a non-contiguous array costs one more copy.
             request_id: Optional id Triton echoes back and logs.
+            priority: The request's priority level at Triton (1 is served first); 0 sends none, and
+                the model's default level applies.
 
         Returns:
             Protobuf bytes, ready for the ``ModelInfer`` RPC.
 
         Raises:
             TypeError: See :func:`check_tiles`.
-            ValueError: See :func:`check_tiles`.
+            ValueError: See :func:`check_tiles`; or ``priority`` is negative.
         """
         tiles = check_tiles(tiles)
         request_field = _field(3, request_id.encode()) if request_id else b""
+        parameters = self._parameters.get(priority)
+        if parameters is None:
+            parameters = priority_parameter(priority)
+            if len(self._parameters) < 16:
+                self._parameters[priority] = parameters
         raw = memoryview(tiles.data).cast("B")
         return b"".join(
             (
                 self._prefix,
                 request_field,
+                parameters,
                 self._header(tiles.shape[0]),
                 _varint(7 << 3 | _WIRE_LEN),
                 _varint(raw.nbytes),

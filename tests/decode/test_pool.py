@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from gateway.errors import (
 )
 from gateway.pipeline.raster import ReadOptions, open_raster
 from gateway.pipeline.tiling import balanced_batch, tile_grid
+from gateway.scheduling import Priority
 from gateway.settings import DecodeSettings, LimitSettings
 from tests.factories import make_geotiff
 
@@ -259,7 +260,8 @@ async def test_a_plan_never_consumed_is_drained(pool: DecodePool, files: dict[st
     assert len(batches) == 1
 
 
-async def test_a_cancelled_request_replaces_its_worker(pool: DecodePool, files: dict[str, Path]) -> None:
+async def test_a_cancelled_request_keeps_its_worker(pool: DecodePool, files: dict[str, Path]) -> None:
+    before = pool.pids
     started = asyncio.Event()
 
     async def consume() -> None:
@@ -273,13 +275,39 @@ async def test_a_cancelled_request_replaces_its_worker(pool: DecodePool, files: 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert pool.pids == before, "the stream was cancelled through the protocol, not by a kill"
     batches, _ = await decode_all(pool, files["small"])
     assert len(batches) == 1
-    for _ in range(100):
-        if len(pool.pids) == 2:
-            break
-        await asyncio.sleep(0.1)
+    assert pool.pids == before
     assert set(pool.pids) == decode_children()
+
+
+@pytest.mark.parametrize("plan", [None, StreamPlan(tile=512, overlap=128, batch_size=1)])
+async def test_a_request_cancelled_with_half_a_frame_read_keeps_its_worker(
+    pool: DecodePool, tmp_path: Path, plan: StreamPlan | None
+) -> None:
+    """Every frame of a ``stutter-`` file arrives in two halves 0.1 s apart: wherever the cancellation
+    lands (waiting for a worker, for ``info``, inside a batch frame, between batches), the session
+    completes the frame, cancels the stream and closes the file, and the worker stays."""
+    path = make_geotiff(tmp_path / "stutter-scene.tif", width=1100, height=700)
+    before = pool.pids
+
+    async def consume() -> None:
+        async with pool.open(path, plan=plan) as session:
+            stream = session.batches() if plan else session.batches(tile_grid(1100, 700), 1)
+            async for batch in stream:
+                batch.release()
+
+    for delay in (0.0, 0.05, 0.15, 0.25):
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.pids == before
+    batches, _ = await decode_all(pool, make_geotiff(tmp_path / "after.tif", width=1100, height=700))
+    assert sum(len(b.specs) for b in batches) == len(tile_grid(1100, 700))
+    assert pool.pids == before
 
 
 async def test_time_budget_stops_a_hung_decoder(files: dict[str, Path]) -> None:
@@ -349,3 +377,89 @@ async def test_zero_copy_batches_lie_in_shared_memory_and_hold_the_worker_back(
     # The worker is healthy and holds its slots again: a copying stream on the same pool works.
     batches, _ = await decode_all(pool, path, batch_size=1)
     assert len(batches) == len(specs)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+class Holders:
+    """Sessions that enter in a given lane and stay open until told to leave; records who entered."""
+
+    def __init__(self, pool: DecodePool, path: Path) -> None:
+        self.pool = pool
+        self.path = path
+        self.entered: list[str] = []
+        self.leave: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, priority: Priority) -> None:
+        self.leave[name] = asyncio.Event()
+
+        async def hold() -> None:
+            async with self.pool.open(self.path, priority=priority):
+                self.entered.append(name)
+                await self.leave[name].wait()
+
+        self.tasks[name] = asyncio.create_task(hold())
+
+    async def finish(self, name: str) -> None:
+        self.leave[name].set()
+        await asyncio.wait_for(self.tasks[name], 10)
+
+
+async def test_batch_files_never_take_the_worker_reserved_for_online_ones(files: dict[str, Path]) -> None:
+    settings = DecodeSettings(workers=2, reserved_online_workers=1)
+    async with DecodePool(settings, LIMITS) as pool:
+        holders = Holders(pool, files["small"])
+        holders.start("batch 1", Priority.BATCH)
+        await until(lambda: holders.entered == ["batch 1"])
+        holders.start("batch 2", Priority.BATCH)
+        await asyncio.sleep(0.5)
+        assert holders.entered == ["batch 1"], "the idle worker is kept for online requests"
+
+        holders.start("online", Priority.ONLINE)
+        await until(lambda: "online" in holders.entered, timeout_s=5)
+        assert pool.leased == {Priority.ONLINE: 1, Priority.BATCH: 1}
+
+        await holders.finish("online")
+        await asyncio.sleep(0.3)
+        assert "batch 2" not in holders.entered, "batch files hold one worker at most"
+        await holders.finish("batch 1")
+        await until(lambda: "batch 2" in holders.entered)
+        await holders.finish("batch 2")
+        assert holders.entered == ["batch 1", "online", "batch 2"]
+
+
+async def test_an_online_file_queued_after_a_batch_file_gets_the_next_worker(files: dict[str, Path]) -> None:
+    settings = DecodeSettings(workers=2, reserved_online_workers=1)
+    async with DecodePool(settings, LIMITS) as pool:
+        holders = Holders(pool, files["small"])
+        holders.start("online 1", Priority.ONLINE)
+        holders.start("online 2", Priority.ONLINE)
+        await until(lambda: len(holders.entered) == 2)
+        holders.start("batch", Priority.BATCH)
+        await asyncio.sleep(0.2)
+        holders.start("online 3", Priority.ONLINE)
+        await asyncio.sleep(0.2)
+
+        await holders.finish("online 1")
+        await until(lambda: len(holders.entered) == 3)
+        assert holders.entered[2] == "online 3"
+        await holders.finish("online 2")
+        await until(lambda: len(holders.entered) == 4)
+        assert holders.entered[3] == "batch"
+        await holders.finish("online 3")
+        await holders.finish("batch")
+
+
+async def test_batch_files_keep_one_worker_when_every_worker_is_reserved(files: dict[str, Path]) -> None:
+    settings = DecodeSettings(workers=1, reserved_online_workers=4)
+    async with (
+        DecodePool(settings, LIMITS) as pool,
+        asyncio.timeout(10),
+        pool.open(files["small"], priority=Priority.BATCH) as session,
+    ):
+        assert session.info.width == 300

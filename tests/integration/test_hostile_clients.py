@@ -7,7 +7,6 @@ are about HTTP), except for departed clients, whose work is watched on a real Tr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -22,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-import numpy.typing as npt
 import pytest
 from fastapi import FastAPI
 
@@ -55,14 +52,7 @@ class SlowInference(FakeInference):
     """The fake backend, taking ``delay_s`` per call: a request stays busy long enough to leave it."""
 
     def __init__(self, delay_s: float) -> None:
-        super().__init__(fixed_box(10, 10, 30, 30))
-        self.delay_s = delay_s
-        self.calls = 0
-
-    async def infer(self, tiles: npt.NDArray[np.uint8], **transport: object) -> npt.NDArray[np.float32]:
-        self.calls += 1
-        await asyncio.sleep(self.delay_s)
-        return await super().infer(tiles)
+        super().__init__(fixed_box(10, 10, 30, 30), delay_s=delay_s)
 
 
 class Gateway:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import secrets
 import urllib.request
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
+from gateway.decode.arena import TileRegion
 from gateway.errors import InferenceError
+from gateway.scheduling import Priority
 from gateway.settings import REPO_ROOT, TritonSettings
 from gateway.triton.client import TritonClient
 from gateway.triton.launcher import EmbeddedTriton
@@ -108,3 +112,44 @@ async def test_a_rejected_request_does_not_fail_its_neighbours(
     assert outcomes[0].shape == (2, TOP_K, 6)
     assert isinstance(outcomes[2], np.ndarray)
     assert outcomes[2].shape == (1, TOP_K, 6)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shared memory"])
+async def test_online_requests_overtake_queued_batch_requests(
+    triton_server: EmbeddedTriton,
+    triton_settings: TritonSettings,
+    scene_tiles: np.ndarray,
+    reference_model: Callable[[np.ndarray], np.ndarray],
+    transport: str,
+) -> None:
+    """cpu.pbtxt declares two priority levels: a request at level 1 (online) sent behind a queue of
+    level-2 (batch) requests runs before most of them, on both ways a request can carry its tiles."""
+    tiles = np.ascontiguousarray(scene_tiles[:4])
+    region = TileRegion(f"palm_tiles_{os.getpid()}_prio{secrets.token_hex(3)}", slots=1, slot_tiles=4)
+    region.pixels(0, 4)[:] = tiles
+    shared = region.shared(0, 4) if transport == "shared memory" else None
+    finished: list[Priority] = []
+
+    async def call(client: TritonClient, priority: Priority) -> np.ndarray:
+        detections = await client.infer(tiles, shared=shared, priority=priority)
+        finished.append(priority)
+        return detections
+
+    try:
+        async with TritonClient(triton_server.grpc_url, triton_settings) as client:
+            await call(client, Priority.BATCH)  # registers the region, warms the channel
+            finished.clear()
+            queue = [asyncio.create_task(call(client, Priority.BATCH)) for _ in range(12)]
+            await asyncio.sleep(0.05)  # the batch requests are at the server, two of them running
+            online = await call(client, Priority.ONLINE)
+            answers = await asyncio.gather(*queue)
+    finally:
+        region.close()
+
+    expected = reference_model(tiles)
+    for detections in [online, *answers]:
+        np.testing.assert_allclose(detections, expected, rtol=1e-5, atol=1e-5)
+    # Ahead of it: the two batch requests running when it arrived and at most one formed per instance;
+    # at one level it finishes behind most of the twelve.
+    position = finished.index(Priority.ONLINE)
+    assert position <= 4, f"the online request finished after {position} of 12 batch requests queued first"

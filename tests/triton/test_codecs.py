@@ -40,6 +40,34 @@ def test_encoding_matches_protobuf_byte_for_byte() -> None:
     assert encoded == expected.SerializeToString(deterministic=True)
 
 
+@pytest.mark.parametrize("priority", [1, 2, 2**40])
+def test_a_priority_is_the_request_parameter_triton_reads(priority: int) -> None:
+    x = tiles(1)
+    expected = service_pb2.ModelInferRequest(model_name="palm", model_version="1", id="req-8")
+    expected.parameters["priority"].uint64_param = priority
+    tensor = expected.inputs.add(name="images", datatype="UINT8")
+    tensor.shape.extend(x.shape)
+    expected.outputs.add(name="detections")
+    expected.raw_input_contents.append(x.tobytes())
+
+    encoded = InferRequestEncoder("palm", "1").encode(x, request_id="req-8", priority=priority)
+
+    assert encoded == expected.SerializeToString(deterministic=True)
+    assert service_pb2.ModelInferRequest.FromString(encoded).parameters["priority"].uint64_param == priority
+
+
+def test_priority_zero_leaves_the_model_default() -> None:
+    request = service_pb2.ModelInferRequest.FromString(
+        InferRequestEncoder("palm").encode(tiles(1), priority=0)
+    )
+    assert "priority" not in request.parameters
+
+
+def test_a_negative_priority_is_refused() -> None:
+    with pytest.raises(ValueError, match="priority"):
+        InferRequestEncoder("palm").encode(tiles(1), priority=-1)
+
+
 def test_empty_version_is_omitted() -> None:
     request = service_pb2.ModelInferRequest.FromString(InferRequestEncoder("palm").encode(tiles(1)))
     assert request.model_version == ""

@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from gateway.scheduling import Priority
 from gateway.settings import REPO_ROOT
 
 MODEL_DIR = REPO_ROOT / "model_repository" / "palm"
@@ -49,6 +50,9 @@ def test_config_parses_and_keeps_the_contract(path: Path) -> None:
     assert config.HasField("dynamic_batching")
     assert all(1 <= size <= config.max_batch_size for size in batching.preferred_batch_size)
     assert 0 < batching.max_queue_delay_microseconds <= 5000
+    # One Triton priority level per lane: online (1) first; a request naming none is batch work.
+    assert batching.priority_levels == len(Priority) == max(Priority)
+    assert batching.default_priority_level == Priority.BATCH
     for warmup in config.model_warmup:
         assert 1 <= warmup.batch_size <= config.max_batch_size
         tensor = warmup.inputs["images"]
