@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,13 +198,13 @@ async def _run(runtime: Any, files: list[Path], options: Any, out: Path, args: a
             bar.close()
         results.append(result)
         target = _output_path(out, path, fmt, used, FILE_SUFFIXES[fmt])
-        target.write_bytes(render(fmt, [result], runtime.model, tiling))
+        target.write_bytes(render(fmt, [result], runtime.model, tiling, created=datetime.now(UTC)))
         for warning in result.image.warnings:
             print(f"{path}: warning: {warning}", file=sys.stderr)
         print(f"{path}: {len(result.detections)} detections, {result.tiles_total} tiles -> {target}")
     if fmt is not OutputFormat.json and len(results) > 1:
         combined = out / f"predictions{FILE_SUFFIXES[fmt]}"
-        combined.write_bytes(render(fmt, results, runtime.model, tiling))
+        combined.write_bytes(render(fmt, results, runtime.model, tiling, created=datetime.now(UTC)))
         print(f"all files: {combined}")
     return failures
 

@@ -18,6 +18,7 @@
     │   │   └── InferenceTimeout         503  an inference call missed its deadline
     │   ├── DecoderLost                  503  a decode worker was killed from outside mid-file
     │   └── Overloaded                   503  too many requests in flight
+    ├── InsufficientStorage              507  the disk for uploads or results is full, or its quota spent
     └── InferenceError                   502  Triton answered with an error
 
 Domain code raises these; third-party errors are translated at their module boundary with ``from exc``.
@@ -171,6 +172,18 @@ class DecoderLost(TemporarilyUnavailable):
     slug = "decoder-lost"
     title = "Decoder lost"
     default_retry_after_s = 1
+
+
+class InsufficientStorage(GatewayError):
+    """A write failed for lack of space (``ENOSPC``) or of quota (``EDQUOT``)."""
+
+    status = 507
+    slug = "insufficient-storage"
+    title = "Insufficient storage"
+
+    @property
+    def retryable(self) -> bool:
+        return True
 
 
 class InferenceError(GatewayError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import numpy as np
@@ -123,7 +124,7 @@ def _respond(
         services.metrics.detections.labels(category.name).inc(found.get(category.id, 0))
     rendering = time.perf_counter()
     tiling = services.predictor.tiling_info(options.score_threshold)
-    content = render(format, [result], model, tiling)
+    content = render(format, [result], model, tiling, created=datetime.now(UTC))
     done = time.perf_counter()
     services.metrics.stage_latency.labels("render").observe(done - rendering)
     stages = {**stages, **result.timings, "render": done - rendering}
