@@ -1,8 +1,10 @@
 """``create_app(settings, *, predictor=None)``: assembles the gateway; holds no logic of its own.
 
 Without a ``predictor`` the lifespan opens the engine with :func:`gateway.runtime.open_runtime` (an
-embedded ``tritonserver`` unless ``PALM_TRITON_URL`` is set, and the decode workers) and closes it on
-shutdown. A caller that passes a ready :class:`~gateway.predictor.Predictor` keeps ownership of it.
+embedded ``tritonserver`` unless ``PALM_TRITON_URL`` is set, and the decode workers), then the job
+engine with :func:`gateway.jobs.engine.open_jobs` (database, storage, a worker), and closes both on
+shutdown. A caller that passes a ready :class:`~gateway.predictor.Predictor` keeps ownership of it and
+gets no bulk jobs.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import __version__
+from gateway.admission import Admission
 from gateway.api import docs, health, predict
-from gateway.api.deps import Admission, Services
+from gateway.api import jobs as jobs_api
+from gateway.api.deps import Services
 from gateway.api.middleware import BodyGuard, ObservabilityMiddleware
 from gateway.errors import install_problem_handlers
+from gateway.jobs.engine import Jobs, open_jobs
 from gateway.metrics import Metrics
 from gateway.predictor import InferenceBackend, Predictor
 from gateway.runtime import open_runtime
@@ -46,7 +51,9 @@ def create_app(
     settings = settings if settings is not None else get_settings()
     metrics = metrics if metrics is not None else Metrics()
 
-    def services(ready: Predictor) -> Services:
+    uploads = Admission(settings.limits.max_concurrent_uploads, "uploads")
+
+    def services(ready: Predictor, jobs: Jobs | None = None) -> Services:
         return Services(
             settings=settings,
             metrics=metrics,
@@ -54,7 +61,8 @@ def create_app(
             predictor=ready,
             readiness=ready.inference,
             admission=Admission(settings.limits.max_concurrent_predicts, "predictions"),
-            uploads=Admission(settings.limits.max_concurrent_uploads, "uploads"),
+            uploads=uploads,
+            jobs=jobs,
         )
 
     @asynccontextmanager
@@ -63,8 +71,11 @@ def create_app(
             app.state.services = services(predictor)
             yield
             return
-        async with open_runtime(settings, metrics, inference=inference) as runtime:
-            app.state.services = services(runtime.predictor)
+        async with (
+            open_runtime(settings, metrics, inference=inference) as runtime,
+            open_jobs(settings, runtime, uploads) as jobs,
+        ):
+            app.state.services = services(runtime.predictor, jobs)
             model = runtime.model
             logger.info("gateway up: model %s/%s sha256=%s", model.name, model.version, model.sha256)
             yield
@@ -82,6 +93,7 @@ def create_app(
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: sees every status
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(jobs_api.router)
     app.include_router(docs.router)
     app.mount(docs.STATIC_PATH, docs.static_files(), name="static")
     return app

@@ -11,7 +11,7 @@ Which layer enforces what (``HttpSettings``, ``PALM_HTTP__*``)::
       anything httptools cannot parse (a malformed or negative
         Content-Length, Content-Length with chunked, bad framing)   -> 400
       idle keep-alive connection after keep_alive_s                 -> closed
-    the app (gateway.api.middleware.BodyGuard, gateway.api.uploads)
+    the app (gateway.api.middleware.BodyGuard, gateway.uploads)
       a body pausing longer than body_idle_timeout_s, or averaging
         under body_min_rate_bytes after body_grace_s                -> 408, connection closed
       a response sent before its request body was read             -> connection closed

@@ -152,6 +152,38 @@ class DecodeSettings(BaseModel):
     file_timeout_s: float = Field(default=600.0, gt=0, description="Wall-clock budget to decode one file.")
 
 
+class JobSettings(BaseModel):
+    """Bulk jobs: how files are uploaded, claimed, retried and kept."""
+
+    workers: bool = Field(default=True, description="Run job workers inside the service.")
+    files_in_flight: int = Field(
+        default=2, ge=1, le=64, description="Files one service process works on at once across all jobs."
+    )
+    lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A claimed file returns to the queue this long after its last heartbeat.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        description="Tries of one file (decoder lost, decode timeout) before it fails.",
+    )
+    retry_backoff_s: float = Field(default=2.0, gt=0, description="First retry delay; doubles per attempt.")
+    max_files_per_request: int = Field(
+        default=10_000, gt=0, description="Files in one upload request; larger batches use staged uploads."
+    )
+    max_files_per_job: int = Field(default=100_000, gt=0)
+    max_request_bytes: int = Field(
+        default=64 * 1024**3, gt=0, description="Whole body of one job upload request."
+    )
+    retention_hours: float = Field(
+        default=168.0, gt=0, description="Uploads of finished jobs are deleted after this; results stay."
+    )
+    poll_s: float = Field(default=1.0, gt=0, description="How often an idle worker looks for work.")
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment."""
 
@@ -167,8 +199,14 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the job database; unset: SQLite at <data_dir>/palm.db. "
+        "postgresql+psycopg://user:pass@host/db for PostgreSQL.",
+    )
     triton: TritonSettings = TritonSettings()
     http: HttpSettings = HttpSettings()
+    jobs: JobSettings = JobSettings()
     limits: LimitSettings = LimitSettings()
     tiling: TilingSettings = TilingSettings()
     decode: DecodeSettings = DecodeSettings()

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Annotated, Protocol, TypeVar
 
@@ -12,7 +11,9 @@ from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from gateway.errors import ClientClosedRequest, InvalidParameter, Overloaded
+from gateway.admission import Admission
+from gateway.errors import ClientClosedRequest, InvalidParameter, TemporarilyUnavailable
+from gateway.jobs.engine import Jobs
 from gateway.metrics import Metrics
 from gateway.pipeline.result import ModelInfo
 from gateway.predictor import Predictor
@@ -27,31 +28,6 @@ class ReadinessProbe(Protocol):
     async def model_ready(self) -> bool: ...
 
 
-class Admission:
-    """Admits at most ``limit`` requests at once and refuses the rest at the door (no unbounded queue).
-
-    Refusing early keeps latency bounded under overload: a client told to come back (503 +
-    Retry-After) costs nothing, an upload queued behind hundreds of others costs disk and times out.
-    """
-
-    def __init__(self, limit: int, what: str = "requests") -> None:
-        self.limit = limit
-        self.what = what
-        self.active = 0
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self.active >= self.limit:
-            raise Overloaded(
-                f"{self.active} {self.what} are in progress (the limit is {self.limit}); retry shortly"
-            )
-        self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
-
-
 @dataclass(slots=True)
 class Services:
     """Collaborators the app factory assembles; tests swap any of them."""
@@ -63,6 +39,7 @@ class Services:
     readiness: ReadinessProbe
     admission: Admission
     uploads: Admission
+    jobs: Jobs | None = None
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -101,6 +78,16 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+async def get_jobs(request: Request) -> Jobs:
+    services: Services = request.app.state.services
+    if services.jobs is None:
+        raise JobsUnavailable("this server runs without bulk jobs")
+    return services.jobs
+
+
+JobsDep = Annotated["Jobs", Depends(get_jobs)]
+
+
 async def reject_unknown_query(request: Request) -> None:
     """Refuse query parameters the route does not take (``?fromat=geojson`` is a typo, not a no-op).
 
@@ -131,3 +118,8 @@ def _query_names(dependant: Dependant) -> set[str]:
 
 StrictQuery = Depends(reject_unknown_query)
 """Add to a router's ``dependencies`` so its routes refuse unknown query parameters."""
+
+
+class JobsUnavailable(TemporarilyUnavailable):
+    slug = "jobs-unavailable"
+    title = "Bulk jobs unavailable"

@@ -12,11 +12,11 @@ from fastapi.responses import Response
 
 from gateway.api.deps import Services, ServicesDep, StrictQuery, unless_disconnected
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
-from gateway.api.uploads import discard, receive_upload
 from gateway.errors import GatewayError
 from gateway.options import PredictOptions
 from gateway.pipeline.render import MEDIA_TYPES, OutputFormat, render
 from gateway.pipeline.result import ImageResult
+from gateway.uploads import discard, receive_upload
 
 router = APIRouter(tags=["inference"], dependencies=[StrictQuery])
 

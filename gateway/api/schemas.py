@@ -72,3 +72,89 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "Inference unavailable (see Retry-After)",
     }.items()
 }
+
+
+class JobModel(BaseModel):
+    name: str
+    version: str
+    sha256: str | None
+
+
+class Progress(BaseModel):
+    files_total: int
+    files_done: int = Field(description="files that succeeded")
+    files_failed: int
+    tiles_total: int = Field(description="tiles of the files opened so far")
+    tiles_done: int
+    tiles_skipped: int = Field(description="tiles fully masked, never sent to the model")
+    detections: int
+    percent: float
+    eta_seconds: float | None
+    tiles_per_second: float
+
+
+class FileError(BaseModel):
+    file: str
+    type: str = Field(description="the problem type /v1/predict would answer for this file")
+    status: int | None
+    detail: str | None
+
+
+class Results(BaseModel):
+    ready: bool
+    sha256: str | None = Field(description="sha256 of the COCO document (its ETag)")
+    bytes: int | None
+    geojson_sha256: str | None
+    annotations: int | None
+
+
+class JobLinks(BaseModel):
+    self: str
+    files: str
+    errors: str
+    results: str
+    geojson: str
+    events: str
+
+
+class Job(BaseModel):
+    id: str
+    name: str
+    status: Literal["created", "queued", "running", "succeeded", "failed", "cancelled"]
+    priority: Literal["low", "normal", "high"]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    model: JobModel
+    parameters: dict[str, Any]
+    progress: Progress
+    errors: list[FileError] = Field(description="the first 100 failed files; all at links.errors")
+    results: Results
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class JobFile(BaseModel):
+    position: int = Field(description="1-based upload order; the COCO image id")
+    name: str
+    size: int
+    sha256: str | None
+    status: Literal["pending", "running", "succeeded", "failed", "cancelled"]
+    attempts: int
+    width: int | None
+    height: int | None
+    tiles: int = Field(description="tiles of the image (known once it is opened)")
+    tiles_done: int
+    tiles_skipped: int
+    detections: int
+    warnings: list[str]
+    error: FileError | None
+
+
+class FileList(BaseModel):
+    files: list[JobFile]
+    next_cursor: int | None

@@ -20,7 +20,7 @@ import hashlib
 import os
 import secrets
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
@@ -141,10 +141,19 @@ class _File:
 class _FormCollector:
     """Callbacks for :class:`MultipartParser`: file parts to disk, small fields to memory, limits kept."""
 
-    def __init__(self, directory: Path, limits: FormLimits, sha256: bool) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        limits: FormLimits,
+        sha256: bool,
+        check_name: Callable[[str], None] | None,
+        rename: Callable[[str], str],
+    ) -> None:
         self.directory = directory
         self.limits = limits
         self.sha256 = sha256
+        self.check_name = check_name
+        self.rename = rename
         self.fields: dict[str, str] = {}
         self.done: list[_File] = []
         self.parts = 0
@@ -198,12 +207,11 @@ class _FormCollector:
                 raise InputError(
                     f"the form holds more than {count} named {field!r}; {self.limits.too_many_files}"
                 )
-            raw_name = params.get(b"filename*") or params.get(b"filename") or b""
+            raw_name = (params.get(b"filename*") or params.get(b"filename") or b"").decode("utf-8", "replace")
+            if self.check_name is not None:
+                self.check_name(raw_name)
             self._file = _File(
-                self.directory,
-                safe_display_name(raw_name.decode("utf-8", "replace")),
-                self._headers.get("content-type"),
-                self.sha256,
+                self.directory, self.rename(raw_name), self._headers.get("content-type"), self.sha256
             )
         elif b"filename" in params or b"filename*" in params:
             raise InputError(
@@ -256,6 +264,8 @@ async def receive_form(
     limits: FormLimits,
     *,
     sha256: bool = True,
+    check_name: Callable[[str], None] | None = None,
+    rename: Callable[[str], str] = safe_display_name,
 ) -> Form:
     """Stream a ``multipart/form-data`` body: file parts to files in ``directory``, fields to memory.
 
@@ -267,6 +277,9 @@ async def receive_form(
         limits: what the endpoint accepts.
         sha256: hash each file on the way (CPU time in proportion to its size: ask only when the digest
             is reported); without it each ``Upload.sha256`` is ``None``.
+        check_name: called with each file part's name as the client sent it, before its bytes are
+            read; what it raises refuses the request (a repeated name, say).
+        rename: the name an upload keeps, from the client's (by default the base name, harmless).
 
     Raises:
         UnsupportedMediaType: the body is not multipart/form-data.
@@ -296,7 +309,7 @@ async def receive_form(
             limit_bytes=limits.max_total_bytes,
         )
     directory.mkdir(parents=True, exist_ok=True)
-    collector = _FormCollector(directory, limits, sha256)
+    collector = _FormCollector(directory, limits, sha256, check_name, rename)
     received = 0
     epilogue = 0
     try:

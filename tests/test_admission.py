@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.api.deps import Admission
+from gateway.admission import Admission
 from gateway.errors import Overloaded
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.api.uploads import receive_upload, safe_display_name
 from gateway.errors import InputError, UnsupportedMediaType, UploadTooLarge
+from gateway.uploads import receive_upload, safe_display_name
 
 BOUNDARY = "palmboundary"
 CT = f"multipart/form-data; boundary={BOUNDARY}"

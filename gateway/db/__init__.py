@@ -1,0 +1,1 @@
+"""The job database: engine (SQLite in WAL mode by default, PostgreSQL at scale), tables, migrations."""

@@ -1,0 +1,1 @@
+"""Bulk jobs: many files predicted as one unit of work, durable across crashes (see ``store.py``)."""

@@ -1,0 +1,324 @@
+"""Job requests turned into stored jobs: uploads streamed to storage, each file checked by its bytes.
+
+The HTTP routes (``gateway/api/jobs.py``) stay thin: they hand the request's body and form fields here.
+A file whose first bytes are not a raster we read (or not what its name says) is recorded as failed at
+once, with the problem ``/v1/predict`` would give, and its bytes are not kept; the other files of the
+request are unaffected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import unicodedata
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.db.engine import Database
+from gateway.errors import GatewayError, InputError, InvalidParameter
+from gateway.jobs.models import JobPriority
+from gateway.jobs.store import JobConflict, JobStore, NewFile, new_job_id
+from gateway.options import PredictOptions
+from gateway.pipeline.raster.sniff import allowed_driver, drivers_for_name
+from gateway.pipeline.result import ModelInfo
+from gateway.settings import Settings
+from gateway.storage import Storage
+from gateway.uploads import FormLimits, Upload, discard, receive_form
+
+logger = logging.getLogger(__name__)
+
+FILES_FIELD = "files"
+FIELDS = ("score_threshold", "bands", "webhook_url", "webhook_secret", "name", "priority")
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def job_file_name(raw: str | None) -> str:
+    """A client's file name kept with its folders (``north/a.tif``), harmless: no ``..``, no empty or
+    hidden-character segments, ``/``-separated, at most 1,024 characters."""
+    text = unicodedata.normalize("NFC", (raw or "").replace("\\", "/"))
+    segments = []
+    for segment in text.split("/"):
+        clean = "".join(ch for ch in segment if unicodedata.category(ch) not in _HIDDEN).strip()
+        if clean and clean not in (".", ".."):
+            segments.append(clean[:255])
+    return "/".join(segments)[-1024:] or "upload"
+
+
+@dataclass(frozen=True, slots=True)
+class JobParameters:
+    """What a job's creator chose; stored with the job and applied to every file."""
+
+    name: str
+    priority: JobPriority
+    score_threshold: float | None
+    bands: str | None
+    webhook_url: str | None
+    webhook_secret: str | None
+
+    @classmethod
+    def parse(cls, fields: dict[str, Any], settings: Settings) -> JobParameters:
+        """Check the fields as ``/v1/predict`` checks its parameters.
+
+        Raises:
+            InvalidParameter: naming the field.
+        """
+        unknown = sorted(set(fields) - set(FIELDS))
+        if unknown:
+            raise InvalidParameter(
+                f"unknown field {', '.join(map(repr, unknown))}; a job takes: {', '.join(FIELDS)}",
+                unknown=unknown,
+            )
+        threshold = _number(fields.get("score_threshold"), "score_threshold")
+        bands = _text(fields.get("bands"))
+        PredictOptions.parse(
+            score_threshold=threshold,
+            bands=bands,
+            default_score_threshold=settings.tiling.score_threshold,
+            max_pixels=None,
+        )
+        raw_priority = _text(fields.get("priority")) or JobPriority.normal.value
+        try:
+            priority = JobPriority(raw_priority)
+        except ValueError:
+            raise InvalidParameter(
+                f"priority must be low, normal or high, got {raw_priority!r}", parameter="priority"
+            ) from None
+        name = _text(fields.get("name")) or ""
+        if len(name) > 200:
+            raise InvalidParameter("name is longer than 200 characters", parameter="name")
+        url = _text(fields.get("webhook_url"))
+        if url is not None and not re.match(r"^https?://", url):
+            raise InvalidParameter("webhook_url must be an http or https URL", parameter="webhook_url")
+        return cls(name, priority, threshold, bands, url, _text(fields.get("webhook_secret")))
+
+    def stored(self, settings: Settings) -> dict[str, Any]:
+        """The parameters recorded with the job (and reported in its resource)."""
+        return {
+            "score_threshold": self.score_threshold
+            if self.score_threshold is not None
+            else settings.tiling.score_threshold,
+            "bands": self.bands,
+            "tile_size": settings.tiling.tile_size,
+            "overlap": settings.tiling.overlap,
+            "nms_iou": settings.tiling.nms_iou,
+        }
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _number(value: Any, name: str) -> float | None:
+    text = _text(value)
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a number, got {text!r}", parameter=name) from None
+
+
+class JobService:
+    """Creates jobs and adds files to them (see the module docstring)."""
+
+    def __init__(
+        self, store: JobStore, db: Database, storage: Storage, model: ModelInfo, settings: Settings
+    ) -> None:
+        self.store = store
+        self.db = db
+        self.storage = storage
+        self.model = model
+        self.settings = settings
+
+    def form_limits(self) -> FormLimits:
+        jobs = self.settings.jobs
+        return FormLimits(
+            file_field=FILES_FIELD,
+            max_files=jobs.max_files_per_request,
+            max_file_bytes=self.settings.limits.max_upload_bytes,
+            max_total_bytes=jobs.max_request_bytes,
+            max_fields=len(FIELDS),
+            too_many_files=(
+                "send larger batches as a staged job: POST /v1/jobs with JSON, then POST "
+                "/v1/jobs/{id}/files several times, then POST /v1/jobs/{id}/start"
+            ),
+        )
+
+    async def create_with_files(
+        self,
+        *,
+        tenant: str,
+        content_type: str | None,
+        content_length: str | None,
+        body: AsyncIterator[bytes],
+        idempotency_key: str | None,
+    ) -> tuple[dict[str, Any], bool]:
+        """A job from one multipart request with ``files`` parts; started at once."""
+        job_id = new_job_id()
+        names: set[str] = set()
+        form = await receive_form(
+            content_type,
+            content_length,
+            body,
+            self.storage.staging_dir(),
+            self.form_limits(),
+            sha256=True,
+            check_name=lambda raw: _unique(job_file_name(raw), names),
+            rename=job_file_name,
+        )
+        uploads = list(form.files)
+        try:
+            if not uploads:
+                raise InputError(f"the form has no part named {FILES_FIELD!r}; send files as -F files=@a.tif")
+            parameters = JobParameters.parse(form.fields, self.settings)
+            fingerprint = _fingerprint(form.fields, uploads)
+            new_files = await self.db.run(self._store_files, job_id, uploads)
+        except BaseException:
+            for upload in uploads:
+                discard(upload)
+            raise
+        try:
+            job, created = await self.db.run(
+                self.store.create_job,
+                job_id=job_id,
+                tenant=tenant,
+                name=parameters.name,
+                priority=parameters.priority,
+                parameters=parameters.stored(self.settings),
+                model=self._model(),
+                new_files=new_files,
+                start=True,
+                idempotency_key=idempotency_key,
+                request_sha256=fingerprint,
+                webhook_url=parameters.webhook_url,
+                webhook_secret=parameters.webhook_secret,
+            )
+        except BaseException:
+            await self.db.run(self.storage.delete_prefix, f"jobs/{job_id}")
+            raise
+        if not created:
+            await self.db.run(self.storage.delete_prefix, f"jobs/{job_id}")
+        return job, created
+
+    async def create_staged(
+        self, *, tenant: str, fields: dict[str, Any], idempotency_key: str | None
+    ) -> dict[str, Any]:
+        """A job in ``created``, to receive files over several requests."""
+        parameters = JobParameters.parse(fields, self.settings)
+        job, _ = await self.db.run(
+            self.store.create_job,
+            job_id=new_job_id(),
+            tenant=tenant,
+            name=parameters.name,
+            priority=parameters.priority,
+            parameters=parameters.stored(self.settings),
+            model=self._model(),
+            new_files=[],
+            start=False,
+            idempotency_key=idempotency_key,
+            request_sha256=hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest(),
+            webhook_url=parameters.webhook_url,
+            webhook_secret=parameters.webhook_secret,
+        )
+        return job
+
+    async def add_files(
+        self,
+        *,
+        job_id: str,
+        tenant: str,
+        content_type: str | None,
+        content_length: str | None,
+        body: AsyncIterator[bytes],
+    ) -> dict[str, Any]:
+        """Files for a job in ``created``; a name the job already has is refused (409)."""
+        taken = await self.db.run(self.store.existing_names, job_id, tenant)
+        names: set[str] = set()
+
+        def check(raw: str) -> None:
+            name = job_file_name(raw)
+            if name in taken:
+                raise JobConflict(f"the job already has a file named {name!r}", name=name)
+            _unique(name, names)
+
+        limits = self.form_limits()
+        form = await receive_form(
+            content_type,
+            content_length,
+            body,
+            self.storage.staging_dir(),
+            FormLimits(
+                file_field=limits.file_field,
+                max_files=limits.max_files,
+                max_file_bytes=limits.max_file_bytes,
+                max_total_bytes=limits.max_total_bytes,
+                max_fields=0,
+                too_many_files=limits.too_many_files,
+            ),
+            sha256=True,
+            check_name=check,
+            rename=job_file_name,
+        )
+        uploads = list(form.files)
+        try:
+            if not uploads:
+                raise InputError(f"the form has no part named {FILES_FIELD!r}")
+            new_files = await self.db.run(self._store_files, job_id, uploads)
+        except BaseException:
+            for upload in uploads:
+                discard(upload)
+            raise
+        try:
+            return await self.db.run(self.store.add_files, job_id, tenant, new_files)
+        except BaseException:
+            for new in new_files:
+                if new.storage_key is not None:
+                    await self.db.run(self.storage.delete, new.storage_key)
+            raise
+
+    def _store_files(self, job_id: str, uploads: list[Upload]) -> list[NewFile]:
+        """Move accepted uploads to their keys; refuse the others by their bytes (blocking)."""
+        stored = []
+        for upload in uploads:
+            error: GatewayError | None = None
+            if upload.size == 0:
+                error = InputError("the uploaded file is empty")
+            else:
+                try:
+                    allowed_driver(upload.head, drivers_for_name(upload.file_name))
+                except GatewayError as refused:
+                    error = refused
+            if error is not None:
+                discard(upload)
+                stored.append(NewFile(upload.file_name, upload.size, upload.sha256, None, error))
+                continue
+            key = f"jobs/{job_id}/uploads/{secrets.token_hex(8)}"
+            self.storage.put(key, upload.path)
+            stored.append(NewFile(upload.file_name, upload.size, upload.sha256, key))
+        return stored
+
+    def _model(self) -> dict[str, str | None]:
+        return {"name": self.model.name, "version": self.model.version, "sha256": self.model.sha256}
+
+
+def _unique(name: str, seen: set[str]) -> None:
+    if name in seen:
+        raise JobConflict(
+            f"the request sends two files named {name!r}; names must be unique in a job", name=name
+        )
+    seen.add(name)
+
+
+def _fingerprint(fields: dict[str, str], uploads: list[Upload]) -> str:
+    """What makes two job requests the same: their fields and their files' names and bytes (not the
+    multipart boundary, which a client picks anew for each try)."""
+    content = {"fields": fields, "files": [[u.file_name, u.sha256] for u in uploads]}
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
