@@ -98,6 +98,8 @@ class ResultWriter:
         info = coco_info(model, tiling, job_id=assembly.job_id, created=created)
         counter = _Counter()
         coco_path = self.storage.result_path(COCO_KEY.format(job_id=assembly.job_id))
+        for stale in coco_path.parent.glob(".*.tmp"):  # left by an assembler that died; ours now
+            stale.unlink(missing_ok=True)
         with atomic_write(coco_path) as out:
             write_coco(
                 out,
