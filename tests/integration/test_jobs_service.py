@@ -29,6 +29,7 @@ from gateway.db.migrate import upgrade
 from gateway.jobs.models import JobPriority
 from gateway.jobs.store import FileResult, JobStore, NewFile, new_job_id
 from gateway.triton.launcher import EmbeddedTriton
+from tests.factories import make_geotiff
 from tests.integration.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -351,3 +352,72 @@ def test_predict_answers_while_a_job_runs(service: Service, scenes: list[Path], 
     assert codes == [200] * 5
     assert job(service, job_id)["status"] in ("running", "succeeded")
     finished(service, job_id)
+
+
+def test_a_thousand_file_job_in_one_request(
+    triton_server: EmbeddedTriton, database_url: str, tmp_path: Path
+) -> None:
+    service = Service(tmp_path / "data", database_url, triton_server.grpc_url, PALM_JOBS__FILES_IN_FLIGHT="4")
+    service.start()
+    try:
+        thousand_files(service, tmp_path)
+    finally:
+        service.stop()
+
+
+def thousand_files(service: Service, tmp_path: Path) -> None:
+    tiles = [make_geotiff(tmp_path / f"t{i:04d}.tif", width=96, height=96, seed=i) for i in range(1000)]
+    with service.client() as client:
+        created = client.post(
+            "/v1/jobs", files=[("files", (p.name, p.read_bytes(), "image/tiff")) for p in tiles]
+        )
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        assert created.json()["progress"]["files_total"] == 1000
+    state = finished(service, job_id, timeout_s=600)
+    assert state["status"] == "succeeded"
+    assert (state["progress"]["files_done"], state["progress"]["tiles_done"]) == (1000, 1000)
+    body = coco(service, job_id)
+    assert [image["id"] for image in body["images"]] == list(range(1, 1001))
+    assert [image["file_name"] for image in body["images"]] == [p.name for p in tiles]
+
+
+def test_a_job_mixing_good_and_hostile_files_lists_each_bad_one(
+    service: Service, scenes: list[Path], corpus_dir: Path, tmp_path: Path
+) -> None:
+    hostile = {
+        "page.tif": b"<!doctype html><html>404</html>",
+        "empty.tif": b"",
+        "truncated.tif": scenes[0].read_bytes()[:5000],
+        "vrt.tif": b'<VRTDataset rasterXSize="1" rasterYSize="1"></VRTDataset>',
+    }
+    files = [("files", (p.name, p.read_bytes(), "image/tiff")) for p in scenes[:2]]
+    files += [("files", (name, content, "image/tiff")) for name, content in hostile.items()]
+    corpus_bad = sorted(corpus_dir.rglob("*.tif"))[:12]
+    files += [
+        ("files", (f"corpus/{p.parent.name}/{p.name}", p.read_bytes(), "image/tiff")) for p in corpus_bad
+    ]
+    tile = write_geotiff(render_scene(1_000_798, size=512), tmp_path / "tile.tif").read_bytes()
+    with service.client() as client:
+        job_id = client.post("/v1/jobs", files=files).json()["id"]
+        while (
+            job(service, job_id)["status"] in ("queued", "running")
+            and not job(service, job_id)["progress"]["tiles_done"]
+        ):
+            time.sleep(0.05)
+        direct = client.post("/v1/predict", files={"file": ("tile.tif", tile, "image/tiff")})
+        assert direct.status_code == 200
+    state = finished(service, job_id)
+    assert state["status"] == "succeeded"
+    errors = {e["file"]: e for e in state["errors"]}
+    for name in hostile:
+        assert name in errors, name
+    assert errors["page.tif"]["type"].endswith("/unsupported-media-type")
+    assert errors["vrt.tif"]["type"].endswith("/unsupported-media-type")
+    assert errors["truncated.tif"]["type"].endswith(("/corrupt-raster", "/unsupported-raster"))
+    assert state["progress"]["files_done"] + state["progress"]["files_failed"] == len(files)
+    assert state["progress"]["files_done"] >= 2
+    for error in state["errors"]:
+        assert error["status"] is not None
+        assert 400 <= error["status"] < 500, error
+        assert error["detail"]
