@@ -182,6 +182,9 @@ class JobSettings(BaseModel):
         default=168.0, gt=0, description="Uploads of finished jobs are deleted after this; results stay."
     )
     poll_s: float = Field(default=1.0, gt=0, description="How often an idle worker looks for work.")
+    maintenance_s: float = Field(
+        default=30.0, gt=0, description="How often a worker settles lost files and deletes expired uploads."
+    )
 
 
 class Settings(BaseSettings):

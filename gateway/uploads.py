@@ -16,6 +16,7 @@ when the caller asks for the sha256. Refused, with nothing left on disk:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
@@ -28,7 +29,7 @@ from typing import IO, Final
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from gateway.errors import InputError, UnsupportedMediaType, UploadTooLarge
+from gateway.errors import InputError, InsufficientStorage, UnsupportedMediaType, UploadTooLarge
 
 FILE_FIELD = "file"
 MAX_FIELDS = 16
@@ -335,6 +336,11 @@ async def receive_form(
     except FormParserError as exc:
         collector.discard()
         raise InputError(f"malformed multipart body: {exc}") from exc
+    except OSError as exc:
+        collector.discard()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage("the server has no room left for this upload; retry later") from exc
+        raise
     except BaseException:
         collector.discard()
         raise

@@ -24,6 +24,8 @@ from typing import Any, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from gateway.errors import TemporarilyUnavailable
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -74,6 +76,15 @@ def aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+class DatabaseUnavailable(TemporarilyUnavailable):
+    slug = "database-unavailable"
+    title = "Database unavailable"
+
+
+def _reason(exc: sa.exc.DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0][:200] if exc.orig is not None else type(exc).__name__
+
+
 class Database:
     """An engine plus the threads that run its blocking calls for async code."""
 
@@ -83,9 +94,19 @@ class Database:
         self._executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="palm-db")
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn(*args, **kwargs)`` in a database thread."""
+        """Run ``fn(*args, **kwargs)`` in a database thread.
+
+        Raises:
+            DatabaseUnavailable: the database cannot be reached or refused the operation for reasons of
+                its own (locked, out of space, shut down); nothing of the call was committed.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise DatabaseUnavailable(
+                f"the job database is unavailable ({_reason(exc)}); retry shortly"
+            ) from exc
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from gateway.db.engine import Database, utcnow
+from gateway.db.engine import Database, DatabaseUnavailable, utcnow
 from gateway.errors import GatewayError, InferenceUnavailable, Overloaded
 from gateway.jobs.models import Claim
 from gateway.jobs.results import ResultWriter
@@ -45,7 +45,6 @@ from gateway.storage import Storage
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
-MAINTENANCE_EVERY_S = 30.0
 
 
 class _Stop(Exception):
@@ -129,6 +128,10 @@ class JobWorker:
                 await self._tick()
             except asyncio.CancelledError:
                 raise
+            except DatabaseUnavailable as exc:
+                logger.warning("job worker: %s", exc.detail)
+                await asyncio.sleep(max(self.jobs.poll_s, 1.0))
+                continue
             except Exception:
                 logger.exception("job worker iteration failed; retrying")
                 await asyncio.sleep(self.jobs.poll_s)
@@ -158,7 +161,7 @@ class JobWorker:
         if now - self._last_progress >= PROGRESS_EVERY_S and self._tasks:
             self._last_progress = now
             await self._publish_progress()
-        if now - self._last_maintenance >= MAINTENANCE_EVERY_S:
+        if now - self._last_maintenance >= self.jobs.maintenance_s:
             self._last_maintenance = now
             await self._maintain()
 

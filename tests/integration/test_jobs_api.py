@@ -226,3 +226,45 @@ def test_events_stream_to_the_final_status_and_resume_without_gaps(
     assert events[-1]["data"] == {"status": "succeeded", "results": True}
     assert sorted(e["data"]["file"] for e in events if e["event"] == "file") == ["s0.tif", "s1.tif", "s2.tif"]
     assert sse_events(api, job_id, last_id=events[-2]["id"]) == events[-1:]
+
+
+def test_a_database_gone_away_is_a_503_not_a_500(tmp_path: Path, postgres_server: Any) -> None:
+    name = "t_gone_away"
+    postgres_server.psql(f"CREATE DATABASE {name};")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=str(postgres_server.get_uri(name)).replace("postgresql://", "postgresql+psycopg://", 1),
+        decode=DecodeSettings(workers=1),
+        jobs=JobSettings(poll_s=0.2),
+    )
+    app = create_app(settings, inference=FakeInference(fixed_box(1, 1, 2, 2)))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/v1/jobs").status_code == 200
+        postgres_server.psql(f"DROP DATABASE {name} WITH (FORCE);")
+        response = client.get("/v1/jobs")
+        assert response.status_code == 503
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["type"].endswith("/database-unavailable")
+        assert "Retry-After" in response.headers
+        assert client.get("/healthz").status_code == 200
+
+
+def test_uploads_of_finished_jobs_are_deleted_after_retention_and_results_stay(
+    tmp_path: Path, scenes: list[Path]
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        decode=DecodeSettings(workers=1),
+        jobs=JobSettings(poll_s=0.1, maintenance_s=0.2, retention_hours=0.5 / 3600),
+    )
+    app = create_app(settings, inference=FakeInference(fixed_box(100, 100, 120, 120)))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        job_id = client.post("/v1/jobs", files=upload(scenes[:2])).json()["id"]
+        uploads = tmp_path / "data" / "storage" / "jobs" / job_id / "uploads"
+        assert len(list(uploads.iterdir())) == 2
+        wait_done(client, job_id)
+        deadline = time.monotonic() + 10
+        while uploads.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not uploads.exists()
+        assert client.get(f"/v1/jobs/{job_id}/results").status_code == 200
