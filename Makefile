@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 # it without dependencies keeps numpy 2 (model.py does its I/O over DLPack, see model_repository/).
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: install install-dev run test lint typecheck unit bench clean
+.PHONY: install install-dev install-bench run test lint typecheck unit bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ $(VENV)/.dev-installed: $(VENV)/.serve-installed
 	$(PIP) install -q -c constraints.txt -e '.[dev,export]'
 	touch $@
 
+$(VENV)/.bench-installed: $(VENV)/.dev-installed
+	$(PIP) install -q -c constraints.txt -e '.[dev,export,bench]'
+	touch $@
+
 install: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
+install-bench: $(VENV)/.bench-installed
 
 run: install
 	$(BIN)/palm-serve serve
@@ -45,6 +50,9 @@ unit: install-dev
 
 bench: install-dev
 	$(BIN)/python -m loadtest.bench_serving
+
+bench-peers: install-bench
+	$(BIN)/python -m loadtest.bench_peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
