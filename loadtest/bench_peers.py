@@ -544,12 +544,11 @@ def render(seed: int, size: int, folder: Path) -> tuple[Scene, Path]:
     return scene, write_geotiff(scene, folder / f"scene_{seed}_{size}.tif")
 
 
-def score(scenes: Sequence[Scene], files: Sequence[Path], outcome: Outcome) -> dict[str, Any]:
+def score(truth: dict[str, Any], detections: list[Rows]) -> dict[str, Any]:
+    """COCO figures of one method's detections (one array per image, in ground-truth order)."""
     from export.evaluate import coco_metrics
-    from export.synth import coco_dataset
 
-    truth = coco_dataset((s, f.name) for s, f in zip(scenes, files, strict=True))
-    return coco_metrics(truth, coco_rows(outcome.detections))
+    return coco_metrics(truth, coco_rows(detections))
 
 
 def ratio(value: float, base: float) -> str:
@@ -614,7 +613,7 @@ def run(method: str, files: list[Path], work: Path, score_threshold: float) -> O
 
 def main(argv: list[str] | None = None) -> int:
     from export.evaluate import DEFAULT_SCORE_THRESHOLD, check_heldout
-    from export.synth import HELDOUT_MIN_SEED
+    from export.synth import HELDOUT_MIN_SEED, coco_dataset
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument(
@@ -654,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.scenes} scenes of {args.size} px + one {TILE} px tile (seeds {seeds[0]}..{seeds[-1]}), "
             f"{sum(len(s.boxes) for s in scenes)} objects, "
             f"rendered in {time.perf_counter() - started:.0f} s; cores {len(os.sched_getaffinity(0))}; "
-            f"score threshold {args.score_threshold}",
+            f"score threshold {args.score_threshold}; load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
         outcomes: list[Outcome] = []
@@ -663,12 +662,16 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run(method, files, work, args.score_threshold)
             print(
                 f"{method}: {outcome.tiles} tiles in {outcome.work_s:.2f} s "
-                f"({time.perf_counter() - phase:.0f} s with start and stop)",
+                f"({time.perf_counter() - phase:.0f} s with start and stop; "
+                f"load average {os.getloadavg()[0]:.2f})",
                 flush=True,
             )
             outcomes.append(outcome)
         phase = time.perf_counter()
-        metrics = {o.method: score(scenes, files, o) for o in outcomes}
+        truth = coco_dataset((s, f.name) for s, f in zip(scenes, files, strict=True))
+        with ProcessPoolExecutor(max(1, min(2, len(os.sched_getaffinity(0))))) as pool:
+            scored = pool.map(score, [truth] * len(outcomes), [o.detections for o in outcomes])
+            metrics = {o.method: m for o, m in zip(outcomes, scored, strict=True)}
         print(f"scored in {time.perf_counter() - phase:.0f} s; {time.perf_counter() - started:.0f} s in all")
         print()
         print(report(outcomes, metrics))
