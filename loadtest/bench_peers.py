@@ -275,6 +275,8 @@ class Outcome:
     peak_rss_kib: int
     peak_pss_kib: int
     notes: list[str] = field(default_factory=list)
+    #: Share of all cores' time, while this method ran, taken by processes outside this benchmark.
+    others_cpu_share: float = 0.0
 
     @property
     def tiles_per_s(self) -> float:
@@ -564,6 +566,7 @@ def cells(o: Outcome, m: dict[str, Any]) -> dict[str, str]:
         "tiles/s (work)": f"{o.tiles_per_s:.1f}",
         "peak RSS, sum of tree (MiB)": f"{o.peak_rss_kib / 1024:.0f}",
         "peak PSS, tree (MiB)": f"{o.peak_pss_kib / 1024:.0f}",
+        "CPU taken by others (%)": f"{100 * o.others_cpu_share:.0f}",
         "detections": str(sum(len(d) for d in o.detections)),
         "AP": f"{m['AP']:.3f}",
         "AP50": f"{m['AP50']:.3f}",
@@ -599,16 +602,40 @@ def report(outcomes: list[Outcome], metrics: dict[str, dict[str, Any]]) -> str:
     for o in outcomes:
         for note in o.notes:
             lines.append(f"{o.method}: {note}")
+    busy = [o.method for o in outcomes if o.others_cpu_share > 0.1]
+    if busy:
+        lines.append(f"warning: other processes took over 10% of the CPU during {', '.join(busy)}: rerun")
     return "\n".join(lines)
 
 
+def busy_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by the whole system and by this process with its waited-for descendants
+    (every process this benchmark starts is waited for, and waits for its own children)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    mine = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        mine += usage.ru_utime + usage.ru_stime
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK"), mine
+
+
 def run(method: str, files: list[Path], work: Path, score_threshold: float) -> Outcome:
+    """One method, with the share of the machine that other processes took meanwhile."""
+    started, (system_before, mine_before) = time.perf_counter(), busy_seconds()
     if method == "cli":
-        return run_cli(files, work, score_threshold)
-    if method == "service":
+        outcome = run_cli(files, work, score_threshold)
+    elif method == "service":
         # A whole scene warms both model instances, the lone tile the both-cores path.
-        return run_service(files, [files[0], files[-1]], work, score_threshold)
-    return run_worker(method, files, work, score_threshold)
+        outcome = run_service(files, [files[0], files[-1]], work, score_threshold)
+    else:
+        outcome = run_worker(method, files, work, score_threshold)
+    system_after, mine_after = busy_seconds()
+    others = (system_after - system_before) - (mine_after - mine_before)
+    capacity = (time.perf_counter() - started) * (os.cpu_count() or 1)
+    outcome.others_cpu_share = max(0.0, others) / capacity
+    return outcome
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -663,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{method}: {outcome.tiles} tiles in {outcome.work_s:.2f} s "
                 f"({time.perf_counter() - phase:.0f} s with start and stop; "
-                f"load average {os.getloadavg()[0]:.2f})",
+                f"other processes took {100 * outcome.others_cpu_share:.0f}% of the CPU meanwhile)",
                 flush=True,
             )
             outcomes.append(outcome)
@@ -690,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                         "peak_rss_mib": o.peak_rss_kib / 1024,
                         "peak_pss_mib": o.peak_pss_kib / 1024,
                         "detections": sum(len(d) for d in o.detections),
+                        "others_cpu_share": o.others_cpu_share,
                         "coco": metrics[o.method],
                         "notes": o.notes,
                     }
