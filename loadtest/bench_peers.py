@@ -25,7 +25,9 @@ service, spawn to ready plus the timed requests); the time of the work alone, ev
 CLI warmed up first (service: the timed requests, after the first scene and the tile were posted once to
 warm it; CLI: from Triton ready, as the CLI logs it, to its last file written, first inference cold;
 SAHI and plain: read, infer and merge, after the model load and one warm-up inference); tiles counted
-as each method cut them; tiles/s over the work time; peak memory of the process tree (the sum of each
+as each method cut them; tiles/s over the work time; CPU milliseconds per tile that the method's
+processes spent during the work (read from ``/proc``; less sensitive than time to other load on the
+machine, whose share of the CPU while each method ran is printed too); peak memory of the process tree (the sum of each
 process's ``VmHWM``, which counts shared libraries and shared memory once per process, and the peak of
 the summed PSS, sampled every 0.1 s, which does not); COCO AP and AP50 per category (pycocotools
 COCOeval on pixel boxes, scored identically for every method by :func:`export.evaluate.coco_metrics`).
@@ -163,14 +165,18 @@ def smaps_pss_kib(pid: int) -> int:
 
 @dataclass
 class TreeWatch:
-    """Samples a process tree every ``interval`` s: each process's peak RSS (``VmHWM``), the peak of
-    the tree's summed PSS, and every pid seen with its command line (to stop leftovers)."""
+    """Samples a process tree every ``interval`` s: each process's peak RSS (``VmHWM``) and CPU seconds,
+    the peak of the tree's summed PSS, and every pid seen with its command line (to stop leftovers).
+    CPU is read from ``/proc`` because a process's rusage misses grandchildren nobody waited for
+    (Triton's python backend stubs, where the model runs)."""
 
     root: int
     interval: float = 0.1
     peak_kib: dict[int, int] = field(default_factory=dict)
+    cpu_s: dict[int, float] = field(default_factory=dict)
     peak_pss_kib: int = 0
     seen: dict[int, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -184,18 +190,22 @@ class TreeWatch:
         if self._thread is not None:
             self._thread.join()
 
-    def sample(self) -> None:
+    def sample(self) -> float:
+        """Read the tree now; returns the CPU seconds it has used so far (exited processes as last seen)."""
         from gateway import procfs
 
-        pss = 0
-        for pid in [self.root, *procfs.descendants(self.root)]:
-            status = procfs.status(pid)
-            if status is None or "VmHWM" not in status:
-                continue
-            self.seen.setdefault(pid, procfs.command_line(pid) or "")
-            self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), int(status["VmHWM"].split()[0]))
-            pss += smaps_pss_kib(pid)
-        self.peak_pss_kib = max(self.peak_pss_kib, pss)
+        with self._lock:
+            pss = 0
+            for pid in [self.root, *procfs.descendants(self.root)]:
+                status, cpu = procfs.status(pid), procfs.cpu_seconds(pid)
+                if status is None or cpu is None or "VmHWM" not in status:
+                    continue
+                self.seen.setdefault(pid, procfs.command_line(pid) or "")
+                self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), int(status["VmHWM"].split()[0]))
+                self.cpu_s[pid] = max(self.cpu_s.get(pid, 0.0), cpu)
+                pss += smaps_pss_kib(pid)
+            self.peak_pss_kib = max(self.peak_pss_kib, pss)
+            return sum(self.cpu_s.values())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -205,6 +215,10 @@ class TreeWatch:
     @property
     def peak_rss_kib(self) -> int:
         return sum(self.peak_kib.values())
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_s.values())
 
 
 def stop_tree(proc: subprocess.Popen[Any], watch: TreeWatch | None, grace_s: float = 60.0) -> None:
@@ -274,6 +288,9 @@ class Outcome:
     detections: list[Rows]
     peak_rss_kib: int
     peak_pss_kib: int
+    #: CPU seconds of the method's processes during the work alone, and during the whole phase.
+    work_cpu_s: float
+    phase_cpu_s: float
     notes: list[str] = field(default_factory=list)
     #: Share of all cores' time, while this method ran, taken by processes outside this benchmark.
     others_cpu_share: float = 0.0
@@ -283,34 +300,42 @@ class Outcome:
         return self.tiles / self.work_s
 
 
+READY_LINE = "embedded tritonserver serving"
+DONE_LINE = re.compile(r": \d+ detections, \d+ tiles -> ")
+
+
 def run_cli(files: list[Path], work: Path, score_threshold: float) -> Outcome:
-    """``palm-serve predict`` over all files in one command; stdout and log lines are time-stamped as
-    they arrive to find when Triton was ready and when the last file was written."""
+    """``palm-serve predict`` over all files in one command. Its output lines are time-stamped as they
+    arrive, with the tree's CPU at the line saying Triton is ready and at each file written."""
     out = work / "cli-out"
     command = [*palm_serve(), "predict", *map(str, files), "--out", str(out), "--format", "json"]
     command += ["--score-threshold", str(score_threshold), "--no-progress"]
-    stamped: list[tuple[float, str]] = []
+    lines: list[str] = []
+    marks: dict[str, tuple[float, float]] = {}  # "ready" / "done": (time, tree CPU seconds)
 
-    def pump(stream: Any) -> None:
+    def pump(stream: Any, watch: TreeWatch) -> None:
         for line in stream:
-            stamped.append((time.perf_counter(), line.rstrip()))
+            lines.append(line.rstrip())
+            if READY_LINE in line:
+                marks["ready"] = (time.perf_counter(), watch.sample())
+            elif DONE_LINE.search(line):
+                marks["done"] = (time.perf_counter(), watch.sample())
 
     started = time.perf_counter()
     env = palm_env(work / "cli-var", "INFO")
     with launched(command, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as (proc, watch):
-        readers = [threading.Thread(target=pump, args=(s,), daemon=True) for s in (proc.stdout, proc.stderr)]
+        readers = [
+            threading.Thread(target=pump, args=(s, watch), daemon=True) for s in (proc.stdout, proc.stderr)
+        ]
         for reader in readers:
             reader.start()
         code = proc.wait()
         wall = time.perf_counter() - started
         for reader in readers:
             reader.join()
-    if code != 0:
-        raise RuntimeError(
-            f"palm-serve predict exited {code}:\n" + "\n".join(line for _, line in stamped[-20:])
-        )
-    ready = next(t for t, line in stamped if "embedded tritonserver serving" in line)
-    done = max(t for t, line in stamped if " detections, " in line and " tiles -> " in line)
+    if code != 0 or "ready" not in marks or "done" not in marks:
+        raise RuntimeError(f"palm-serve predict exited {code}:\n" + "\n".join(lines[-20:]))
+    (ready, ready_cpu), (done, done_cpu) = marks["ready"], marks["done"]
     bodies = [json.loads((out / f"{f.stem}.json").read_text()) for f in files]
     return Outcome(
         "cli",
@@ -320,6 +345,8 @@ def run_cli(files: list[Path], work: Path, score_threshold: float) -> Outcome:
         [from_gateway_json(b) for b in bodies],
         watch.peak_rss_kib,
         watch.peak_pss_kib,
+        done_cpu - ready_cpu,
+        watch.cpu_seconds,
         [f"spawn to Triton ready {ready - started:.1f} s; exit {started + wall - done:.1f} s after the work"],
     )
 
@@ -381,8 +408,9 @@ def run_service(files: list[Path], warmup: list[Path], work: Path, score_thresho
         ready = time.perf_counter() - started
         for path in warmup:
             post(port, path, score_threshold)
+        cpu_before = watch.sample()
         timed = [post(port, f, score_threshold) for f in files]
-        watch.sample()
+        work_cpu = watch.sample() - cpu_before
     seconds = sum(t for t, _ in timed)
     return Outcome(
         "service",
@@ -392,6 +420,8 @@ def run_service(files: list[Path], warmup: list[Path], work: Path, score_thresho
         [from_gateway_json(b) for _, b in timed],
         watch.peak_rss_kib,
         watch.peak_pss_kib,
+        work_cpu,
+        watch.cpu_seconds,
         [f"spawn to /readyz {ready:.1f} s; per file " + ", ".join(f"{t:.2f}" for t, _ in timed) + " s"],
     )
 
@@ -417,6 +447,8 @@ def run_worker(method: str, files: list[Path], work: Path, score_threshold: floa
         [as_rows(d) for d in figures["detections"]],
         max(watch.peak_rss_kib, figures["maxrss_kib"]),
         watch.peak_pss_kib,
+        figures["work_cpu_s"],
+        max(watch.cpu_seconds, figures["cpu_s"]),
         figures["notes"],
     )
 
@@ -516,11 +548,13 @@ def worker(method: str, files: list[Path], score_threshold: float, result: Path)
     else:
         detect = sahi_detector(score_threshold, greedynmm=method == "sahi-greedynmm")
         notes = [f"sahi {version('sahi')}, torch imported: {'torch' in sys.modules}"]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), own_cpu_seconds()
     detections, tiles = detect(files)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu_after = time.perf_counter() - started, own_cpu_seconds()
     figures = {
         "work_s": elapsed,
+        "work_cpu_s": cpu_after - cpu_before,
+        "cpu_s": cpu_after,
         "tiles": tiles,
         "detections": [d.tolist() for d in detections],
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -528,6 +562,11 @@ def worker(method: str, files: list[Path], score_threshold: float, result: Path)
     }
     result.write_text(json.dumps(figures))
     return 0
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def version(distribution: str) -> str:
@@ -564,6 +603,7 @@ def cells(o: Outcome, m: dict[str, Any]) -> dict[str, str]:
         "work (s)": f"{o.work_s:.2f}",
         "tiles": str(o.tiles),
         "tiles/s (work)": f"{o.tiles_per_s:.1f}",
+        "CPU ms per tile (work)": f"{1000 * o.work_cpu_s / o.tiles:.1f}",
         "peak RSS, sum of tree (MiB)": f"{o.peak_rss_kib / 1024:.0f}",
         "peak PSS, tree (MiB)": f"{o.peak_pss_kib / 1024:.0f}",
         "CPU taken by others (%)": f"{100 * o.others_cpu_share:.0f}",
@@ -595,6 +635,7 @@ def report(outcomes: list[Outcome], metrics: dict[str, dict[str, Any]]) -> str:
             f"{o.method}: work time {ratio(o.work_s, base.work_s)} ours ({base.method}), "
             f"wall incl. start {ratio(o.wall_s, base.wall_s)}, "
             f"tiles/s {ratio(o.tiles_per_s, base.tiles_per_s)}, "
+            f"CPU per tile {ratio(o.work_cpu_s / o.tiles, base.work_cpu_s / base.tiles)}, "
             f"peak RSS {ratio(o.peak_rss_kib, base.peak_rss_kib)}, "
             f"peak PSS {ratio(o.peak_pss_kib, base.peak_pss_kib)}, "
             f"AP {theirs['AP'] - ours['AP']:+.3f}, AP50 {theirs['AP50'] - ours['AP50']:+.3f}"
@@ -608,22 +649,16 @@ def report(outcomes: list[Outcome], metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def busy_seconds() -> tuple[float, float]:
-    """CPU seconds used so far by the whole system and by this process with its waited-for descendants
-    (every process this benchmark starts is waited for, and waits for its own children)."""
+def system_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy so far (all cores, including time stolen by the host)."""
     with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
-    mine = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        mine += usage.ru_utime + usage.ru_stime
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK"), mine
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
 def run(method: str, files: list[Path], work: Path, score_threshold: float) -> Outcome:
     """One method, with the share of the machine that other processes took meanwhile."""
-    started, (system_before, mine_before) = time.perf_counter(), busy_seconds()
+    started, system_before, mine_before = time.perf_counter(), system_busy_seconds(), own_cpu_seconds()
     if method == "cli":
         outcome = run_cli(files, work, score_threshold)
     elif method == "service":
@@ -631,8 +666,8 @@ def run(method: str, files: list[Path], work: Path, score_threshold: float) -> O
         outcome = run_service(files, [files[0], files[-1]], work, score_threshold)
     else:
         outcome = run_worker(method, files, work, score_threshold)
-    system_after, mine_after = busy_seconds()
-    others = (system_after - system_before) - (mine_after - mine_before)
+    mine = own_cpu_seconds() - mine_before + outcome.phase_cpu_s
+    others = system_busy_seconds() - system_before - mine
     capacity = (time.perf_counter() - started) * (os.cpu_count() or 1)
     outcome.others_cpu_share = max(0.0, others) / capacity
     return outcome
@@ -714,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
                         "work_s": o.work_s,
                         "tiles": o.tiles,
                         "tiles_per_s": o.tiles_per_s,
+                        "work_cpu_s": o.work_cpu_s,
+                        "phase_cpu_s": o.phase_cpu_s,
                         "peak_rss_mib": o.peak_rss_kib / 1024,
                         "peak_pss_mib": o.peak_pss_kib / 1024,
                         "detections": sum(len(d) for d in o.detections),
