@@ -22,17 +22,18 @@ pass would see a 4096 px scene shrunk eightfold. onnxruntime runs with its defau
 
 Figures per method: wall time including the start (process start, imports, model load; for the
 service, spawn to ready plus the timed requests); the time of the work alone, every method but the
-CLI warmed up first (service: the timed requests, after the first scene and the tile were posted once to
-warm it; CLI: from Triton ready, as the CLI logs it, to its last file written, first inference cold;
-SAHI and plain: read, infer and merge, after the model load and one warm-up inference); tiles counted
-as each method cut them; tiles/s over the work time; CPU milliseconds per tile that the method's
-processes spent during the work (read from ``/proc``; less sensitive than time to other load on the
-machine, whose share of the CPU while each method ran is printed too); peak memory of the process tree (the sum of each
-process's ``VmHWM``, which counts shared libraries and shared memory once per process, and the peak of
-the summed PSS, sampled every 0.1 s, which does not); COCO AP and AP50 per category (pycocotools
-COCOeval on pixel boxes, scored identically for every method by :func:`export.evaluate.coco_metrics`).
-SAHI and plain each run in a fresh subprocess of this module, so their memory is their own. Every
-process started here runs in its own session and is stopped on the way out, Ctrl-C included.
+CLI warmed up first (service: the timed requests, after the first scene and the tile were posted once
+to warm it; CLI: from Triton ready, as the CLI logs it, to its last file written, first inference
+cold; SAHI and plain: read, infer and merge, after the model load and one warm-up inference); tiles
+counted as each method cut them; tiles/s over the work time; CPU milliseconds per tile that the
+method's processes spent during the work (read from ``/proc``); peak memory of the process tree (the
+sum of each process's ``VmHWM``, which counts shared libraries and shared memory once per process, and
+the peak of the summed PSS, sampled every 0.1 s, which does not); COCO AP and AP50 per category
+(pycocotools COCOeval on pixel boxes, scored identically for every method by
+:func:`export.evaluate.coco_metrics`). SAHI and plain each run in a fresh subprocess of this module, so
+their memory is their own. The share of the CPU that other processes took while each method ran is
+printed too, with a warning over 10%: on a shared machine that load, not the method, sets the times.
+Every process started here runs in its own session and is stopped on the way out, Ctrl-C included.
 
 Run: ``python -m loadtest.bench_peers [--scenes 3] [--size 4096] [--methods ...] [--json out.json]``;
 needs the ``bench`` extra (``pip install -c constraints.txt -e '.[bench]'``) for the SAHI rows.
@@ -220,6 +221,21 @@ class TreeWatch:
     def cpu_seconds(self) -> float:
         return sum(self.cpu_s.values())
 
+    def peaks_by_role(self) -> str:
+        """Peak RSS per process of a Palm Serve tree, largest first, e.g. ``model stub 201 MiB``."""
+        roles = (
+            ("triton_python_backend_stub", "model stub"),
+            ("tritonserver", "tritonserver"),
+            ("gateway.decode.worker", "decode worker"),
+            ("palm-serve", "palm-serve"),
+        )
+        found = []
+        for pid, kib in self.peak_kib.items():
+            command = self.seen.get(pid, "")
+            role = next((name for marker, name in roles if marker in command), "other")
+            found.append((kib, role))
+        return ", ".join(f"{role} {kib / 1024:.0f}" for kib, role in sorted(found, reverse=True)) + " MiB"
+
 
 def stop_tree(proc: subprocess.Popen[Any], watch: TreeWatch | None, grace_s: float = 60.0) -> None:
     """Stop ``proc`` as Ctrl-C would (it cleans up its Triton), then SIGTERM, then SIGKILL whatever
@@ -347,7 +363,11 @@ def run_cli(files: list[Path], work: Path, score_threshold: float) -> Outcome:
         watch.peak_pss_kib,
         done_cpu - ready_cpu,
         watch.cpu_seconds,
-        [f"spawn to Triton ready {ready - started:.1f} s; exit {started + wall - done:.1f} s after the work"],
+        [
+            f"Triton ready {ready - started:.1f} s after spawn; "
+            f"exit {started + wall - done:.1f} s after the last file",
+            f"peak RSS by process: {watch.peaks_by_role()}",
+        ],
     )
 
 
@@ -422,7 +442,10 @@ def run_service(files: list[Path], warmup: list[Path], work: Path, score_thresho
         watch.peak_pss_kib,
         work_cpu,
         watch.cpu_seconds,
-        [f"spawn to /readyz {ready:.1f} s; per file " + ", ".join(f"{t:.2f}" for t, _ in timed) + " s"],
+        [
+            f"spawn to /readyz {ready:.1f} s; per file " + ", ".join(f"{t:.2f}" for t, _ in timed) + " s",
+            f"peak RSS by process: {watch.peaks_by_role()}",
+        ],
     )
 
 
