@@ -13,7 +13,7 @@ PYTRITON := nvidia-pytriton==0.7.0
 # configuration). As root (CI) `make test` installs them; anyone else is told what to install.
 SYSTEM_PACKAGES := chromium chromium-driver nginx-light
 
-.PHONY: install install-dev system-deps run test lint typecheck unit bench clean
+.PHONY: install install-dev install-bench system-deps run test lint typecheck unit bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ $(VENV)/.dev-installed: $(VENV)/.serve-installed
 	$(PIP) install -q -c constraints.txt -e '.[dev,export]'
 	touch $@
 
+$(VENV)/.bench-installed: $(VENV)/.dev-installed
+	$(PIP) install -q -c constraints.txt -e '.[dev,export,bench]'
+	touch $@
+
 install: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
+install-bench: $(VENV)/.bench-installed
 
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
@@ -57,6 +62,9 @@ unit: install-dev
 
 bench: install-dev
 	$(BIN)/python -m loadtest.bench_serving
+
+bench-peers: install-bench
+	$(BIN)/python -m loadtest.bench_peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

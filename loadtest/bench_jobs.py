@@ -45,9 +45,15 @@ from loadtest.bench_serving import MODEL, ceiling, free_port, scene_tiles
 SCORE_THRESHOLD = 0.3
 
 
-def start_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_service(data_dir: Path, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {**os.environ, "PALM_DATA_DIR": str(data_dir), "PALM_PORT": str(port), "PALM_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "PALM_DATA_DIR": str(data_dir),
+        "PALM_PORT": str(port),
+        "PALM_LOG_LEVEL": "WARNING",
+        **extra,
+    }
     env.pop("PALM_TRITON_URL", None)
     process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -120,8 +126,12 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--ceiling-seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="PALM_X=V", help="a setting for the service, repeatable"
+    )
     args = parser.parse_args()
-    figures: dict[str, Any] = {}
+    extra = dict(item.split("=", 1) for item in args.set)
+    figures: dict[str, Any] = {"settings": extra}
     with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
         work = Path(tmp)
         print("generating scenes ...", flush=True)
@@ -139,7 +149,7 @@ def main() -> None:
         naive = naive_loop(scenes[0])
         print(f"ceiling before: {before}; naive loop: {naive:.1f} tiles/s", flush=True)
 
-        process, url = start_service(work / "state")
+        process, url = start_service(work / "state", extra)
         try:
             with httpx.Client(base_url=url, timeout=600) as client:
                 idle = latencies(client, chip_bytes[0], 30)
