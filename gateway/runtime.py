@@ -108,7 +108,10 @@ async def connect_triton(settings: Settings, metrics: Metrics) -> AsyncIterator[
             launcher = EmbeddedTriton(
                 settings.triton, settings.data_dir / "triton", on_restart=metrics.triton_restarts.inc
             )
-            await stack.enter_async_context(launcher)
+            # Stop is registered before start: interrupted while the model loads (Ctrl-C), the server
+            # started in the background thread is stopped too, not left to die with this process.
+            stack.push_async_callback(asyncio.to_thread, launcher.stop)
+            await asyncio.to_thread(launcher.start)
             url = launcher.grpc_url
             logger.info("embedded tritonserver serving %s on %s", settings.triton.model_name, url)
         from gateway.triton.client import TritonClient

@@ -227,6 +227,7 @@ class EmbeddedTriton:
         self._start_error: InferenceUnavailable | None = None
         self._restarts = 0
         self._lock = threading.Lock()
+        self._stopped = False
 
     # -- public state -------------------------------------------------------------------------------
 
@@ -293,11 +294,13 @@ class EmbeddedTriton:
         Raises:
             InferenceUnavailable: The binary is missing, or the model did not become ready within
                 ``settings.ready_timeout_s`` (the message carries the end of the server's log).
-            RuntimeError: Already started.
+            RuntimeError: Already started, or stopped already (a launcher runs once).
         """
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError("EmbeddedTriton is already started")
+            if self._stopped:
+                raise RuntimeError("EmbeddedTriton was stopped; create another to start a server again")
             if self._distribution is None:
                 self._distribution = TritonDistribution.find()
             self._prepare_state_dir(self._distribution)
@@ -329,6 +332,7 @@ class EmbeddedTriton:
         Idempotent. On return no process of ours and no shared-memory region of ours is left.
         """
         with self._lock:
+            self._stopped = True
             self._stopping.set()
             self._join()
         self._kill_stragglers()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway import procfs
 from gateway.errors import InferenceUnavailable
 from gateway.procfs import alive, processes_matching
 from gateway.settings import Settings, TritonSettings
@@ -188,4 +190,30 @@ async def test_the_service_refuses_a_batch_size_its_embedded_model_would_reject(
         async with open_runtime(settings):
             pass
     # The server started for the check is stopped again (its instances' table is gone with it).
+    assert set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*")) == before
+
+
+async def test_interrupting_the_start_leaves_no_server_behind(
+    triton_settings: TritonSettings, tmp_path: Path
+) -> None:
+    from gateway.runtime import open_runtime
+
+    settings = Settings(data_dir=tmp_path, triton=triton_settings)
+    before = set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*"))
+
+    async def start() -> None:
+        async with open_runtime(settings):
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(start())
+    await asyncio.sleep(0.8)  # tritonserver is loading the model
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+    def servers() -> list[int]:
+        return [
+            p for p in procfs.descendants(os.getpid()) if "tritonserver" in (procfs.command_line(p) or "")
+        ]
+
+    assert servers() == []
     assert set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*")) == before
