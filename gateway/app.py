@@ -21,7 +21,7 @@ from gateway.api import docs, health, predict
 from gateway.api import jobs as jobs_api
 from gateway.api.deps import Services
 from gateway.api.middleware import BodyGuard, ObservabilityMiddleware
-from gateway.errors import install_problem_handlers
+from gateway.api.problems import install_problem_handlers
 from gateway.jobs.engine import Jobs, open_jobs
 from gateway.metrics import Metrics
 from gateway.predictor import InferenceBackend, Predictor

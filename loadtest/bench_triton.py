@@ -264,8 +264,8 @@ async def measure_triton(args: argparse.Namespace, url: str, settings: TritonSet
 
 def worker(args: argparse.Namespace) -> int:
     """One malloc mode in this fresh process: start the server, measure, print JSON lines."""
-    from gateway.triton.codecs import tune_malloc
     from gateway.triton.launcher import EmbeddedTriton
+    from gateway.triton.malloc import tune_malloc
 
     tuned = args.worker_malloc == "on"
     if tuned:

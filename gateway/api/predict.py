@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from gateway.api.deps import Services, ServicesDep, StrictQuery, unless_disconnected
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
-from gateway.errors import GatewayError
+from gateway.errors import ClientClosedRequest, GatewayError
 from gateway.options import PredictOptions
 from gateway.pipeline.render import MEDIA_TYPES, OutputFormat, render
 from gateway.pipeline.result import ImageResult
@@ -95,6 +95,8 @@ async def predict(
     try:
         services.metrics.upload_bytes.inc(upload.size)
         services.metrics.stage_latency.labels("upload").observe(uploaded - received)
+        if await request.is_disconnected():  # the client sent its file and left: nobody to answer
+            raise ClientClosedRequest("the client closed the connection after its upload")
         # A prediction slot is taken only now that there is work: a slow upload holds none.
         async with services.admission.slot():
             result = await unless_disconnected(

@@ -232,7 +232,7 @@ class DecodePool:
             while True:
                 # A permit means a worker is idle (or, while one died idle, its replacement is coming).
                 worker = await self._idle.get()
-                if worker.alive and worker in self._workers:
+                if worker.running() and worker in self._workers:
                     return WorkerLease(self, worker, priority)
                 ended = exit_status(worker.process.returncode)
                 if worker in self._workers:

@@ -38,6 +38,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from gateway import procfs
 from gateway.decode import protocol
 from gateway.decode.arena import TileRegion
 from gateway.errors import DecoderFailed, DecoderLost
@@ -143,6 +144,11 @@ class WorkerProcess:
     @property
     def alive(self) -> bool:
         return self.process.returncode is None
+
+    def running(self) -> bool:
+        """Whether the process still runs, checked in ``/proc``: a killed worker shows as gone at once,
+        before asyncio has reaped it (until then :attr:`alive` is still true)."""
+        return self.alive and procfs.alive(self.pid)
 
     async def send(self, data: bytes) -> None:
         self.stdin.write(data)

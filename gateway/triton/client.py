@@ -63,8 +63,8 @@ from gateway.triton.codecs import (
     InferRequestEncoder,
     check_tiles,
     decode_detections,
-    tune_malloc,
 )
+from gateway.triton.malloc import tune_malloc
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class TritonClient:
         url: ``host:port`` of Triton's gRPC endpoint.
         settings: Model name/version and ``request_timeout_s``.
         retry_after_s: ``Retry-After`` carried by the unavailability errors.
-        malloc_tuning: Call :func:`~gateway.triton.codecs.tune_malloc` for this process (idempotent):
+        malloc_tuning: Call :func:`~gateway.triton.malloc.tune_malloc` for this process (idempotent):
             multi-megabyte buffers reuse heap pages instead of a fresh ``mmap`` each. Measured gain:
             docs/performance.md, "Request encoding and malloc".
     """

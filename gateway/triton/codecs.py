@@ -31,8 +31,6 @@ This module is pure: no ``tritonclient`` import, no I/O.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from collections.abc import Sequence
 from typing import Final
@@ -48,12 +46,6 @@ OUTPUT_NAME: Final = "detections"
 OUTPUT_DATATYPE: Final = "FP32"
 TILE_SHAPE: Final = (3, 512, 512)
 DETECTION_FIELDS: Final = 6  # x1, y1, x2, y2, score, class_id
-
-# glibc's largest accepted mmap threshold on 64-bit is 32 MiB; a batch of 32 tiles (25 MB) fits below.
-MALLOC_MMAP_THRESHOLD_BYTES: Final = 32 * 1024 * 1024
-MALLOC_TRIM_THRESHOLD_BYTES: Final = 256 * 1024 * 1024
-_M_TRIM_THRESHOLD: Final = -1
-_M_MMAP_THRESHOLD: Final = -3
 
 _WIRE_VARINT: Final = 0
 _WIRE_LEN: Final = 2  # length-delimited wire type
@@ -208,44 +200,3 @@ def decode_detections(
     if len(raw) != expected_bytes:
         raise ValueError(f"output {OUTPUT_NAME!r} has {len(raw)} bytes, expected {expected_bytes}")
     return np.frombuffer(raw, dtype="<f4").reshape(expected)
-
-
-_malloc_tuned = False
-
-
-def tune_malloc(
-    mmap_threshold: int = MALLOC_MMAP_THRESHOLD_BYTES, trim_threshold: int = MALLOC_TRIM_THRESHOLD_BYTES
-) -> bool:
-    """Make glibc keep large blocks on the heap for this process (idempotent).
-
-    With the default dynamic threshold every multi-megabyte request buffer is a fresh ``mmap``, and
-    its pages fault in on every call. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` lets those
-    buffers reuse already-mapped heap pages. Child processes get the same through
-    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``. Measured gain: docs/performance.md,
-    "Request encoding and malloc".
-
-    Args:
-        mmap_threshold: Allocations at least this large still use ``mmap``.
-        trim_threshold: Free heap top kept before memory is returned to the OS.
-
-    Returns:
-        ``True`` if glibc accepted both settings (or did already), ``False`` elsewhere.
-    """
-    global _malloc_tuned
-    if _malloc_tuned:
-        return True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        logger.debug("mallopt is not available; malloc left untuned")
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-    _malloc_tuned = ok
-    logger.debug(
-        "mallopt mmap_threshold=%s trim_threshold=%s accepted=%s", mmap_threshold, trim_threshold, ok
-    )
-    return ok

@@ -57,20 +57,13 @@ from types import TracebackType
 from gateway.errors import InferenceUnavailable
 from gateway.procfs import alive, processes_matching
 from gateway.settings import TritonSettings
-from gateway.triton.codecs import MALLOC_MMAP_THRESHOLD_BYTES, MALLOC_TRIM_THRESHOLD_BYTES
+from gateway.triton.malloc import MALLOC_ENV
 
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
 LANES_PREFIX = "palm_lanes_"
-# glibc in the child: keep big blocks on the heap so per-request tensors reuse pages instead of an
-# mmap/munmap and page faults each time (the same as gateway.triton.codecs.tune_malloc in-process).
-# Measured gain: docs/performance.md, "Request encoding and malloc".
-MALLOC_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD_BYTES),
-    "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD_BYTES),
-}
 
 EXIT_TIMEOUT_S = 5
 """tritonserver's own shutdown budget, used when it gets SIGTERM because this process died."""
@@ -534,6 +527,9 @@ class EmbeddedTriton:
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
         if self.tune_malloc:
+            # Big blocks stay on the child's heap: per-request tensors reuse pages instead of an
+            # mmap/munmap and page faults each time. Measured gain: docs/performance.md, "Request
+            # encoding and malloc".
             env.update(MALLOC_ENV)
         env["PALM_LANES_NAME"] = self.lanes_name
         env.update(self.extra_env)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from gateway.triton.codecs import InferRequestEncoder, check_tiles, decode_detections, tune_malloc
+from gateway.triton.codecs import InferRequestEncoder, check_tiles, decode_detections
+from gateway.triton.malloc import tune_malloc
 
 
 def tiles(n: int, seed: int = 0) -> np.ndarray:
