@@ -7,8 +7,21 @@ registry so several apps (tests) can live in one process.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gateway.pipeline.inputs import CHANNELS, InputSummary
+
+CHANNEL_BUCKETS = tuple(float(v) for v in range(16, 256, 16))
+SPREAD_BUCKETS = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0)
+COLOURFULNESS_BUCKETS = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0)
+FRACTION_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+GSD_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 2.0, 5.0, 10.0, 30.0, 100.0, 1000.0)
+TILE_DETECTION_BUCKETS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2048.0)
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -76,3 +89,68 @@ class Metrics:
         self.triton_restarts = Counter(
             "palm_triton_restarts_total", "Restarts of the embedded tritonserver.", registry=r
         )
+        self.input_channel_mean = Histogram(
+            "palm_input_channel_mean",
+            "Per file, the mean of each channel of the 8-bit tiles the model was given (0-255).",
+            ["channel"],
+            buckets=CHANNEL_BUCKETS,
+            registry=r,
+        )
+        self.input_channel_spread = Histogram(
+            "palm_input_channel_spread",
+            "Per file, the standard deviation of each channel of the model's 8-bit input.",
+            ["channel"],
+            buckets=SPREAD_BUCKETS,
+            registry=r,
+        )
+        self.input_colourfulness = Histogram(
+            "palm_input_colourfulness",
+            "Per file, the mean absolute difference between the channels of the model's input (0: grey).",
+            buckets=COLOURFULNESS_BUCKETS,
+            registry=r,
+        )
+        self.input_valid_fraction = Histogram(
+            "palm_input_valid_fraction",
+            "Per file, the share of pixels that are valid (not nodata, alpha 0 or masked).",
+            buckets=FRACTION_BUCKETS,
+            registry=r,
+        )
+        self.input_gsd = Histogram(
+            "palm_input_gsd_meters",
+            "Per georeferenced file, the ground sample distance at its centre.",
+            buckets=GSD_BUCKETS,
+            registry=r,
+        )
+        self.tile_detections = Histogram(
+            "palm_tile_detections",
+            "Per tile sent to the model, the detections above the score threshold before the seam merge.",
+            buckets=TILE_DETECTION_BUCKETS,
+            registry=r,
+        )
+        self.detection_scores = Histogram(
+            "palm_detection_score",
+            "Scores of the detections returned (after the seam merge).",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+
+    def observe_inputs(
+        self,
+        inputs: InputSummary | None,
+        gsd_m: float | None,
+        tile_detections: Sequence[int],
+        scores: npt.NDArray[np.floating],
+    ) -> None:
+        """Record what one file showed the model and what it found (the drift histograms)."""
+        if inputs is not None:
+            for name, mean, spread in zip(CHANNELS, inputs.mean, inputs.spread, strict=True):
+                self.input_channel_mean.labels(name).observe(mean)
+                self.input_channel_spread.labels(name).observe(spread)
+            self.input_colourfulness.observe(inputs.colourfulness)
+            self.input_valid_fraction.observe(inputs.valid_fraction)
+        if gsd_m is not None:
+            self.input_gsd.observe(gsd_m)
+        for count in tile_detections:
+            self.tile_detections.observe(count)
+        for score in scores.tolist():
+            self.detection_scores.observe(score)

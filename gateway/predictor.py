@@ -229,6 +229,7 @@ class Predictor:
                     await batches.cancel()
                     raise
                 skipped = session.skipped
+                inputs = session.inputs
             # The decoder is back in the pool while the last batches are still at Triton.
             candidates = await batches.drain(report)
         finally:
@@ -249,6 +250,9 @@ class Predictor:
             self.metrics.stage_latency.labels("decode_infer").observe(decoded - opened)
             self.metrics.stage_latency.labels("merge").observe(merged_at - decoded)
             self.metrics.stage_latency.labels("georeference").observe(finished_at - merged_at)
+            self.metrics.observe_inputs(
+                inputs, info.gsd_m, [len(c.detections) for c in candidates], merged.scores
+            )
         return ImageResult(
             image=ImageMeta(
                 file_name=file_name,
@@ -258,8 +262,10 @@ class Predictor:
                 crs=info.crs,
                 transform=info.transform,
                 warnings=tuple(info.warnings) + _saturation_warning(saturated),
+                gsd_m=info.gsd_m,
             ),
             detections=merged,
+            inputs=inputs,
             geometries=geometries,
             tiles_total=total,
             tiles_skipped=skipped,

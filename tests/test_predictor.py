@@ -56,6 +56,10 @@ async def test_boxes_come_back_in_image_coordinates_once(
     assert progress[-1] == (6, 6)
     assert result.image.crs == "EPSG:32633"
     assert result.geometries[0] is not None
+    assert result.image.gsd_m is not None
+    assert result.inputs is not None
+    assert result.inputs.valid_fraction == 1.0
+    assert max(result.inputs.mean) < 1.0  # a black image with one bright pixel
 
 
 async def test_fully_masked_tiles_are_never_sent(pool: DecodePool, geotiff: Callable[..., Path]) -> None:

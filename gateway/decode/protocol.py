@@ -20,7 +20,8 @@ Replies (worker → gateway, the worker's original stdout): frames of a 12-byte 
 * ``batch`` (``indices`` into the ``specs`` sent, ``slot``: the shared-memory slot now holding the
   tiles as ``uint8 [n, 3, 512, 512]``, ``valid``: whether masks follow) with, if ``valid``, the
   payload ``bool [n, 512, 512]``;
-* ``end`` (``skipped``, ``cancelled``) after the last batch; ``closed`` after ``close``;
+* ``end`` (``skipped``, ``cancelled``, ``inputs``: the statistics of the tiles sent, see
+  :mod:`gateway.pipeline.inputs`) after the last batch; ``closed`` after ``close``;
 * ``error`` (``error``: a GatewayError class name, ``detail``, ``extensions``, ``recycle``: the worker
   exits after sending it).
 

@@ -41,6 +41,7 @@ from gateway.decode import protocol
 from gateway.decode.arena import SlotLease, TileRegion
 from gateway.decode.process import WorkerProcess, exit_failure, exit_status
 from gateway.errors import DecoderFailed, GatewayError
+from gateway.pipeline.inputs import InputSummary
 from gateway.pipeline.raster import RasterInfo, ReadOptions
 from gateway.pipeline.tiling import TILE_SIZE, TileSpec, tile_grid
 from gateway.scheduling import Priority
@@ -161,6 +162,9 @@ class DecodeSession:
         self._info: RasterInfo | None = None
         self.skipped = 0
         """Tiles skipped because none of their pixels is valid (final once :meth:`batches` ends)."""
+        self.inputs: InputSummary | None = None
+        """Statistics of the tiles the model was given (once :meth:`batches` ends; see
+        :mod:`gateway.pipeline.inputs`)."""
 
     @property
     def info(self) -> RasterInfo:
@@ -268,6 +272,7 @@ class DecodeSession:
                     yield self._batch(meta, payload, specs, batch_size, zero_copy)
                 elif kind == "end":
                     self.skipped = int(meta.get("skipped", 0))
+                    self.inputs = _inputs(meta.get("inputs"))
                     self._state = SessionState.OPEN
                     return
                 elif kind == "error":
@@ -438,3 +443,13 @@ def _announced_slot(meta: dict[str, Any], region: TileRegion) -> int | None:
 def _give_back_unused(region: TileRegion, slot: int) -> None:
     if region.give_back is not None:
         region.give_back([slot])
+
+
+def _inputs(values: Any) -> InputSummary | None:
+    """A stream's input statistics from the wire; ``None`` when absent or malformed."""
+    if not isinstance(values, dict):
+        return None
+    try:
+        return InputSummary.from_wire(values)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None

@@ -32,6 +32,7 @@ import numpy as np
 from gateway.decode import protocol
 from gateway.decode.arena import TileRegion
 from gateway.errors import DecoderFailed, GatewayError
+from gateway.pipeline.inputs import InputStatistics
 from gateway.pipeline.raster import RasterReader, ReadOptions, open_raster
 from gateway.pipeline.tiling import TILE_SIZE, TileSpec, balanced_batch, tile_grid
 from gateway.settings import LimitSettings
@@ -255,6 +256,9 @@ def _stream(
     def cancelled() -> None:
         channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": True})
 
+    statistics = InputStatistics()
+    for spec in specs:
+        statistics.expect(spec.width, spec.height)
     for tile in reader.tiles(specs):
         if slot is None:
             slot = channel.take_slot()
@@ -264,6 +268,7 @@ def _stream(
             pixels = region.pixels(slot, batch_size)
         k = len(indices)
         pixels[k] = tile.pixels
+        statistics.add(tile.pixels, tile.valid, tile.spec.width, tile.spec.height)
         if tile.valid is not None:
             if not masked:
                 valid[:k] = True
@@ -278,7 +283,15 @@ def _stream(
     if indices and flush():
         cancelled()
         return
-    channel.send({"kind": "end", "skipped": reader.skipped, "cancelled": False})
+    summary = statistics.summary()
+    channel.send(
+        {
+            "kind": "end",
+            "skipped": reader.skipped,
+            "cancelled": False,
+            "inputs": summary.to_wire() if summary is not None else None,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -150,6 +150,41 @@ def can_georeference(crs: str, transform: Sequence[float], width: int, height: i
     return bool(placed.any())
 
 
+EARTH_RADIUS_M = 6_371_008.8
+"""Mean Earth radius (IUGG); ground distances here are great-circle distances on that sphere."""
+
+
+def ground_sample_distance(crs: str, transform: Sequence[float], width: int, height: int) -> float | None:
+    """The side of one pixel on the ground at the image's centre, in metres.
+
+    Measured, whatever the CRS (projected in metres or feet, geographic in degrees, rotated, fitted to
+    GCPs), as ``sqrt(dx * dy)`` where ``dx`` and ``dy`` are the great-circle lengths of the centre
+    pixel's two edges in WGS 84; ``None`` when the centre has no WGS 84 position.
+    """
+    ref = Georef.of(_Plain(crs, transform))
+    if ref is None:
+        return None
+    cx, cy = width / 2, height / 2
+    try:
+        lon, lat = pixels_to_lonlat(ref, [cx, cx + 1, cx], [cy, cy, cy + 1])
+    except ValueError:
+        return None
+    if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))):
+        return None
+    dx = _great_circle(lon[0], lat[0], lon[1], lat[1])
+    dy = _great_circle(lon[0], lat[0], lon[2], lat[2])
+    size = math.sqrt(dx * dy)
+    return size if size > 0 and math.isfinite(size) else None
+
+
+def _great_circle(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
+    """Haversine distance in metres."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+
 def box_polygons(boxes: npt.ArrayLike, georef: Georeferenced | Georef | None) -> list[GeoJSON | None]:
     """GeoJSON geometries in EPSG:4326 for pixel boxes.
 

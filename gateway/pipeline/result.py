@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.pipeline.inputs import InputSummary
 from gateway.pipeline.merge import Detections
 
 GeoJSONGeometry = dict[str, Any]
@@ -76,6 +77,8 @@ class ImageMeta:
     crs: str | None = None
     transform: tuple[float, ...] | None = None
     warnings: tuple[str, ...] = ()
+    gsd_m: float | None = None
+    """Ground sample distance at the image's centre in metres; ``None`` without georeferencing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,8 @@ class ImageResult:
     geometries: Sequence[GeoJSONGeometry | None]
     tiles_total: int = 0
     tiles_skipped: int = 0
+    inputs: InputSummary | None = None
+    """Statistics of the tiles the model was given (:mod:`gateway.pipeline.inputs`)."""
     timings: Mapping[str, float] = field(default_factory=dict)
     """Seconds per stage: ``open``, ``first_result`` (open to the first batch's detections), ``tiles``
     (open to the last), ``merge``, ``georeference``."""

@@ -12,6 +12,7 @@ from gateway.pipeline.geo import (
     Georef,
     box_polygons,
     can_georeference,
+    ground_sample_distance,
     lonlat_to_pixel,
     pixel_to_lonlat,
     pixels_to_lonlat,
@@ -146,3 +147,22 @@ def test_a_geostationary_view_places_the_disc_and_leaves_space_unplaced() -> Non
     lon, lat = centre["coordinates"][0][0]
     assert lon == pytest.approx(-75.0, abs=0.01)
     assert lat == pytest.approx(0.0, abs=2.0)
+
+
+@pytest.mark.parametrize(
+    ("crs", "transform", "metres"),
+    [
+        ("EPSG:32633", (0.5, 0.0, 500_000.0, 0.0, -0.5, 4_000_000.0), 0.5),  # UTM metres
+        ("EPSG:2227", (1.0, 0.0, 6_000_000.0, 0.0, -1.0, 2_000_000.0), 0.3048),  # US survey feet
+        ("EPSG:3857", (10.0, 0.0, 0.0, 0.0, -10.0, 6_000_000.0), 6.77),  # Mercator shrinks with latitude
+        ("EPSG:4326", (0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0), 8.92),  # degrees at 50 N
+    ],
+)
+def test_ground_sample_distance_in_metres_whatever_the_crs(
+    crs: str, transform: tuple[float, ...], metres: float
+) -> None:
+    assert ground_sample_distance(crs, transform, 100, 100) == pytest.approx(metres, rel=0.01)
+
+
+def test_no_ground_sample_distance_off_the_earth() -> None:
+    assert ground_sample_distance("EPSG:32633", (float("inf"), 0, 0, 0, -1, 0), 10, 10) is None

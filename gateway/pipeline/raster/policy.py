@@ -148,6 +148,8 @@ class RasterInfo:
         block_shape: ``(rows, cols)`` of the file's blocks (tiles or strips).
         compression: the TIFF compression, if known.
         warnings: things the user should know about how the file was read.
+        gsd_m: the ground sample distance at the image's centre in metres
+            (:func:`gateway.pipeline.geo.ground_sample_distance`); ``None`` without georeferencing.
     """
 
     driver: str
@@ -169,6 +171,7 @@ class RasterInfo:
     block_shape: tuple[int, int]
     compression: str | None
     warnings: tuple[str, ...] = ()
+    gsd_m: float | None = None
 
     def __post_init__(self) -> None:
         # Plain strings (from JSON) become enum members; members stay as they are.

@@ -399,6 +399,7 @@ class RasterReader:
             block_shape=layout.block_shape,
             compression=str(compression) if compression is not None else None,
             warnings=tuple(notes),
+            gsd_m=_gsd(crs, transform, src.width, src.height),
         )
 
     def _georeference(
@@ -451,6 +452,15 @@ class RasterReader:
                     "(a non-Earth body or a degenerate transform); detections have no geometry."
                 )
         return crs, transform, georef if transform is not None else GeorefSource.NONE
+
+
+def _gsd(crs: str | None, transform: Sequence[float] | None, width: int, height: int) -> float | None:
+    from gateway.pipeline import geo
+
+    if crs is None or transform is None:
+        return None
+    size = geo.ground_sample_distance(crs, transform, width, height)
+    return round(size, 4) if size is not None else None
 
 
 def _affine_tuple(affine: Any) -> tuple[float, float, float, float, float, float]:
