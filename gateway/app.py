@@ -53,7 +53,9 @@ def create_app(
 
     uploads = Admission(settings.limits.max_concurrent_uploads, "uploads")
 
-    def services(ready: Predictor, jobs: Jobs | None = None) -> Services:
+    def services(
+        ready: Predictor, jobs: Jobs | None = None, triton_metrics_url: str | None = None
+    ) -> Services:
         return Services(
             settings=settings,
             metrics=metrics,
@@ -63,6 +65,7 @@ def create_app(
             admission=Admission(settings.limits.max_concurrent_predicts, "predictions"),
             uploads=uploads,
             jobs=jobs,
+            triton_metrics_url=triton_metrics_url,
         )
 
     @asynccontextmanager
@@ -75,7 +78,7 @@ def create_app(
             open_runtime(settings, metrics, inference=inference) as runtime,
             open_jobs(settings, runtime, uploads) as jobs,
         ):
-            app.state.services = services(runtime.predictor, jobs)
+            app.state.services = services(runtime.predictor, jobs, runtime.triton_metrics_url)
             model = runtime.model
             logger.info("gateway up: model %s/%s sha256=%s", model.name, model.version, model.sha256)
             yield

@@ -134,6 +134,33 @@ class Metrics:
             registry=r,
         )
 
+        self.job_files = Counter(
+            "palm_job_files_total",
+            "Job files settled by a worker of this process, by outcome (succeeded, failed, retried).",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_tiles = Counter(
+            "palm_job_tiles_total", "Tiles of job files committed by this process's worker.", registry=r
+        )
+        self.job_duration = Histogram(
+            "palm_job_duration_seconds",
+            "From a job's start to its results, for jobs assembled by this process.",
+            buckets=(1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 48 * 3600.0),
+            registry=r,
+        )
+        self.jobs = Gauge("palm_jobs", "Jobs in the database, by status.", ["status"], registry=r)
+        self.job_files_waiting = Gauge(
+            "palm_job_files_waiting", "Job files queued and not yet claimed (all jobs).", registry=r
+        )
+        self.job_files_running = Gauge(
+            "palm_job_files_running", "Job files claimed by a worker and not yet settled.", registry=r
+        )
+        self.build_info = Gauge("palm_build_info", "The gateway's version.", ["version"], registry=r)
+        self.model_info = Gauge(
+            "palm_model_info", "The served model.", ["name", "version", "sha256"], registry=r
+        )
+
     def observe_inputs(
         self,
         inputs: InputSummary | None,

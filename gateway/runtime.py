@@ -19,6 +19,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gateway import __version__
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class Runtime:
     decode: DecodePool
     model: ModelInfo
     predictor: Predictor
+    triton_metrics_url: str | None = None
+    """Triton's own Prometheus endpoint, re-exported at ``/metrics/triton``; ``None`` when unknown."""
 
 
 @asynccontextmanager
@@ -83,7 +86,21 @@ async def open_runtime(
         predictor = Predictor(
             pool, backend, model, tiling=settings.tiling, triton=settings.triton, metrics=metrics
         )
-        yield Runtime(settings, metrics, backend, pool, model, predictor)
+        metrics.build_info.labels(__version__).set(1)
+        metrics.model_info.labels(model.name, model.version, model.sha256 or "").set(1)
+        metrics_url = getattr(backend, "metrics_url", None)
+        yield Runtime(settings, metrics, backend, pool, model, predictor, metrics_url)
+
+
+def triton_metrics_url(settings: Settings) -> str | None:
+    """Where a configured Triton serves its metrics: ``PALM_TRITON__METRICS_URL``, else port 8002 of the
+    gRPC host (Triton's default)."""
+    if settings.triton.metrics_url:
+        return settings.triton.metrics_url
+    if settings.triton.url is None:
+        return None
+    host = settings.triton.url.rsplit(":", 1)[0]
+    return f"http://{host}:8002/metrics"
 
 
 @asynccontextmanager
@@ -102,6 +119,7 @@ async def connect_triton(settings: Settings, metrics: Metrics) -> AsyncIterator[
     """The configured Triton, or an embedded one started (and stopped) here."""
     async with AsyncExitStack() as stack:
         url = settings.triton.url
+        metrics_url = triton_metrics_url(settings)
         if url is None:
             from gateway.triton.launcher import EmbeddedTriton
 
@@ -113,10 +131,12 @@ async def connect_triton(settings: Settings, metrics: Metrics) -> AsyncIterator[
             stack.push_async_callback(asyncio.to_thread, launcher.stop)
             await asyncio.to_thread(launcher.start)
             url = launcher.grpc_url
+            metrics_url = launcher.metrics_url
             logger.info("embedded tritonserver serving %s on %s", settings.triton.model_name, url)
         from gateway.triton.client import TritonClient
 
         client = TritonClient(url, settings.triton)
+        client.metrics_url = metrics_url
         stack.push_async_callback(client.close)
         if settings.triton.url is None:
             # The embedded model is ready: refuse a batch size it would reject on every request.

@@ -44,6 +44,10 @@ class TritonSettings(BaseModel):
         default=None,
         description="host:port of a running Triton gRPC endpoint. Unset: start an embedded tritonserver.",
     )
+    metrics_url: str | None = Field(
+        default=None,
+        description="Triton's Prometheus endpoint for /metrics/triton; default: port 8002 of the url's host.",
+    )
     model_name: str = "palm"
     model_version: str = "1"
     model_repository: Path = REPO_ROOT / "model_repository"

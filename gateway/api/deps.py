@@ -40,6 +40,7 @@ class Services:
     admission: Admission
     uploads: Admission
     jobs: Jobs | None = None
+    triton_metrics_url: str | None = None
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,6 +15,9 @@ from gateway.errors import InferenceUnavailable
 from gateway.pipeline.render import model_record
 
 router = APIRouter(tags=["operations"])
+
+TRITON_METRICS_TIMEOUT_S = 3.0
+TRITON_METRICS_MAX_BYTES = 16 * 1024 * 1024
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: 200 while the process lives")
@@ -39,3 +45,30 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/metrics/triton",
+    summary="Triton's own Prometheus metrics (queue and compute time, batch sizes), re-exported",
+    response_class=Response,
+    responses={503: PROBLEM_RESPONSES[503]},
+)
+async def triton_metrics(services: ServicesDep) -> Response:
+    url = services.triton_metrics_url
+    if url is None:
+        raise InferenceUnavailable(
+            "this gateway does not know where its Triton serves metrics", retry_after_s=30
+        )
+    try:
+        body = await asyncio.to_thread(_fetch, url)
+    except OSError as exc:
+        raise InferenceUnavailable(
+            f"Triton's metrics at {url} are unavailable ({exc})", retry_after_s=5
+        ) from exc
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _fetch(url: str) -> bytes:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback or the cluster: no proxy
+    with opener.open(url, timeout=TRITON_METRICS_TIMEOUT_S) as response:
+        return bytes(response.read(TRITON_METRICS_MAX_BYTES))

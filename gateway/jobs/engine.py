@@ -65,7 +65,9 @@ async def open_jobs(settings: Settings, runtime: Runtime, uploads: Admission) ->
         worker = None
         if settings.jobs.workers:
             results = ResultWriter(store, db, storage, runtime.model, settings.jobs.lease_s)
-            worker = JobWorker(store, db, storage, runtime.predictor, runtime.inference, results, settings)
+            worker = JobWorker(
+                store, db, storage, runtime.predictor, runtime.inference, results, settings, runtime.metrics
+            )
             worker.start()
             stack.push_async_callback(worker.stop)
         logger.info(

@@ -51,12 +51,13 @@ class ResultWriter:
         self.model = model
         self.lease_s = lease_s
 
-    async def assemble(self, assembly: Assembly, owner: str) -> None:
-        """Write both documents and commit the job's final status (or leave it for the next try)."""
+    async def assemble(self, assembly: Assembly, owner: str) -> dict[str, Any] | None:
+        """Write both documents and commit the job's final status; the job's row then, or ``None``
+        when another worker took the job over."""
         renew = asyncio.create_task(self._renew(assembly, owner))
         try:
             coco, geojson, annotations = await self.db.run(self._write, assembly)
-            await self.db.run(
+            job = await self.db.run(
                 self.store.finish_assembly,
                 assembly,
                 owner,
@@ -65,8 +66,10 @@ class ResultWriter:
                 annotations=annotations,
             )
             logger.info("job %s: results written (%d annotations)", assembly.job_id, annotations)
+            return job
         except LeaseLost:
             logger.warning("job %s: another worker took over its results", assembly.job_id)
+            return None
         finally:
             renew.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -769,6 +769,18 @@ class JobStore:
             done, total = self._running(conn, job_id)
             self._event(conn, job_id, "progress", views.progress(dict(job._mapping), done, total, utcnow()))
 
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Jobs by status and files by status, over every tenant (for the gauges)."""
+        active = [FileStatus.pending.value, FileStatus.running.value]
+        with self.engine.connect() as conn:
+            by_job = conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
+            by_file = conn.execute(
+                sa.select(files.c.status, sa.func.count())
+                .where(files.c.status.in_(active))
+                .group_by(files.c.status)
+            ).all()
+        return {str(k): int(v) for k, v in by_job}, {str(k): int(v) for k, v in by_file}
+
     def purgeable(self, finished_before: datetime) -> list[str]:
         """Ended jobs whose uploads are still kept and ended before ``finished_before``."""
         with self.engine.connect() as conn:

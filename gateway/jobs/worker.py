@@ -30,11 +30,12 @@ from typing import Any
 
 import orjson
 
-from gateway.db.engine import Database, DatabaseUnavailable, utcnow
+from gateway.db.engine import Database, DatabaseUnavailable, aware, utcnow
 from gateway.errors import GatewayError, InferenceUnavailable, Overloaded
-from gateway.jobs.models import Claim
+from gateway.jobs.models import Claim, FileStatus, JobStatus
 from gateway.jobs.results import ResultWriter
 from gateway.jobs.store import FileResult, JobStore, LeaseLost
+from gateway.metrics import Metrics
 from gateway.options import PredictOptions
 from gateway.pipeline.result import ImageResult
 from gateway.predictor import InferenceBackend, Predictor
@@ -45,6 +46,8 @@ from gateway.storage import Storage
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
+COUNT_EVERY_S = 5.0
+"""How often the job and file gauges are refreshed from the database."""
 
 
 class _Stop(Exception):
@@ -73,6 +76,7 @@ class JobWorker:
         inference: InferenceBackend,
         results: ResultWriter,
         settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.db = db
@@ -81,6 +85,7 @@ class JobWorker:
         self.inference = inference
         self.results = results
         self.settings = settings
+        self.metrics = metrics
         self.jobs = settings.jobs
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake = asyncio.Event()
@@ -92,6 +97,7 @@ class JobWorker:
         self._resuming: asyncio.Task[None] | None = None
         self._last_progress = 0.0
         self._last_maintenance = 0.0
+        self._last_count = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -157,10 +163,17 @@ class JobWorker:
                 task.add_done_callback(self._forget)
         assembly = await self.db.run(self.store.claim_assembly, self.owner, self.jobs.lease_s)
         if assembly is not None:
-            await self.results.assemble(assembly, self.owner)
+            job = await self.results.assemble(assembly, self.owner)
+            if job is not None and self.metrics is not None and job["started_at"] is not None:
+                started, finished = aware(job["started_at"]), aware(job["finished_at"])
+                if started is not None and finished is not None:
+                    self.metrics.job_duration.observe((finished - started).total_seconds())
         if now - self._last_progress >= PROGRESS_EVERY_S and self._tasks:
             self._last_progress = now
             await self._publish_progress()
+        if self.metrics is not None and now - self._last_count >= COUNT_EVERY_S:
+            self._last_count = now
+            await self._count()
         if now - self._last_maintenance >= self.jobs.maintenance_s:
             self._last_maintenance = now
             await self._maintain()
@@ -180,6 +193,9 @@ class JobWorker:
             result = await self._predict(claim)
             file_result = _file_result(result)
             await self.db.run(self.store.complete, claim, file_result)
+            if self.metrics is not None:
+                self.metrics.job_files.labels("succeeded").inc()
+                self.metrics.job_tiles.inc(file_result.tiles_total)
         except asyncio.CancelledError:
             await self._stopped(claim)
         except (InferenceUnavailable, Overloaded) as exc:
@@ -192,6 +208,8 @@ class JobWorker:
                 self._resuming = asyncio.create_task(self._resume_when_ready())
         except GatewayError as exc:
             status = await self._record_failure(claim, exc)
+            if self.metrics is not None:
+                self.metrics.job_files.labels("failed" if status == "failed" else "retried").inc()
             logger.info(
                 "job %s file %s: %s (%s) -> %s", claim.job_id, claim.name, exc.slug, exc.detail, status
             )
@@ -274,12 +292,22 @@ class JobWorker:
 
     # -- background duties ---------------------------------------------------------------------------
 
+    async def _count(self) -> None:
+        if self.metrics is None:
+            return
+        by_job, by_file = await self.db.run(self.store.counts)
+        for status in JobStatus:
+            self.metrics.jobs.labels(status.value).set(by_job.get(status.value, 0))
+        self.metrics.job_files_waiting.set(by_file.get(FileStatus.pending.value, 0))
+        self.metrics.job_files_running.set(by_file.get(FileStatus.running.value, 0))
+
     async def _publish_progress(self) -> None:
         for job_id in {claim.job_id for claim in self._tasks.values()}:
             await self.db.run(self.store.add_progress_event, job_id)
 
     async def _maintain(self) -> None:
         await self.db.run(self.store.sweep, self.jobs.max_attempts)
+        await self._count()
         cutoff = utcnow() - timedelta(hours=self.jobs.retention_hours)
         for job_id in await self.db.run(self.store.purgeable, cutoff):
             await self.db.run(self.storage.delete_prefix, f"jobs/{job_id}/uploads")

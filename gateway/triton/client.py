@@ -155,6 +155,8 @@ class TritonClient:
         self._registered: set[str] = set()
         self._refused: set[str] = set()
         self._register_lock = asyncio.Lock()
+        self.metrics_url: str | None = None
+        """Where this server's Prometheus metrics are, when known (set by whoever started or found it)."""
         if malloc_tuning:
             tune_malloc()
 

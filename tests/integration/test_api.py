@@ -43,7 +43,9 @@ def gateway(
     triton_server: EmbeddedTriton, triton_settings: TritonSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
     """The gateway on a free port, talking to the session's tritonserver (it starts none itself)."""
-    triton = triton_settings.model_copy(update={"url": triton_server.grpc_url})
+    triton = triton_settings.model_copy(
+        update={"url": triton_server.grpc_url, "metrics_url": triton_server.metrics_url}
+    )
     settings = gateway_settings(tmp_path_factory.mktemp("gateway"), triton, max_upload_bytes=64 * 1024**2)
     with serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url, timeout=120) as client:
         yield client
@@ -322,3 +324,30 @@ def test_server_keeps_serving_after_bad_input(gateway: httpx.Client, palm_scene:
     response = post(gateway, path)
     assert response.status_code == 200
     assert response.json()["detections"]
+
+
+def test_metrics_describe_the_model_the_inputs_and_triton(
+    gateway: httpx.Client, palm_scene: tuple[Scene, Path]
+) -> None:
+    _, path = palm_scene
+    assert (
+        gateway.post(
+            "/v1/predict", files={"file": ("scene.tif", path.read_bytes(), "image/tiff")}
+        ).status_code
+        == 200
+    )
+    text = gateway.get("/metrics").text
+    card = json.loads((REPO_ROOT / "model_repository/palm/1/model_card.json").read_text())
+    assert f'palm_model_info{{name="palm",sha256="{card["sha256"]}",version="{card["version"]}"}} 1.0' in text
+    assert 'palm_build_info{version="' in text
+    for family in (
+        "palm_input_channel_mean_bucket",
+        "palm_input_colourfulness_count",
+        "palm_input_gsd_meters_sum",
+        "palm_tile_detections_bucket",
+        "palm_detection_score_count",
+    ):
+        assert family in text, family
+    triton = gateway.get("/metrics/triton")
+    assert triton.status_code == 200
+    assert 'nv_inference_count{model="palm",version="1"}' in triton.text
