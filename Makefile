@@ -10,8 +10,9 @@ PIP := $(BIN)/python -m pip
 PYTRITON := nvidia-pytriton==0.7.0
 
 # Debian packages the tests drive for real (a browser for the pages, nginx for the shipped proxy
-# configuration). As root (CI) `make test` installs them; anyone else is told what to install.
-SYSTEM_PACKAGES := chromium chromium-driver nginx-light
+# configuration, Prometheus and promtool for the rules and dashboards). As root (CI) `make test`
+# installs them; anyone else is told what to install.
+SYSTEM_PACKAGES := chromium chromium-driver nginx-light prometheus
 
 .PHONY: install install-dev install-bench system-deps run test lint typecheck unit bench bench-peers clean
 

@@ -23,8 +23,9 @@ import numpy as np
 import numpy.typing as npt
 
 from export.model import TILE, conv_flops
-from export.onnx import load_torch_twin, session, update_card
+from export.onnx import load_torch_twin, session
 from export.synth import HELDOUT_MIN_SEED, render_scene
+from gateway.model_card import update_card
 
 
 def bench_tiles(seed: int = HELDOUT_MIN_SEED) -> npt.NDArray[np.uint8]:

@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.card:
-        from export.onnx import update_card
+        from gateway.model_card import update_card
 
         card = args.onnx.with_name("model_card.json")
         update_card(card, **{"evaluation_grey" if args.grey else "evaluation": metrics})

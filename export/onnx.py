@@ -262,13 +262,6 @@ def write_card(
     return out
 
 
-def update_card(card_path: Path, **sections: Any) -> None:
-    """Replace top-level sections (e.g. ``throughput``) of an existing card, keeping the rest."""
-    card = json.loads(card_path.read_text())
-    card.update(sections)
-    card_path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-
-
 def load_checkpoint(path: Path) -> tuple[PalmNet, dict[str, Any]]:
     """Load a checkpoint written by ``export.train``: the model and its recorded training config."""
     blob = torch.load(path, map_location="cpu", weights_only=True)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from gateway.pipeline.result import PALM_CATEGORIES, Category, ModelInfo
 from gateway.settings import TritonSettings
@@ -59,3 +60,11 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def update_card(card_path: Path, **sections: Any) -> None:
+    """Replace top-level sections (``throughput``, ``input_baseline``, ...) of a model card, keeping
+    the rest."""
+    card = json.loads(card_path.read_text())
+    card.update(sections)
+    card_path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
