@@ -17,6 +17,7 @@ from gateway.pipeline.render import model_record
 router = APIRouter(tags=["operations"])
 
 TRITON_METRICS_TIMEOUT_S = 3.0
+READY_PROBE_TIMEOUT_S = 2.0
 TRITON_METRICS_MAX_BYTES = 16 * 1024 * 1024
 
 
@@ -44,6 +45,13 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
+    # Each scrape asks Triton, so palm_triton_ready is as fresh as the scrape; a Triton that does not
+    # answer within the bound counts as not ready.
+    try:
+        ready = await asyncio.wait_for(services.readiness.model_ready(), READY_PROBE_TIMEOUT_S)
+    except TimeoutError:
+        ready = False
+    services.metrics.triton_ready.set(1 if ready else 0)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
