@@ -96,10 +96,11 @@ def job_fields(params: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in params.items() if v is not None}
 
 
-def submission_key(files: Sequence[LocalFile], fields: dict[str, str]) -> str:
+def submission_key(files: Sequence[LocalFile], fields: dict[str, str], *, staged: bool) -> str:
     """The ``Idempotency-Key`` of a submission: the same files (names, sizes, modification times) with the
-    same parameters give the same key, so submitting again finds the job the first try created."""
-    manifest = [fields, [[f.name, f.size, f.mtime_ns] for f in files]]
+    same parameters, sent the same way (one request or ``staged``), give the same key, so submitting
+    again finds the job the first try created."""
+    manifest = [fields, staged, [[f.name, f.size, f.mtime_ns] for f in files]]
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     return f"palm-serve-client-{digest[:48]}"
 

@@ -266,7 +266,7 @@ class Jobs:
         """
         files = _wire.collect(paths)
         fields = _wire.job_fields(params)
-        key = _wire.submission_key(files, fields)
+        key = _wire.submission_key(files, fields, staged=len(files) > staged_above)
         client = self._client
         if len(files) <= staged_above:
             with contextlib.ExitStack() as stack:
@@ -594,7 +594,7 @@ class AsyncJobs:
     ) -> AsyncJob:
         files = _wire.collect(paths)
         fields = _wire.job_fields(params)
-        key = _wire.submission_key(files, fields)
+        key = _wire.submission_key(files, fields, staged=len(files) > staged_above)
         client = self._client
         if len(files) <= staged_above:
             with contextlib.ExitStack() as stack:

@@ -106,11 +106,12 @@ def test_folders_keep_their_structure_in_names_and_the_key_follows_the_files(tmp
         (tmp_path / name).write_bytes(b"x" * 10)
     files = collect(tmp_path)
     assert [f.name for f in files] == ["b.TIF", "north/a.tif"]
-    key = submission_key(files, {"name": "n"})
-    assert key == submission_key(collect(tmp_path), {"name": "n"})
-    assert key != submission_key(files, {"name": "other"})
+    key = submission_key(files, {"name": "n"}, staged=True)
+    assert key == submission_key(collect(tmp_path), {"name": "n"}, staged=True)
+    assert key != submission_key(files, {"name": "other"}, staged=True)
+    assert key != submission_key(files, {"name": "n"}, staged=False)
     (tmp_path / "b.TIF").write_bytes(b"y" * 11)
-    assert key != submission_key(collect(tmp_path), {"name": "n"})
+    assert key != submission_key(collect(tmp_path), {"name": "n"}, staged=True)
     assert [[f.name for f in b] for b in upload_batches(files, 1, 100)] == [["b.TIF"], ["north/a.tif"]]
     assert [len(b) for b in upload_batches(files, 10, 15)] == [1, 1]
     with pytest.raises(ValueError, match="both be named"):
