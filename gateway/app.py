@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from gateway import __version__
 from gateway.admission import Admission
-from gateway.api import docs, health, predict
+from gateway.api import docs, health, pages, predict
 from gateway.api import jobs as jobs_api
 from gateway.api.deps import Services
 from gateway.api.middleware import BodyGuard, ObservabilityMiddleware
@@ -98,5 +98,6 @@ def create_app(
     app.include_router(predict.router)
     app.include_router(jobs_api.router)
     app.include_router(docs.router)
+    app.include_router(pages.router)
     app.mount(docs.STATIC_PATH, docs.static_files(), name="static")
     return app

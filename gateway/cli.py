@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from palm_serve import cli as jobs_cli
+
 if TYPE_CHECKING:
     from gateway.pipeline.render import OutputFormat
     from gateway.settings import Settings
@@ -31,6 +33,7 @@ Palm Serve: palm-tree and building detection on GeoTIFFs, served by NVIDIA Trito
 
   palm-serve serve      serve the HTTP API (what `make run` calls)
   palm-serve predict    detect objects in local files, without HTTP
+  palm-serve jobs       submit bulk jobs to a running service, follow them, download results
 
 Settings come from PALM_* environment variables (see the README's configuration table).
 """
@@ -77,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict.add_argument("--bands", default=None, help="source bands for R,G,B (1-based), e.g. 3,2,1")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    jobs_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "jobs":
+        return jobs_cli.run(args)
     from gateway.logs import configure_logging
     from gateway.settings import get_settings
 

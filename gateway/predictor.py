@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from gateway.decode import DecodePool, StreamPlan, TileBatch
+from gateway.decode import DecodePool, Quicklook, StreamPlan, TileBatch
 from gateway.errors import DecoderFailed, DecoderLost
 from gateway.metrics import Metrics
 from gateway.options import PredictOptions
@@ -165,6 +165,25 @@ class Predictor:
                 "most likely the file needs more memory than this server grants a decoder.",
                 cause="killed",
             ) from again
+
+    async def quicklook(
+        self,
+        path: Path,
+        file_name: str,
+        options: PredictOptions,
+        *,
+        max_side: int,
+        priority: Priority = Priority.ONLINE,
+    ) -> Quicklook:
+        """The raster at ``path`` as an RGBA PNG (longest side at most ``max_side``), read with the
+        same bands and scaling as its tiles, in a decode worker.
+
+        Raises:
+            GatewayError: a subclass naming why the file could not be read.
+        """
+        read = ReadOptions(bands=options.bands, max_pixels=None, drivers=drivers_for_name(file_name))
+        async with self.decode.open(path, read, priority=priority) as session:
+            return await session.quicklook(max_side)
 
     async def _predict_once(
         self,

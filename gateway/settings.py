@@ -189,6 +189,9 @@ class JobSettings(BaseModel):
     maintenance_s: float = Field(
         default=30.0, gt=0, description="How often a worker settles lost files and deletes expired uploads."
     )
+    quicklook_max_side: int = Field(
+        default=2048, ge=0, le=4096, description="Longest side of each file's map quicklook; 0: none."
+    )
 
 
 class Settings(BaseSettings):

@@ -21,6 +21,7 @@ from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
 
 DEFAULT_ORIGIN = (500_000.0, 4_000_000.0)  # UTM metres: easting, northing of the top-left corner
 DEFAULT_PIXEL_SIZE = 0.5
@@ -191,3 +192,12 @@ def sparse_bomb(path: Path, side: int = 100_000) -> Path:
     ):
         pass  # nothing written: a few hundred bytes claiming side x side pixels
     return path
+
+
+def read_png(data: bytes) -> npt.NDArray[np.uint8]:
+    """The pixels of PNG bytes as ``[rows, cols, bands]``, decoded by GDAL (not by the code under test)."""
+    with warnings.catch_warnings(), MemoryFile(data) as memory:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a PNG has no georeferencing
+        with memory.open() as dataset:
+            assert dataset.driver == "PNG"
+            return np.moveaxis(dataset.read(), 0, -1)

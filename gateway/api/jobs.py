@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from gateway.api.deps import JobsDep, StrictQuery
 from gateway.api.schemas import PROBLEM_RESPONSES, FileList, Job, JobList
 from gateway.errors import InputError, UnsupportedMediaType
 from gateway.jobs.models import JobStatus
-from gateway.jobs.results import COCO_KEY, GEOJSON_KEY
+from gateway.jobs.results import COCO_KEY, GEOJSON_KEY, QUICKLOOK_KEY, QuicklookNotFound
 from gateway.jobs.store import ResultsNotReady
 from gateway.jobs.views import file_resource
 
@@ -215,7 +215,7 @@ async def list_files(
     rows = await jobs.db.run(jobs.store.list_files, job_id, TENANT, after=cursor, limit=limit)
     return JSONResponse(
         {
-            "files": [file_resource(r) for r in rows],
+            "files": await _file_resources(jobs, rows),
             "next_cursor": rows[-1]["position"] if len(rows) == limit else None,
         }
     )
@@ -238,10 +238,39 @@ async def list_errors(
     )
     return JSONResponse(
         {
-            "files": [file_resource(r) for r in rows],
+            "files": await _file_resources(jobs, rows),
             "next_cursor": rows[-1]["position"] if len(rows) == limit else None,
         }
     )
+
+
+async def _file_resources(jobs: JobsDep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def stored() -> list[bool]:
+        keys = (QUICKLOOK_KEY.format(job_id=r["job_id"], position=r["position"]) for r in rows)
+        return [jobs.storage.exists(key) for key in keys]
+
+    return [file_resource(r, quicklook=q) for r, q in zip(rows, await jobs.db.run(stored), strict=True)]
+
+
+@router.get(
+    "/{job_id}/files/{position}/quicklook",
+    summary="A file's image as a PNG (at most 2048 px a side, alpha where pixels are invalid), for maps",
+    description="Rendered when the file is processed, with the bands and scaling of its tiles; place it "
+    "on a map at the file's `footprint`.",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, **JOB_RESPONSES},
+)
+async def file_quicklook(
+    job_id: str, position: Annotated[int, Path(ge=1, le=2**31 - 1)], jobs: JobsDep
+) -> Response:
+    await jobs.db.run(jobs.store.get_job, job_id, TENANT)
+    key = QUICKLOOK_KEY.format(job_id=job_id, position=position)
+    if not await jobs.db.run(jobs.storage.exists, key):
+        raise QuicklookNotFound(
+            f"file {position} of job {job_id} has no quicklook (not processed, or failed)"
+        )
+    path = await jobs.db.run(jobs.storage.local_path, key)
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.post(

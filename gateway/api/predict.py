@@ -133,3 +133,48 @@ def _respond(
     # Server-Timing (W3C): where the time of this request went, shown by browsers' developer tools.
     timing = ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in stages.items())
     return Response(content, media_type=MEDIA_TYPES[format], headers={"Server-Timing": timing})
+
+
+@router.post(
+    "/v1/quicklook",
+    summary="One image as a PNG a browser can show (what the web page draws predictions on)",
+    description=(
+        "Upload one image as multipart field `file`; the answer is an RGBA PNG of at most `max_side` "
+        "pixels a side, read with the same bands and scaling as the tiles `/v1/predict` sees "
+        "(transparent where pixels are invalid)."
+    ),
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **PROBLEM_RESPONSES},
+    openapi_extra=UPLOAD_BODY,
+)
+async def quicklook(
+    request: Request,
+    services: ServicesDep,
+    max_side: Annotated[int, Query(ge=16, le=2048, description="Longest side of the PNG")] = 1024,
+    bands: Annotated[str | None, Query(description="Source bands for R,G,B (1-based)", max_length=64)] = None,
+) -> Response:
+    settings = services.settings
+    options = PredictOptions.parse(
+        score_threshold=None,
+        bands=bands,
+        default_score_threshold=settings.tiling.score_threshold,
+        max_pixels=settings.limits.max_predict_pixels,
+    )
+    async with services.uploads.slot():
+        upload = await receive_upload(
+            request.headers.get("content-type"),
+            request.headers.get("content-length"),
+            request.stream(),
+            settings.data_dir / "uploads",
+            settings.limits.max_upload_bytes,
+            sha256=False,
+        )
+    try:
+        async with services.admission.slot():
+            look = await unless_disconnected(
+                request,
+                services.predictor.quicklook(upload.path, upload.file_name, options, max_side=max_side),
+            )
+    finally:
+        discard(upload)
+    return Response(look.png, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -138,6 +138,10 @@ class JobList(BaseModel):
     next_cursor: str | None
 
 
+class FileLinks(BaseModel):
+    quicklook: str | None = Field(description="the image as a PNG of at most 2048 px a side, once rendered")
+
+
 class JobFile(BaseModel):
     position: int = Field(description="1-based upload order; the COCO image id")
     name: str
@@ -153,6 +157,11 @@ class JobFile(BaseModel):
     detections: int
     warnings: list[str]
     error: FileError | None
+    footprint: list[list[float]] | None = Field(
+        description="the image's corners as [lon, lat] in WGS 84: top-left, top-right, bottom-right, "
+        "bottom-left; null without georeferencing"
+    )
+    links: FileLinks
 
 
 class FileList(BaseModel):

@@ -9,6 +9,8 @@ Requests (gateway → worker, stdin): one JSON object per line, ``{"op": ...}``:
   (:func:`~gateway.pipeline.tiling.balanced_batch`). A ``grid`` request may be sent right behind
   ``open`` without waiting for ``info`` (one round trip less); if that ``open`` failed, it is ignored.
 * ``cancel``: stop the current ``tiles`` stream after the batch in flight.
+* ``quicklook``: ``max_side``: render the open raster as an RGBA PNG whose longest side is at most
+  ``max_side`` (:mod:`gateway.pipeline.raster.quicklook`); only between streams, never during one.
 * ``close``: close the open raster.
 * ``free`` (``slots``): these slots of the worker's shared-memory region may be written again. Sent
   whenever the gateway is done with a batch, so it may arrive between or inside any other request.
@@ -22,6 +24,7 @@ Replies (worker → gateway, the worker's original stdout): frames of a 12-byte 
   payload ``bool [n, 512, 512]``;
 * ``end`` (``skipped``, ``cancelled``, ``inputs``: the statistics of the tiles sent, see
   :mod:`gateway.pipeline.inputs`) after the last batch; ``closed`` after ``close``;
+* ``quicklook`` (``width``, ``height``) with the PNG as payload;
 * ``error`` (``error``: a GatewayError class name, ``detail``, ``extensions``, ``recycle``: the worker
   exits after sending it).
 

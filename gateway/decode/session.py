@@ -42,7 +42,7 @@ from gateway.decode.arena import SlotLease, TileRegion
 from gateway.decode.process import WorkerProcess, exit_failure, exit_status
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.inputs import InputSummary
-from gateway.pipeline.raster import RasterInfo, ReadOptions
+from gateway.pipeline.raster import RasterInfo, ReadOptions, quicklook
 from gateway.pipeline.tiling import TILE_SIZE, TileSpec, tile_grid
 from gateway.scheduling import Priority
 from gateway.settings import LimitSettings
@@ -104,6 +104,15 @@ class TileBatch:
         """Someone (a cancelled Triton call) may still read the slot: reuse it only after ``delay_s``."""
         if self.lease is not None:
             self.lease.quarantine(delay_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Quicklook:
+    """A rendered quicklook: ``png`` bytes of ``width`` x ``height`` RGBA pixels."""
+
+    png: bytes
+    width: int
+    height: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +227,35 @@ class DecodeSession:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._finish()
+
+    async def quicklook(self, max_side: int) -> Quicklook:
+        """The whole image as an RGBA PNG, its longest side at most ``max_side`` (capped at
+        :data:`~gateway.pipeline.raster.quicklook.MAX_SIDE`), read with the file's band plan.
+
+        Only on an open session with no stream running; the session stays open for :meth:`batches`.
+
+        Raises:
+            CorruptRaster: a block cannot be decoded.
+            DecoderFailed: the worker crashed, ran out of memory, or the file's time budget ran out.
+        """
+        if self._state is not SessionState.OPEN:
+            raise RuntimeError(f"quicklook() needs an open session with no stream, not a {self._state} one")
+        side = min(max(1, max_side), quicklook.MAX_SIDE)
+        rows, cols = quicklook.quicklook_shape(self.info.width, self.info.height, side)
+        try:
+            await self._send(protocol.request("quicklook", max_side=side))
+            meta, payload = await self._receive(quicklook.png_max_bytes(rows, cols))
+        except _WorkerLost as exc:
+            raise exc.failure from None
+        kind = meta.get("kind")
+        if kind == "error":
+            raise self._failed(meta)
+        if kind != "quicklook" or (meta.get("width"), meta.get("height")) != (cols, rows):
+            raise self._lost(f"unexpected reply {kind!r} to quicklook").failure
+        png = payload.tobytes()
+        if not png.startswith(quicklook.PNG_SIGNATURE):
+            raise self._lost("a quicklook that is not a PNG").failure
+        return Quicklook(png, cols, rows)
 
     def batches(
         self, specs: Sequence[TileSpec] | None = None, batch_size: int = 8, *, zero_copy: bool = False

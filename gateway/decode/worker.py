@@ -33,7 +33,7 @@ from gateway.decode import protocol
 from gateway.decode.arena import TileRegion
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.inputs import InputStatistics
-from gateway.pipeline.raster import RasterReader, ReadOptions, open_raster
+from gateway.pipeline.raster import RasterReader, ReadOptions, open_raster, quicklook
 from gateway.pipeline.tiling import TILE_SIZE, TileSpec, balanced_batch, tile_grid
 from gateway.settings import LimitSettings
 
@@ -180,6 +180,15 @@ def _serve(channel: _Channel, region: TileRegion, opener: Opener, memory_limit: 
                     specs = [protocol.spec_from_wire(s) for s in message["specs"]]
                 first = min(max(1, int(message.get("first_batch") or batch_size)), batch_size)
                 _stream(channel, region, reader, specs, batch_size, first)
+            elif op == "quicklook":
+                if reader is None:
+                    raise RuntimeError("quicklook requested before open")
+                max_side = min(max(1, int(message["max_side"])), quicklook.MAX_SIDE)
+                rgba = quicklook.render(reader, reader.plan, reader.info.width, reader.info.height, max_side)
+                png = quicklook.encode_png(rgba)
+                channel.send(
+                    {"kind": "quicklook", "width": rgba.shape[1], "height": rgba.shape[0]}, memoryview(png)
+                )
             elif op == "close":
                 if reader is not None:
                     reader.close()

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from gateway.db.engine import Database, aware
+from gateway.errors import GatewayError
 from gateway.jobs.models import Assembly
 from gateway.jobs.store import JobStore, LeaseLost
 from gateway.pipeline.atomic import atomic_write
@@ -37,6 +38,14 @@ logger = logging.getLogger(__name__)
 
 COCO_KEY = "jobs/{job_id}/results/coco.json"
 GEOJSON_KEY = "jobs/{job_id}/results/results.geojson"
+QUICKLOOK_KEY = "jobs/{job_id}/quicklooks/{position}.png"
+"""A file's quicklook (RGBA PNG), drawn under its footprint on the results map."""
+
+
+class QuicklookNotFound(GatewayError):
+    status = 404
+    slug = "quicklook-not-found"
+    title = "No quicklook for this file"
 
 
 class ResultWriter:

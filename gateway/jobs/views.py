@@ -8,6 +8,7 @@ from typing import Any
 from gateway.db.engine import aware
 from gateway.errors import TYPE_BASE
 from gateway.jobs.models import JobStatus
+from gateway.pipeline import geo
 
 
 def iso(value: datetime | None) -> str | None:
@@ -100,8 +101,16 @@ def job_resource(
     }
 
 
-def file_resource(row: dict[str, Any]) -> dict[str, Any]:
-    """One entry of ``GET /v1/jobs/{id}/files``."""
+def file_resource(row: dict[str, Any], *, quicklook: bool = False) -> dict[str, Any]:
+    """One entry of ``GET /v1/jobs/{id}/files``; ``quicklook``: whether the file's quicklook is stored.
+
+    ``footprint`` is the image's four corners in WGS 84 (top-left, top-right, bottom-right,
+    bottom-left), ``None`` for a file without georeferencing or not read yet.
+    """
+    footprint = None
+    if row["width"] and row["height"]:
+        footprint = geo.footprint(row["crs"], row["transform"], int(row["width"]), int(row["height"]))
+    ql = f"/v1/jobs/{row['job_id']}/files/{row['position']}/quicklook" if quicklook else None
     return {
         "position": row["position"],
         "name": row["name"],
@@ -117,4 +126,6 @@ def file_resource(row: dict[str, Any]) -> dict[str, Any]:
         "detections": row["detections"],
         "warnings": row["warnings"] or [],
         "error": file_error(row) if row["error_type"] and row["status"] == "failed" else None,
+        "footprint": footprint,
+        "links": {"quicklook": ql},
     }

@@ -33,10 +33,11 @@ import orjson
 from gateway.db.engine import Database, DatabaseUnavailable, aware, utcnow
 from gateway.errors import GatewayError, InferenceUnavailable, Overloaded
 from gateway.jobs.models import Claim, FileStatus, JobStatus
-from gateway.jobs.results import ResultWriter
+from gateway.jobs.results import QUICKLOOK_KEY, ResultWriter
 from gateway.jobs.store import FileResult, JobStore, LeaseLost
 from gateway.metrics import Metrics
 from gateway.options import PredictOptions
+from gateway.pipeline.atomic import atomic_write
 from gateway.pipeline.result import ImageResult
 from gateway.predictor import InferenceBackend, Predictor
 from gateway.scheduling import Priority
@@ -191,6 +192,8 @@ class JobWorker:
         heartbeat = asyncio.create_task(self._heartbeat(claim, asyncio.current_task()))
         try:
             result = await self._predict(claim)
+            if self.jobs.quicklook_max_side:
+                await self._quicklook(claim)
             file_result = _file_result(result)
             await self.db.run(self.store.complete, claim, file_result)
             if self.metrics is not None:
@@ -241,6 +244,28 @@ class JobWorker:
         return await self.predictor.predict_file(
             path, claim.name, options, sha256=claim.sha256, progress=progress, priority=Priority.BATCH
         )
+
+    async def _quicklook(self, claim: Claim) -> None:
+        """Store the file's quicklook for the results map; a file whose quicklook fails still succeeds."""
+        path = await self.db.run(self.storage.local_path, claim.storage_key)
+        options = PredictOptions.parse(
+            score_threshold=None,
+            bands=claim.parameters.get("bands"),
+            default_score_threshold=self.settings.tiling.score_threshold,
+            max_pixels=None,
+        )
+        try:
+            look = await self.predictor.quicklook(
+                path, claim.name, options, max_side=self.jobs.quicklook_max_side, priority=Priority.BATCH
+            )
+            key = QUICKLOOK_KEY.format(job_id=claim.job_id, position=claim.position)
+            await self.db.run(self._write, key, look.png)
+        except GatewayError as exc:
+            logger.warning("job %s file %s: no quicklook (%s)", claim.job_id, claim.name, exc.detail)
+
+    def _write(self, key: str, data: bytes) -> None:
+        with atomic_write(self.storage.result_path(key)) as out:
+            out.write(data)
 
     async def _record_failure(self, claim: Claim, error: GatewayError) -> str:
         status = await self.db.run(

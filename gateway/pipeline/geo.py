@@ -185,6 +185,26 @@ def _great_circle(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
     return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
 
 
+def footprint(
+    crs: str | None, transform: Sequence[float] | None, width: int, height: int
+) -> list[list[float]] | None:
+    """The image's four corners in WGS 84, ``[[lon, lat], ...]`` clockwise from the top-left corner
+    (top-left, top-right, bottom-right, bottom-left: the order a map's image overlay takes).
+
+    ``None`` without georeferencing, or when a corner has no WGS 84 position.
+    """
+    ref = Georef.of(_Plain(crs, transform))
+    if ref is None or width <= 0 or height <= 0:
+        return None
+    try:
+        lon, lat = pixels_to_lonlat(ref, [0, width, width, 0], [0, 0, height, height])
+    except ValueError:
+        return None
+    if not (np.isfinite(lon).all() and np.isfinite(lat).all() and (np.abs(lat) <= 90).all()):
+        return None
+    return [[round(float(x), 9), round(float(y), 9)] for x, y in zip(lon, lat, strict=True)]
+
+
 def box_polygons(boxes: npt.ArrayLike, georef: Georeferenced | Georef | None) -> list[GeoJSON | None]:
     """GeoJSON geometries in EPSG:4326 for pixel boxes.
 

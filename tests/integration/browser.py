@@ -20,8 +20,14 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @contextmanager
-def offline_chromium(width: int = 1280, height: int = 900) -> Iterator[webdriver.Chrome]:
-    """A headless Chromium that can reach 127.0.0.1 and nothing else; quit when the block exits."""
+def offline_chromium(
+    width: int = 1280, height: int = 900, *, webgl: bool = False
+) -> Iterator[webdriver.Chrome]:
+    """A headless Chromium that can reach 127.0.0.1 and nothing else; quit when the block exits.
+
+    With ``webgl`` the page gets WebGL from SwiftShader, the CPU renderer Chromium ships (maps draw
+    with it); without it the GPU is off.
+    """
     if shutil.which(CHROMIUM) is None or shutil.which(CHROMEDRIVER) is None:
         pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed (apt-get install chromium chromium-driver)")
     with tempfile.TemporaryDirectory(prefix="palm-chromium-") as profile:
@@ -30,7 +36,11 @@ def offline_chromium(width: int = 1280, height: int = 900) -> Iterator[webdriver
         for flag in (
             "--headless=new",
             "--no-sandbox",
-            "--disable-gpu",
+            *(
+                ("--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader")
+                if webgl
+                else ("--disable-gpu",)
+            ),
             "--disable-dev-shm-usage",
             "--disable-quic",
             "--no-first-run",

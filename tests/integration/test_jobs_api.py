@@ -15,8 +15,9 @@ import pytest
 from pycocotools.coco import COCO
 
 from gateway.app import create_app
+from gateway.pipeline.geo import Georef, pixel_to_lonlat
 from gateway.settings import DecodeSettings, JobSettings, Settings
-from tests.factories import make_geotiff
+from tests.factories import make_geotiff, north_up, read_png
 from tests.fakes import FakeInference, fixed_box
 from tests.integration.server import serve_in_thread
 
@@ -268,3 +269,26 @@ def test_uploads_of_finished_jobs_are_deleted_after_retention_and_results_stay(
             time.sleep(0.1)
         assert not uploads.exists()
         assert client.get(f"/v1/jobs/{job_id}/results").status_code == 200
+
+
+def test_each_file_has_a_quicklook_and_a_footprint_for_the_map(api: httpx.Client, tmp_path: Path) -> None:
+    georeferenced = make_geotiff(tmp_path / "geo.tif", width=3000, height=1000, seed=4)
+    pixel_only = make_geotiff(tmp_path / "plain.tif", width=200, height=100, crs=None, seed=5)
+    job_id = api.post("/v1/jobs", files=upload([georeferenced, pixel_only])).json()["id"]
+    wait_done(api, job_id)
+    first, second = api.get(f"/v1/jobs/{job_id}/files").json()["files"]
+
+    (west, north), (east, _), (_, south), _ = first["footprint"]
+    lon, lat = pixel_to_lonlat(Georef("EPSG:32633", tuple(north_up())[:6]), 0, 0)  # type: ignore[arg-type]
+    assert (west, north) == pytest.approx((lon, lat))
+    assert east > west
+    assert north > south
+    assert second["footprint"] is None
+
+    for file, shape in ((first, (2048, 683)), (second, (200, 100))):
+        response = api.get(file["links"]["quicklook"])
+        assert response.headers["content-type"] == "image/png"
+        assert read_png(response.content).shape == (shape[1], shape[0], 4)
+    missing = api.get(f"/v1/jobs/{job_id}/files/9/quicklook")
+    assert (missing.status_code, missing.headers["content-type"]) == (404, "application/problem+json")
+    assert missing.json()["type"].endswith("/quicklook-not-found")
