@@ -76,3 +76,27 @@ class Metrics:
         self.triton_restarts = Counter(
             "palm_triton_restarts_total", "Restarts of the embedded tritonserver.", registry=r
         )
+        self.webhook_deliveries = Counter(
+            "palm_webhook_deliveries_total",
+            "Webhook events settled, by outcome (succeeded, failed after the last retry, disabled by 410).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_attempts = Counter(
+            "palm_webhook_attempts_total",
+            "Webhook delivery attempts, by outcome (success, http_error, timeout, connection, refused).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_latency = Histogram(
+            "palm_webhook_delivery_duration_seconds",
+            "Time of one webhook delivery attempt, from resolving the host to the response.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "palm_auth_failures_total",
+            "Refused API calls by reason (missing, malformed, unknown, revoked, scope).",
+            ["reason"],
+            registry=r,
+        )

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api.deps import ServicesDep
+from gateway.api.deps import MetricsAccess, ServicesDep
 from gateway.api.schemas import PROBLEM_RESPONSES, Health, Ready
 from gateway.errors import InferenceUnavailable
 from gateway.pipeline.render import model_record
@@ -36,6 +36,11 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": model_record(services.model)})
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=Response,
+    dependencies=[MetricsAccess],
+)
 async def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
