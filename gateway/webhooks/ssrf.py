@@ -97,12 +97,14 @@ class Blocked:
     via: IPAddress | None = None
     """The IPv6 address that embedded ``address``."""
 
-    def reason(self) -> str:
+    def reason(self, host: str | None = None) -> str:
+        """``"127.0.0.1 is loopback"``, or with the name it came from: ``"h resolves to 127.0.0.1, which
+        is loopback"``."""
         what = self.category.value
         if self.address == METADATA:
             what += " (the cloud metadata service)"
-        inside = f" inside {self.via}" if self.via is not None else ""
-        return f"{self.address}{inside} is {what}"
+        address = f"{self.address} (inside {self.via})" if self.via is not None else str(self.address)
+        return f"{host} resolves to {address}, which is {what}" if host else f"{address} is {what}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +252,9 @@ class UrlGuard:
         for address in addresses:
             blocked = classify(address)
             if blocked is not None and not (self.allow_private and blocked.category in ALLOWED_WHEN_PRIVATE):
-                named = f"{host} resolves to " if literal is None else ""
                 raise UnsafeWebhookUrl(
-                    f"webhook_url refused: {named}{blocked.reason()}; webhooks go to public addresses only",
+                    f"webhook_url refused: {blocked.reason(host if literal is None else None)}; webhooks go "
+                    "to public addresses only",
                     reason=blocked.category.value,
                 )
         address = addresses[0]
