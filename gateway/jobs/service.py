@@ -17,7 +17,7 @@ import logging
 import re
 import secrets
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ import orjson
 
 from gateway.auth.tenants import TenantLimitReached, TenantLimits, TenantQuotaExceeded, limits_for
 from gateway.db.engine import Database
-from gateway.errors import GatewayError, InputError, InvalidParameter
+from gateway.errors import GatewayError, InputError, InvalidParameter, UploadTooLarge
 from gateway.jobs.models import JobPriority
 from gateway.jobs.store import JobConflict, JobStore, NewFile, new_job_id
 from gateway.options import PredictOptions
@@ -33,7 +33,7 @@ from gateway.pipeline.raster.sniff import allowed_driver, drivers_for_name
 from gateway.pipeline.result import ModelInfo
 from gateway.settings import Settings
 from gateway.storage import Storage
-from gateway.uploads import FORM_OVERHEAD_BYTES, FormLimits, Upload, discard, receive_form
+from gateway.uploads import FORM_OVERHEAD_BYTES, Form, FormLimits, Upload, discard, receive_form
 from gateway.webhooks.events import parse_subscriptions
 from gateway.webhooks.signing import parse_secret
 from gateway.webhooks.ssrf import UrlGuard
@@ -232,15 +232,14 @@ class JobService:
         job_id = new_job_id()
         names: set[str] = set()
         limits, room = await self._admit(tenant, start=True)
-        form = await receive_form(
+        form = await self._receive(
+            tenant,
+            room,
             content_type,
             content_length,
             body,
-            self.storage.staging_dir(),
             self._form_limits(room),
-            sha256=True,
             check_name=lambda raw: _unique(job_file_name(raw), names),
-            rename=job_file_name,
         )
         uploads = list(form.files)
         try:
@@ -322,15 +321,8 @@ class JobService:
                 raise JobConflict(f"the job already has a file named {name!r}", name=name)
             _unique(name, names)
 
-        form = await receive_form(
-            content_type,
-            content_length,
-            body,
-            self.storage.staging_dir(),
-            self._form_limits(room, fields=False),
-            sha256=True,
-            check_name=check,
-            rename=job_file_name,
+        form = await self._receive(
+            tenant, room, content_type, content_length, body, self._form_limits(room, fields=False), check
         )
         uploads = list(form.files)
         try:
@@ -347,6 +339,38 @@ class JobService:
             for new in new_files:
                 if new.storage_key is not None:
                     await self.db.run(self.storage.delete, new.storage_key)
+            raise
+
+    async def _receive(
+        self,
+        tenant: str,
+        room: int,
+        content_type: str | None,
+        content_length: str | None,
+        body: AsyncIterator[bytes],
+        limits: FormLimits,
+        check_name: Callable[[str], None],
+    ) -> Form:
+        """The multipart form, its files staged; a body past the tenant's storage room is refused as
+        the tenant's quota, not as the endpoint's size cap."""
+        try:
+            return await receive_form(
+                content_type,
+                content_length,
+                body,
+                self.storage.staging_dir(),
+                limits,
+                sha256=True,
+                check_name=check_name,
+                rename=job_file_name,
+            )
+        except UploadTooLarge as exc:
+            if exc.extensions.get("limit_bytes") == room + FORM_OVERHEAD_BYTES == limits.max_total_bytes:
+                raise TenantQuotaExceeded(
+                    f"tenant {tenant!r} may store {room} more bytes; this upload is larger (delete ended "
+                    "jobs to make room)",
+                    limit=room,
+                ) from exc
             raise
 
     def _store_files(self, job_id: str, uploads: list[Upload]) -> list[NewFile]:
