@@ -32,6 +32,10 @@ JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     **PROBLEM_RESPONSES,
     404: {"description": "No such job", "content": {"application/problem+json": {}}},
     409: {"description": "Conflicts with the job's state", "content": {"application/problem+json": {}}},
+    429: {
+        "description": "The tenant has its most jobs queued or running (see Retry-After)",
+        "content": {"application/problem+json": {}},
+    },
 }
 
 CREATE_BODY: dict[str, Any] = {

@@ -186,6 +186,9 @@ def test_410_disables_the_jobs_endpoint_until_a_redelivery(store: JobStore, outb
     assert (third.id, third.attempt) == (latest, 2)
     with pytest.raises(NothingToRedeliver, match="no webhook event"):
         outbox.redeliver(make_job(store, 1))
+    outbox.settle(third, record("success", 200), DeliveryStatus.succeeded)
+    store.delete(job_id, "default")
+    assert outbox.deliveries(job_id) == []
 
 
 def test_concurrent_dispatchers_never_share_an_attempt(database_url: str) -> None:
