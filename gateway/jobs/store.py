@@ -915,6 +915,8 @@ class JobStore:
                 f"hold {files}",
                 limit=limits.max_files_per_job,
             )
+        if self.postgres:  # one tenant's creations queue here, so two cannot both take the last place
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(f"tenant:{tenant}"))))
         usage = self._usage(conn, tenant)
         if start and usage.active_jobs >= limits.max_active_jobs:
             raise TenantLimitReached(
