@@ -1,5 +1,7 @@
 # The gateway alone (no torch, no embedded Triton): it talks to the Triton service named by
 # PALM_TRITON_URL. Build from the repository root: docker build -f deploy/gateway.Dockerfile .
+# It listens beyond loopback, so it needs API keys: it refuses to start until one exists
+# (docker compose run --rm gateway palm-serve keys create --tenant NAME).
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
@@ -16,6 +18,7 @@ COPY model_repository/palm/1/model_card.json /opt/palm/model_repository/palm/1/m
 USER palm
 ENV PALM_DATA_DIR=/var/lib/palm \
     PALM_HOST=0.0.0.0 \
+    PALM_AUTH__MODE=api-key \
     PALM_PORT=8000 \
     PALM_TRITON__MODEL_REPOSITORY=/opt/palm/model_repository \
     MALLOC_MMAP_THRESHOLD_=131072 \
