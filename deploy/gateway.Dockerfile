@@ -3,10 +3,13 @@
 #     service named by PALM_TRITON_URL.
 #   target "cpu" (deploy/compose.cpu.yml): the same plus the tritonserver of the nvidia-pytriton wheel
 #     and the model repository, so the gateway runs its own Triton on the CPU (no GPU, no Triton image).
+# Both listen beyond loopback, so they need API keys: the gateway refuses to start until one exists
+# (docker compose run --rm gateway palm-serve keys create --tenant NAME).
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY gateway ./gateway
+COPY palm_serve ./palm_serve
 COPY export/__init__.py ./export/__init__.py
 RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
 
@@ -19,6 +22,7 @@ COPY model_repository/palm/1/model_card.json /opt/palm/model_repository/palm/1/m
 USER palm
 ENV PALM_DATA_DIR=/var/lib/palm \
     PALM_HOST=0.0.0.0 \
+    PALM_AUTH__MODE=api-key \
     PALM_PORT=8000 \
     PALM_TRITON__MODEL_REPOSITORY=/opt/palm/model_repository \
     MALLOC_MMAP_THRESHOLD_=131072 \

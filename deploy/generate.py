@@ -194,6 +194,40 @@ def rows() -> list[tuple[str, list[Panel]]]:
             ],
         ),
         (
+            "Webhooks and access",
+            [
+                Panel(
+                    "Webhook events settled by outcome",
+                    (("sum by (outcome) (rate(palm_webhook_deliveries_total[15m]))", "{{outcome}}"),),
+                    "ops",
+                ),
+                Panel(
+                    "Webhook attempts by outcome",
+                    (("sum by (outcome) (rate(palm_webhook_attempts_total[5m]))", "{{outcome}}"),),
+                    "ops",
+                ),
+                Panel(
+                    "Webhook attempt duration p50 / p95",
+                    (
+                        (
+                            "histogram_quantile(0.5, sum by (le) (rate(palm_webhook_delivery_duration_seconds_bucket[15m])))",
+                            "p50",
+                        ),
+                        (
+                            "histogram_quantile(0.95, sum by (le) (rate(palm_webhook_delivery_duration_seconds_bucket[15m])))",
+                            "p95",
+                        ),
+                    ),
+                    "s",
+                ),
+                Panel(
+                    "Refused API calls by reason",
+                    (("sum by (reason) (rate(palm_auth_failures_total[5m]))", "{{reason}}"),),
+                    "reqps",
+                ),
+            ],
+        ),
+        (
             "Input drift (against the model card's baseline)",
             [
                 Panel(
@@ -373,6 +407,21 @@ def rules() -> dict[str, Any]:
             "for": "15m",
             "labels": {"severity": "warning"},
             "annotations": {"summary": "Job files are waiting but none was settled in 15 minutes"},
+        },
+        {
+            "alert": "PalmWebhookDeliveriesFailing",
+            "expr": 'sum(increase(palm_webhook_deliveries_total{outcome="failed"}[1h])) > 0'
+            ' or sum(rate(palm_webhook_attempts_total{outcome!="success"}[15m]))'
+            " / sum(rate(palm_webhook_attempts_total[15m])) > 0.5",
+            "for": "15m",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "Webhook receivers are not taking events",
+                "description": (
+                    "An event spent every retry in the last hour, or most attempts fail; "
+                    "GET /v1/jobs/{id}/webhooks lists each attempt's status code and error."
+                ),
+            },
         },
         {
             "alert": "PalmInputDrift",

@@ -2,9 +2,10 @@
 
 Without a ``predictor`` the lifespan opens the engine with :func:`gateway.runtime.open_runtime` (an
 embedded ``tritonserver`` unless ``PALM_TRITON_URL`` is set, and the decode workers), then the job
-engine with :func:`gateway.jobs.engine.open_jobs` (database, storage, a worker), and closes both on
-shutdown. A caller that passes a ready :class:`~gateway.predictor.Predictor` keeps ownership of it and
-gets no bulk jobs.
+engine with :func:`gateway.jobs.engine.open_jobs` (database, storage, a worker, the webhook
+dispatcher), and closes both on shutdown. A caller that passes a ready
+:class:`~gateway.predictor.Predictor` keeps ownership of it and gets no bulk jobs. Callers are
+authenticated by :func:`gateway.auth.authenticator.open_auth` (API keys; with auth off, loopback only).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from gateway import __version__
 from gateway.admission import Admission
 from gateway.api import docs, health, pages, predict
 from gateway.api import jobs as jobs_api
+from gateway.api import webhooks as webhooks_api
 from gateway.api.deps import Services
 from gateway.api.middleware import BodyGuard, ObservabilityMiddleware
 from gateway.api.problems import install_problem_handlers
+from gateway.auth.authenticator import open_auth, refuse_unsafe_exposure
 from gateway.jobs.engine import Jobs, open_jobs
 from gateway.metrics import Metrics
 from gateway.predictor import InferenceBackend, Predictor
@@ -47,8 +50,12 @@ def create_app(
         inference: an inference backend to use instead of Triton; the app starts and stops the rest of
             the engine (the decode workers) as it would with Triton.
         metrics: the metric families; a fresh registry by default.
+
+    Raises:
+        UnsafeExposure: authentication is off and ``settings.host`` is not a loopback address.
     """
     settings = settings if settings is not None else get_settings()
+    refuse_unsafe_exposure(settings.auth.mode, settings.host)
     metrics = metrics if metrics is not None else Metrics()
 
     uploads = Admission(settings.limits.max_concurrent_uploads, "uploads")
@@ -70,18 +77,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if predictor is not None:
-            app.state.services = services(predictor)
-            yield
-            return
-        async with (
-            open_runtime(settings, metrics, inference=inference) as runtime,
-            open_jobs(settings, runtime, uploads) as jobs,
-        ):
-            app.state.services = services(runtime.predictor, jobs, runtime.triton_metrics_url)
-            model = runtime.model
-            logger.info("gateway up: model %s/%s sha256=%s", model.name, model.version, model.sha256)
-            yield
+        async with open_auth(settings, metrics) as app.state.authenticator:
+            if predictor is not None:
+                app.state.services = services(predictor)
+                yield
+                return
+            async with (
+                open_runtime(settings, metrics, inference=inference) as runtime,
+                open_jobs(settings, runtime, uploads, metrics) as jobs,
+            ):
+                app.state.services = services(runtime.predictor, jobs, runtime.triton_metrics_url)
+                model = runtime.model
+                logger.info("gateway up: model %s/%s sha256=%s", model.name, model.version, model.sha256)
+                yield
 
     app = FastAPI(
         title="Palm Serve",
@@ -97,6 +105,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(jobs_api.router)
+    app.include_router(webhooks_api.router)
     app.include_router(docs.router)
     app.include_router(pages.router)
     app.mount(docs.STATIC_PATH, docs.static_files(), name="static")

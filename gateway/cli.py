@@ -34,6 +34,7 @@ Palm Serve: palm-tree and building detection on GeoTIFFs, served by NVIDIA Trito
   palm-serve serve      serve the HTTP API (what `make run` calls)
   palm-serve predict    detect objects in local files, without HTTP
   palm-serve jobs       submit bulk jobs to a running service, follow them, download results
+  palm-serve keys       create, list or revoke API keys (PALM_AUTH__MODE=api-key)
 
 Settings come from PALM_* environment variables (see the README's configuration table).
 """
@@ -79,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     predict.add_argument("--bands", default=None, help="source bands for R,G,B (1-based), e.g. 3,2,1")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from gateway.auth import commands as keys_commands
+
+    keys_commands.add_parser(sub)
 
     jobs_cli.add_parser(sub)
 
@@ -92,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
         return _serve(settings, args.host, args.port)
+    if args.command == "keys":
+        return keys_commands.run(settings, args)
     if "data_dir" not in settings.model_fields_set:
         from gateway.settings import user_dir
 
@@ -115,7 +121,15 @@ def _exit_now(code: int) -> None:
 def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     host = host or settings.host
     port = port if port is not None else settings.port
+    settings = settings.model_copy(update={"host": host, "port": port})
+    from gateway.auth.authenticator import UnsafeExposure, refuse_unsafe_start
     from gateway.serving import listen, uvicorn_config
+
+    try:
+        refuse_unsafe_start(settings)
+    except UnsafeExposure as exc:
+        print(f"palm-serve: {exc}", file=sys.stderr)
+        return 2
 
     try:
         # Bound before the engine starts, so a busy port fails at once instead of after Triton loads.

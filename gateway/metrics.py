@@ -25,6 +25,21 @@ SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
+WEBHOOK_SETTLED = ("succeeded", "failed", "disabled")
+"""How a webhook event ends: delivered, every retry spent, or its endpoint answered 410 Gone."""
+WEBHOOK_ATTEMPT_OUTCOMES = (
+    "success",
+    "http_error",
+    "redirect",
+    "gone",
+    "timeout",
+    "connection",
+    "refused",
+    "error",
+)
+AUTH_FAILURE_REASONS = ("missing", "malformed", "unknown", "revoked", "scope")
+
+
 class Metrics:
     """The gateway's metric families, bound to one registry."""
 
@@ -160,6 +175,37 @@ class Metrics:
         self.model_info = Gauge(
             "palm_model_info", "The served model.", ["name", "version", "sha256"], registry=r
         )
+        self.webhook_deliveries = Counter(
+            "palm_webhook_deliveries_total",
+            "Webhook events settled, by outcome (succeeded, failed after the last retry, disabled by 410).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_attempts = Counter(
+            "palm_webhook_attempts_total",
+            "Webhook delivery attempts, by outcome (success, http_error, timeout, connection, refused).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_latency = Histogram(
+            "palm_webhook_delivery_duration_seconds",
+            "Time of one webhook delivery attempt, from resolving the host to the response.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "palm_auth_failures_total",
+            "Refused API calls by reason (missing, malformed, unknown, revoked, scope).",
+            ["reason"],
+            registry=r,
+        )
+        # Every known label value starts at 0, so rates and alerts see a series before the first event.
+        for outcome in WEBHOOK_SETTLED:
+            self.webhook_deliveries.labels(outcome=outcome)
+        for outcome in WEBHOOK_ATTEMPT_OUTCOMES:
+            self.webhook_attempts.labels(outcome=outcome)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason=reason)
 
     def observe_inputs(
         self,

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -194,6 +194,99 @@ class JobSettings(BaseModel):
     )
 
 
+class AuthSettings(BaseModel):
+    """Who may call the API: ``off`` (everyone is tenant ``default``; loopback only) or ``api-key``.
+
+    Keys live in the job database and are managed with ``palm-serve keys``; ``/healthz`` and
+    ``/readyz`` stay open, ``/metrics`` too unless ``protect_metrics`` asks for a key with ``admin``.
+    """
+
+    mode: Literal["off", "api-key"] = Field(
+        default="off", description="off: no keys (only on a loopback address); api-key: every call needs one."
+    )
+    protect_metrics: bool = Field(default=False, description="/metrics needs a key with the admin scope.")
+
+
+class TenantLimitSettings(BaseModel):
+    """One tenant's budget; ``None`` keeps the default of :class:`TenantSettings`."""
+
+    max_active_jobs: int | None = Field(default=None, gt=0)
+    max_files_per_job: int | None = Field(default=None, gt=0)
+    max_storage_bytes: int | None = Field(default=None, gt=0)
+
+
+class TenantSettings(BaseModel):
+    """What each tenant may hold at once; ``limits`` overrides them per tenant (JSON)."""
+
+    max_active_jobs: int = Field(default=20, gt=0, description="Jobs queued or running at once; more is 429.")
+    max_storage_bytes: int = Field(
+        default=1024**4, gt=0, description="Uploads kept plus results of the tenant's jobs; more is 413."
+    )
+    limits: dict[str, TenantLimitSettings] = Field(
+        default_factory=dict,
+        description='Per-tenant overrides, e.g. {"acme": {"max_active_jobs": 100}}; files per job default '
+        "to jobs.max_files_per_job.",
+    )
+
+
+class WebhookSettings(BaseModel):
+    """Job webhooks: Standard Webhooks signatures, an outbox delivered with retries, an SSRF guard."""
+
+    secrets: SecretStr | None = Field(
+        default=None,
+        description="Server signing secrets, whsec_<base64>, separated by spaces or commas; each signs "
+        "(several while one is rotated). A job's webhook_secret replaces them for that job.",
+    )
+    retry_schedule: str = Field(
+        default="5,300,1800,7200,18000,36000,36000",
+        description="Seconds before each retry, comma-separated; after the last the delivery fails.",
+    )
+    timeout_s: float = Field(default=10.0, gt=0, description="Per attempt: connect, send and response.")
+    max_response_bytes: int = Field(default=64 * 1024, ge=0, description="Read of a response body at most.")
+    allow_private: bool = Field(
+        default=False, description="Permit loopback and private targets (local use and tests)."
+    )
+    progress_interval_s: float = Field(
+        default=30.0, gt=0, description="job.progress events at most this often."
+    )
+    public_url: str | None = Field(
+        default=None, description="Base of results_url and geojson_url in events; unset: paths only."
+    )
+    dispatcher: bool = Field(default=True, description="Deliver webhooks from this process.")
+    concurrency: int = Field(default=8, ge=1, le=256, description="Deliveries in flight per process.")
+    poll_s: float = Field(default=1.0, gt=0, description="How often the dispatcher looks for due deliveries.")
+    lease_s: float = Field(
+        default=60.0, gt=0, description="A delivery in flight is retried by another process after this."
+    )
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise ValueError(f"retry_schedule takes comma-separated seconds, got {value!r}") from None
+        if any(delay < 0 for delay in delays):
+            raise ValueError("retry_schedule delays must not be negative")
+        return ",".join(f"{delay:g}" for delay in delays)
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            for secret in value.get_secret_value().replace(",", " ").split():
+                if not secret.startswith("whsec_") or len(secret) < 30:
+                    raise ValueError("webhook secrets are whsec_ followed by at least 24 bytes in base64")
+        return value
+
+    @property
+    def delays(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.retry_schedule.split(",") if part)
+
+    def signing_secrets(self) -> list[str]:
+        return self.secrets.get_secret_value().replace(",", " ").split() if self.secrets else []
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment."""
 
@@ -220,6 +313,9 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     tiling: TilingSettings = TilingSettings()
     decode: DecodeSettings = DecodeSettings()
+    auth: AuthSettings = AuthSettings()
+    tenants: TenantSettings = TenantSettings()
+    webhook: WebhookSettings = WebhookSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -245,6 +341,8 @@ class Settings(BaseSettings):
             raise ValueError("tiling.tile_size is fixed at 512 by the model's input shape")
         if self.tiling.overlap * 2 > self.tiling.tile_size:
             raise ValueError("tiling.overlap must be at most half the tile size")
+        if self.webhook.lease_s <= self.webhook.timeout_s:
+            raise ValueError("webhook.lease_s must be longer than webhook.timeout_s")
         return self
 
 

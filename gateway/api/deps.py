@@ -12,6 +12,8 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from gateway.admission import Admission
+from gateway.auth.dependency import metrics_access, require_jobs, require_predict
+from gateway.auth.principal import Principal
 from gateway.errors import ClientClosedRequest, InvalidParameter, TemporarilyUnavailable
 from gateway.jobs.engine import Jobs
 from gateway.metrics import Metrics
@@ -87,6 +89,13 @@ async def get_jobs(request: Request) -> Jobs:
 
 
 JobsDep = Annotated["Jobs", Depends(get_jobs)]
+
+JobsPrincipal = Annotated[Principal, Depends(require_jobs)]
+"""The caller, holding the ``jobs`` scope; its tenant owns the jobs a route may see."""
+JobsAccess = Depends(require_jobs)
+"""First in a router's ``dependencies``: 401/403 before anything else is looked at."""
+PredictAccess = Depends(require_predict)
+MetricsAccess = Depends(metrics_access)
 
 
 async def reject_unknown_query(request: Request) -> None:

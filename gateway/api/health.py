@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api.deps import ServicesDep
+from gateway.api.deps import MetricsAccess, ServicesDep
 from gateway.api.schemas import PROBLEM_RESPONSES, Health, Ready
 from gateway.errors import InferenceUnavailable
 from gateway.pipeline.render import model_record
@@ -43,7 +43,12 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": model_record(services.model)})
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=Response,
+    dependencies=[MetricsAccess],
+)
 async def metrics(services: ServicesDep) -> Response:
     # Each scrape asks Triton, so palm_triton_ready is as fresh as the scrape; a Triton that does not
     # answer within the bound counts as not ready.
@@ -60,6 +65,7 @@ async def metrics(services: ServicesDep) -> Response:
     summary="Triton's own Prometheus metrics (queue and compute time, batch sizes), re-exported",
     response_class=Response,
     responses={503: PROBLEM_RESPONSES[503]},
+    dependencies=[MetricsAccess],
 )
 async def triton_metrics(services: ServicesDep) -> Response:
     url = services.triton_metrics_url

@@ -11,9 +11,11 @@ import orjson
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from gateway.api.deps import JobsDep, StrictQuery
+from gateway.api.deps import JobsAccess, JobsDep, JobsPrincipal, StrictQuery
 from gateway.api.schemas import PROBLEM_RESPONSES, FileList, Job, JobList
+from gateway.auth.tenants import limits_for
 from gateway.errors import InputError, UnsupportedMediaType
+from gateway.jobs.engine import Jobs
 from gateway.jobs.models import JobStatus
 from gateway.jobs.results import COCO_KEY, GEOJSON_KEY, QUICKLOOK_KEY, QuicklookNotFound
 from gateway.jobs.store import ResultsNotReady
@@ -21,9 +23,8 @@ from gateway.jobs.views import file_resource
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[StrictQuery])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[JobsAccess, StrictQuery])
 
-TENANT = "default"
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
@@ -31,6 +32,10 @@ JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     **PROBLEM_RESPONSES,
     404: {"description": "No such job", "content": {"application/problem+json": {}}},
     409: {"description": "Conflicts with the job's state", "content": {"application/problem+json": {}}},
+    429: {
+        "description": "The tenant has its most jobs queued or running (see Retry-After)",
+        "content": {"application/problem+json": {}},
+    },
 }
 
 CREATE_BODY: dict[str, Any] = {
@@ -52,7 +57,11 @@ CREATE_BODY: dict[str, Any] = {
                         "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
                         "bands": {"type": "string", "example": "3,2,1"},
                         "webhook_url": {"type": "string", "format": "uri"},
-                        "webhook_secret": {"type": "string"},
+                        "webhook_secret": {"type": "string", "description": "whsec_<base64>; never shown"},
+                        "webhook_events": {
+                            "type": "string",
+                            "example": "job.started,job.progress,file.failed",
+                        },
                     },
                 }
             },
@@ -66,6 +75,7 @@ CREATE_BODY: dict[str, Any] = {
                         "bands": {"type": "string"},
                         "webhook_url": {"type": "string"},
                         "webhook_secret": {"type": "string"},
+                        "webhook_events": {"type": "array", "items": {"type": "string"}},
                     },
                 },
                 "example": {"name": "north coast, 2026-11", "priority": "normal"},
@@ -116,6 +126,7 @@ def _created(job: dict[str, Any], status: int) -> JSONResponse:
 async def create_job(
     request: Request,
     jobs: JobsDep,
+    principal: JobsPrincipal,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
@@ -126,22 +137,24 @@ async def create_job(
             raise InputError(f"the body is not valid JSON: {exc}") from exc
         if not isinstance(fields, dict):
             raise InputError("the body must be a JSON object of job fields")
-        job = await jobs.service.create_staged(tenant=TENANT, fields=fields, idempotency_key=idempotency_key)
-        return _created(await jobs.view(job["id"], TENANT), 201)
+        job = await jobs.service.create_staged(
+            tenant=principal.tenant, fields=fields, idempotency_key=idempotency_key
+        )
+        return _created(await jobs.view(job["id"], principal.tenant), 201)
     if not content_type.startswith("multipart/form-data"):
         raise UnsupportedMediaType(
             "send files as multipart/form-data (parts named 'files'), or JSON to create a staged job"
         )
     async with jobs.uploads.slot():
         job, _ = await jobs.service.create_with_files(
-            tenant=TENANT,
+            tenant=principal.tenant,
             content_type=content_type,
             content_length=request.headers.get("content-length"),
             body=request.stream(),
             idempotency_key=idempotency_key,
         )
     jobs.wake()
-    return _created(await jobs.view(job["id"], TENANT), 202)
+    return _created(await jobs.view(job["id"], principal.tenant), 202)
 
 
 @router.post(
@@ -151,16 +164,16 @@ async def create_job(
     responses=JOB_RESPONSES,
     openapi_extra=FILES_BODY,
 )
-async def add_files(job_id: str, request: Request, jobs: JobsDep) -> JSONResponse:
+async def add_files(job_id: str, request: Request, jobs: JobsDep, principal: JobsPrincipal) -> JSONResponse:
     async with jobs.uploads.slot():
         await jobs.service.add_files(
             job_id=job_id,
-            tenant=TENANT,
+            tenant=principal.tenant,
             content_type=request.headers.get("content-type"),
             content_length=request.headers.get("content-length"),
             body=request.stream(),
         )
-    return JSONResponse(await jobs.view(job_id, TENANT))
+    return JSONResponse(await jobs.view(job_id, principal.tenant))
 
 
 @router.post(
@@ -170,23 +183,27 @@ async def add_files(job_id: str, request: Request, jobs: JobsDep) -> JSONRespons
     response_model=Job,
     responses=JOB_RESPONSES,
 )
-async def start_job(job_id: str, jobs: JobsDep) -> JSONResponse:
-    await jobs.db.run(jobs.store.start_job, job_id, TENANT)
+async def start_job(job_id: str, jobs: JobsDep, principal: JobsPrincipal) -> JSONResponse:
+    limits = limits_for(principal.tenant, jobs.service.settings)
+    await jobs.db.run(jobs.store.start_job, job_id, principal.tenant, limits)
     jobs.wake()
-    return JSONResponse(await jobs.view(job_id, TENANT), status_code=202)
+    return JSONResponse(await jobs.view(job_id, principal.tenant), status_code=202)
 
 
 @router.get("", summary="Jobs, newest first", response_model=JobList, responses=JOB_RESPONSES)
 async def list_jobs(
     jobs: JobsDep,
+    principal: JobsPrincipal,
     status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
     cursor: Annotated[
         str | None, Query(description="`next_cursor` of the previous page", max_length=64)
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JSONResponse:
-    rows = await jobs.db.run(jobs.store.list_jobs, TENANT, status=status, before=cursor, limit=limit)
-    items = [await jobs.view(row["id"], TENANT) for row in rows]
+    rows = await jobs.db.run(
+        jobs.store.list_jobs, principal.tenant, status=status, before=cursor, limit=limit
+    )
+    items = [await jobs.view(row["id"], principal.tenant) for row in rows]
     return JSONResponse({"jobs": items, "next_cursor": rows[-1]["id"] if len(rows) == limit else None})
 
 
@@ -196,8 +213,8 @@ async def list_jobs(
     response_model=Job,
     responses=JOB_RESPONSES,
 )
-async def get_job(job_id: str, jobs: JobsDep) -> JSONResponse:
-    return JSONResponse(await jobs.view(job_id, TENANT))
+async def get_job(job_id: str, jobs: JobsDep, principal: JobsPrincipal) -> JSONResponse:
+    return JSONResponse(await jobs.view(job_id, principal.tenant))
 
 
 @router.get(
@@ -209,10 +226,11 @@ async def get_job(job_id: str, jobs: JobsDep) -> JSONResponse:
 async def list_files(
     job_id: str,
     jobs: JobsDep,
+    principal: JobsPrincipal,
     cursor: Annotated[int, Query(ge=0, description="`next_cursor` of the previous page")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
-    rows = await jobs.db.run(jobs.store.list_files, job_id, TENANT, after=cursor, limit=limit)
+    rows = await jobs.db.run(jobs.store.list_files, job_id, principal.tenant, after=cursor, limit=limit)
     return JSONResponse(
         {
             "files": await _file_resources(jobs, rows),
@@ -230,11 +248,12 @@ async def list_files(
 async def list_errors(
     job_id: str,
     jobs: JobsDep,
+    principal: JobsPrincipal,
     cursor: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
     rows = await jobs.db.run(
-        jobs.store.list_files, job_id, TENANT, after=cursor, limit=limit, failed_only=True
+        jobs.store.list_files, job_id, principal.tenant, after=cursor, limit=limit, failed_only=True
     )
     return JSONResponse(
         {
@@ -261,9 +280,12 @@ async def _file_resources(jobs: JobsDep, rows: list[dict[str, Any]]) -> list[dic
     responses={200: {"content": {"image/png": {}}}, **JOB_RESPONSES},
 )
 async def file_quicklook(
-    job_id: str, position: Annotated[int, Path(ge=1, le=2**31 - 1)], jobs: JobsDep
+    job_id: str,
+    position: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    jobs: JobsDep,
+    principal: JobsPrincipal,
 ) -> Response:
-    await jobs.db.run(jobs.store.get_job, job_id, TENANT)
+    await jobs.db.run(jobs.store.get_job, job_id, principal.tenant)
     key = QUICKLOOK_KEY.format(job_id=job_id, position=position)
     if not await jobs.db.run(jobs.storage.exists, key):
         raise QuicklookNotFound(
@@ -279,10 +301,10 @@ async def file_quicklook(
     response_model=Job,
     responses=JOB_RESPONSES,
 )
-async def cancel_job(job_id: str, jobs: JobsDep) -> JSONResponse:
-    await jobs.db.run(jobs.store.cancel, job_id, TENANT)
+async def cancel_job(job_id: str, jobs: JobsDep, principal: JobsPrincipal) -> JSONResponse:
+    await jobs.db.run(jobs.store.cancel, job_id, principal.tenant)
     jobs.cancel(job_id)
-    return JSONResponse(await jobs.view(job_id, TENANT))
+    return JSONResponse(await jobs.view(job_id, principal.tenant))
 
 
 @router.delete(
@@ -291,8 +313,8 @@ async def cancel_job(job_id: str, jobs: JobsDep) -> JSONResponse:
     status_code=204,
     responses=JOB_RESPONSES,
 )
-async def delete_job(job_id: str, jobs: JobsDep) -> Response:
-    await jobs.db.run(jobs.store.delete, job_id, TENANT)
+async def delete_job(job_id: str, jobs: JobsDep, principal: JobsPrincipal) -> Response:
+    await jobs.db.run(jobs.store.delete, job_id, principal.tenant)
     await jobs.db.run(jobs.storage.delete_prefix, f"jobs/{job_id}")
     return Response(status_code=204)
 
@@ -307,9 +329,10 @@ async def job_events(
     job_id: str,
     request: Request,
     jobs: JobsDep,
+    principal: JobsPrincipal,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
 ) -> StreamingResponse:
-    await jobs.db.run(jobs.store.get_job, job_id, TENANT)  # 404 before the stream starts
+    await jobs.db.run(jobs.store.get_job, job_id, principal.tenant)  # 404 before the stream starts
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
 
     async def stream() -> AsyncIterator[bytes]:
@@ -346,9 +369,16 @@ async def job_events(
 
 
 async def _result(
-    job_id: str, jobs: JobsDep, request: Request, key: str, digest: str, media_type: str, filename: str
+    job_id: str,
+    jobs: Jobs,
+    tenant: str,
+    request: Request,
+    key: str,
+    digest: str,
+    media_type: str,
+    filename: str,
 ) -> Response:
-    job = await jobs.db.run(jobs.store.get_job, job_id, TENANT)
+    job = await jobs.db.run(jobs.store.get_job, job_id, tenant)
     sha = job[digest]
     if not JobStatus(job["status"]).terminal:
         raise ResultsNotReady(f"the job is {job['status']}; its results exist once it has ended")
@@ -372,9 +402,16 @@ async def _result(
     response_class=FileResponse,
     responses={200: {"content": {"application/json": {}}}, **JOB_RESPONSES},
 )
-async def coco_results(job_id: str, jobs: JobsDep, request: Request) -> Response:
+async def coco_results(job_id: str, jobs: JobsDep, principal: JobsPrincipal, request: Request) -> Response:
     return await _result(
-        job_id, jobs, request, COCO_KEY, "results_sha256", "application/json", f"{job_id}.coco.json"
+        job_id,
+        jobs,
+        principal.tenant,
+        request,
+        COCO_KEY,
+        "results_sha256",
+        "application/json",
+        f"{job_id}.coco.json",
     )
 
 
@@ -384,7 +421,14 @@ async def coco_results(job_id: str, jobs: JobsDep, request: Request) -> Response
     response_class=FileResponse,
     responses={200: {"content": {"application/geo+json": {}}}, **JOB_RESPONSES},
 )
-async def geojson_results(job_id: str, jobs: JobsDep, request: Request) -> Response:
+async def geojson_results(job_id: str, jobs: JobsDep, principal: JobsPrincipal, request: Request) -> Response:
     return await _result(
-        job_id, jobs, request, GEOJSON_KEY, "geojson_sha256", "application/geo+json", f"{job_id}.geojson"
+        job_id,
+        jobs,
+        principal.tenant,
+        request,
+        GEOJSON_KEY,
+        "geojson_sha256",
+        "application/geo+json",
+        f"{job_id}.geojson",
     )

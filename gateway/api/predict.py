@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from gateway.api.deps import Services, ServicesDep, StrictQuery, unless_disconnected
+from gateway.api.deps import PredictAccess, Services, ServicesDep, StrictQuery, unless_disconnected
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
 from gateway.errors import ClientClosedRequest, GatewayError
 from gateway.options import PredictOptions
@@ -18,7 +18,7 @@ from gateway.pipeline.render import MEDIA_TYPES, OutputFormat, render
 from gateway.pipeline.result import ImageResult
 from gateway.uploads import discard, receive_upload
 
-router = APIRouter(tags=["inference"], dependencies=[StrictQuery])
+router = APIRouter(tags=["inference"], dependencies=[PredictAccess, StrictQuery])
 
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {

@@ -66,6 +66,8 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
     for code, text in {
         400: "Malformed request",
+        401: "No API key, or an invalid or revoked one (see WWW-Authenticate)",
+        403: "The API key lacks the scope this route needs",
         413: "Upload or raster over a size budget",
         415: "Not an image format we read",
         422: "Invalid parameter, corrupt or undecodable raster",
@@ -115,6 +117,14 @@ class JobLinks(BaseModel):
     results: str
     geojson: str
     events: str
+    webhooks: str
+
+
+class JobWebhook(BaseModel):
+    url: str
+    events: list[str] = Field(description="optional events subscribed to; terminal events always go")
+    signed_with: Literal["job secret", "server secrets"]
+    disabled: bool = Field(description="the receiver answered 410 Gone; a redelivery re-enables it")
 
 
 class Job(BaseModel):
@@ -130,6 +140,7 @@ class Job(BaseModel):
     progress: Progress
     errors: list[FileError] = Field(description="the first 100 failed files; all at links.errors")
     results: Results
+    webhook: JobWebhook | None
     links: JobLinks
 
 
@@ -167,3 +178,28 @@ class JobFile(BaseModel):
 class FileList(BaseModel):
     files: list[JobFile]
     next_cursor: int | None
+
+
+class WebhookAttempt(BaseModel):
+    number: int
+    started_at: str
+    duration_ms: float
+    status_code: int | None
+    outcome: Literal["success", "redirect", "gone", "http_error", "timeout", "connection", "refused", "error"]
+    error: str | None
+
+
+class WebhookDelivery(BaseModel):
+    id: str = Field(description="the webhook-id header: the same on every attempt")
+    type: str
+    status: Literal["pending", "sending", "succeeded", "failed", "disabled"]
+    created_at: str
+    next_attempt_at: str | None
+    finished_at: str | None
+    attempts: list[WebhookAttempt]
+
+
+class WebhookDeliveries(BaseModel):
+    webhook_url: str | None
+    disabled: bool
+    deliveries: list[WebhookDelivery]

@@ -4,6 +4,8 @@
 
     jobs 1──n files 1──n detections
       1──n job_events            (Server-Sent Events, replayable from any event id)
+      1──n webhook_deliveries 1──n webhook_attempts   (the webhook outbox)
+    api_keys                     (hashed secrets, a tenant and scopes each)
 
 A job's counters (files done, tiles, detections) are kept on its row and updated in the same
 transaction as the file that changes them, so reading a job's progress is one row.
@@ -35,6 +37,9 @@ jobs = sa.Table(
     sa.Column("parameters", sa.JSON, nullable=False),
     sa.Column("webhook_url", sa.Text),
     sa.Column("webhook_secret", sa.Text),
+    sa.Column("webhook_events", sa.JSON),
+    sa.Column("webhook_disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("webhook_progress_at", Timestamp),
     sa.Column("idempotency_key", sa.String(200)),
     sa.Column("request_sha256", sa.String(64)),
     sa.Column("model_name", sa.String(200), nullable=False),
@@ -128,4 +133,55 @@ job_events = sa.Table(
     sa.Column("type", sa.String(16), nullable=False),
     sa.Column("data", sa.JSON, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("scopes", sa.String(200), nullable=False),
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("revoked_at", Timestamp),
+    sa.Column("last_used_at", Timestamp),
+    sa.Index("ix_api_keys_tenant", "tenant"),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("available_at", Timestamp, nullable=False),
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_token", sa.String(32)),
+    sa.Column("lease_expires_at", Timestamp),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("finished_at", Timestamp),
+    sa.Index("ix_webhook_deliveries_claim", "status", "available_at"),
+    sa.Index("ix_webhook_deliveries_job", "job_id", "created_at"),
+)
+
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata,
+    sa.Column(
+        "delivery_id",
+        sa.String(40),
+        sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("duration_s", sa.Float, nullable=False),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("outcome", sa.String(24), nullable=False),
+    sa.Column("error", sa.Text),
 )

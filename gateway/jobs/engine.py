@@ -1,4 +1,5 @@
-"""``open_jobs(settings, runtime)``: the job engine assembled (database, storage, store, worker)."""
+"""``open_jobs(settings, runtime)``: the job engine assembled (database, storage, store, worker, and the
+webhook outbox with its dispatcher)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,14 @@ from gateway.jobs.results import ResultWriter
 from gateway.jobs.service import JobService
 from gateway.jobs.store import JobStore
 from gateway.jobs.worker import JobWorker
+from gateway.metrics import Metrics
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.storage import LocalStorage, Storage
+from gateway.webhooks.delivery import Sender
+from gateway.webhooks.dispatcher import Dispatcher
+from gateway.webhooks.outbox import Outbox
+from gateway.webhooks.ssrf import UrlGuard
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,8 @@ class Jobs:
     service: JobService
     uploads: Admission
     worker: JobWorker | None
+    outbox: Outbox
+    dispatcher: Dispatcher | None = None
 
     async def view(self, job_id: str, tenant: str) -> dict[str, Any]:
         return await self.db.run(self.store.job_view, job_id, tenant)
@@ -49,8 +57,11 @@ class Jobs:
 
 
 @asynccontextmanager
-async def open_jobs(settings: Settings, runtime: Runtime, uploads: Admission) -> AsyncIterator[Jobs]:
-    """Migrate the database, then run a worker in this process unless ``settings.jobs.workers`` is off."""
+async def open_jobs(
+    settings: Settings, runtime: Runtime, uploads: Admission, metrics: Metrics | None = None
+) -> AsyncIterator[Jobs]:
+    """Migrate the database, then run a worker in this process unless ``settings.jobs.workers`` is off,
+    and a webhook dispatcher unless ``settings.webhook.dispatcher`` is."""
     async with AsyncExitStack() as stack:
         url = database_url(settings.data_dir, settings.database_url)
         db = Database(create_engine(url))
@@ -60,8 +71,19 @@ async def open_jobs(settings: Settings, runtime: Runtime, uploads: Admission) ->
         swept = await db.run(storage.sweep_staging, STAGING_MAX_AGE_S)
         if swept:
             logger.info("removed %d upload(s) left by requests that did not finish", swept)
-        store = JobStore(db.engine)
-        service = JobService(store, db, storage, runtime.model, settings)
+        hooks = settings.webhook
+        store = JobStore(
+            db.engine, public_url=hooks.public_url or "", progress_interval_s=hooks.progress_interval_s
+        )
+        guard = UrlGuard(allow_private=hooks.allow_private)
+        service = JobService(store, db, storage, runtime.model, settings, guard)
+        outbox = Outbox(db.engine)
+        dispatcher = None
+        if hooks.dispatcher:
+            sender = Sender(hooks.timeout_s, hooks.max_response_bytes)
+            dispatcher = Dispatcher(outbox, db, guard, sender, hooks, metrics or Metrics())
+            dispatcher.start()
+            stack.push_async_callback(dispatcher.stop)
         worker = None
         if settings.jobs.workers:
             results = ResultWriter(store, db, storage, runtime.model, settings.jobs.lease_s)
@@ -73,4 +95,4 @@ async def open_jobs(settings: Settings, runtime: Runtime, uploads: Admission) ->
         logger.info(
             "jobs: database %s, storage %s", db.engine.url.render_as_string(hide_password=True), storage.root
         )
-        yield Jobs(db, store, storage, service, uploads, worker)
+        yield Jobs(db, store, storage, service, uploads, worker, outbox, dispatcher)

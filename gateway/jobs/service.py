@@ -4,6 +4,10 @@ The HTTP routes (``gateway/api/jobs.py``) stay thin: they hand the request's bod
 A file whose first bytes are not a raster we read (or not what its name says) is recorded as failed at
 once, with the problem ``/v1/predict`` would give, and its bytes are not kept; the other files of the
 request are unaffected.
+
+A webhook URL is checked by the SSRF guard (:mod:`gateway.webhooks.ssrf`) and its secret by the signer
+before the job exists; the tenant's limits (:mod:`gateway.auth.tenants`) are checked before the upload
+streams and again in the transaction that creates the job.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ import logging
 import re
 import secrets
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from gateway.auth.tenants import TenantLimitReached, TenantLimits, TenantQuotaExceeded, limits_for
 from gateway.db.engine import Database
-from gateway.errors import GatewayError, InputError, InvalidParameter
+from gateway.errors import GatewayError, InputError, InvalidParameter, UploadTooLarge
 from gateway.jobs.models import JobPriority
 from gateway.jobs.store import JobConflict, JobStore, NewFile, new_job_id
 from gateway.options import PredictOptions
@@ -28,12 +33,15 @@ from gateway.pipeline.raster.sniff import allowed_driver, drivers_for_name
 from gateway.pipeline.result import ModelInfo
 from gateway.settings import Settings
 from gateway.storage import Storage
-from gateway.uploads import FormLimits, Upload, discard, receive_form
+from gateway.uploads import FORM_OVERHEAD_BYTES, Form, FormLimits, Upload, discard, receive_form
+from gateway.webhooks.events import parse_subscriptions
+from gateway.webhooks.signing import parse_secret
+from gateway.webhooks.ssrf import UrlGuard
 
 logger = logging.getLogger(__name__)
 
 FILES_FIELD = "files"
-FIELDS = ("score_threshold", "bands", "webhook_url", "webhook_secret", "name", "priority")
+FIELDS = ("score_threshold", "bands", "webhook_url", "webhook_secret", "webhook_events", "name", "priority")
 _HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
@@ -59,6 +67,7 @@ class JobParameters:
     bands: str | None
     webhook_url: str | None
     webhook_secret: str | None
+    webhook_events: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, fields: dict[str, Any], settings: Settings) -> JobParameters:
@@ -92,9 +101,24 @@ class JobParameters:
         if len(name) > 200:
             raise InvalidParameter("name is longer than 200 characters", parameter="name")
         url = _text(fields.get("webhook_url"))
-        if url is not None and not re.match(r"^https?://", url):
+        if url is not None and not re.match(r"^https?://", url, re.IGNORECASE):
             raise InvalidParameter("webhook_url must be an http or https URL", parameter="webhook_url")
-        return cls(name, priority, threshold, bands, url, _text(fields.get("webhook_secret")))
+        secret = _text(fields.get("webhook_secret"))
+        if secret is not None:
+            parse_secret(secret)
+        raw_events = fields.get("webhook_events")
+        subscribed = parse_subscriptions(raw_events if isinstance(raw_events, list) else _text(raw_events))
+        if url is None and (secret is not None or subscribed):
+            raise InvalidParameter(
+                "webhook_secret and webhook_events need a webhook_url", parameter="webhook_url"
+            )
+        if url is not None and secret is None and not settings.webhook.signing_secrets():
+            raise InvalidParameter(
+                "webhook_url needs a webhook_secret (whsec_ and base64 of 24 to 64 random bytes): this "
+                "server has no signing secret of its own (PALM_WEBHOOK__SECRETS)",
+                parameter="webhook_secret",
+            )
+        return cls(name, priority, threshold, bands, url, secret, tuple(subscribed))
 
     def stored(self, settings: Settings) -> dict[str, Any]:
         """The parameters recorded with the job (and reported in its resource)."""
@@ -130,13 +154,56 @@ class JobService:
     """Creates jobs and adds files to them (see the module docstring)."""
 
     def __init__(
-        self, store: JobStore, db: Database, storage: Storage, model: ModelInfo, settings: Settings
+        self,
+        store: JobStore,
+        db: Database,
+        storage: Storage,
+        model: ModelInfo,
+        settings: Settings,
+        guard: UrlGuard | None = None,
     ) -> None:
         self.store = store
         self.db = db
         self.storage = storage
         self.model = model
         self.settings = settings
+        self.guard = guard if guard is not None else UrlGuard(allow_private=settings.webhook.allow_private)
+
+    async def _parameters(self, fields: dict[str, Any]) -> JobParameters:
+        parameters = JobParameters.parse(fields, self.settings)
+        if parameters.webhook_url is not None:
+            await self.guard.check(parameters.webhook_url)
+        return parameters
+
+    async def _admit(self, tenant: str, *, start: bool) -> tuple[TenantLimits, int]:
+        """The tenant's limits and the bytes it may still store, refusing at once what cannot fit."""
+        limits = limits_for(tenant, self.settings)
+        usage = await self.db.run(self.store.tenant_usage, tenant)
+        if start and usage.active_jobs >= limits.max_active_jobs:
+            raise TenantLimitReached(
+                f"tenant {tenant!r} has {usage.active_jobs} jobs queued or running, its limit; retry once "
+                "one has ended",
+                limit=limits.max_active_jobs,
+            )
+        room = limits.max_storage_bytes - usage.storage_bytes
+        if room <= 0:
+            raise TenantQuotaExceeded(
+                f"tenant {tenant!r} stores {usage.storage_bytes} bytes, its limit; delete ended jobs to "
+                "make room",
+                limit=limits.max_storage_bytes,
+            )
+        return limits, room
+
+    def _form_limits(self, room: int, *, fields: bool = True) -> FormLimits:
+        limits = self.form_limits()
+        return FormLimits(
+            file_field=limits.file_field,
+            max_files=limits.max_files,
+            max_file_bytes=limits.max_file_bytes,
+            max_total_bytes=min(limits.max_total_bytes, room + FORM_OVERHEAD_BYTES),
+            max_fields=limits.max_fields if fields else 0,
+            too_many_files=limits.too_many_files,
+        )
 
     def form_limits(self) -> FormLimits:
         jobs = self.settings.jobs
@@ -164,21 +231,21 @@ class JobService:
         """A job from one multipart request with ``files`` parts; started at once."""
         job_id = new_job_id()
         names: set[str] = set()
-        form = await receive_form(
+        limits, room = await self._admit(tenant, start=True)
+        form = await self._receive(
+            tenant,
+            room,
             content_type,
             content_length,
             body,
-            self.storage.staging_dir(),
-            self.form_limits(),
-            sha256=True,
+            self._form_limits(room),
             check_name=lambda raw: _unique(job_file_name(raw), names),
-            rename=job_file_name,
         )
         uploads = list(form.files)
         try:
             if not uploads:
                 raise InputError(f"the form has no part named {FILES_FIELD!r}; send files as -F files=@a.tif")
-            parameters = JobParameters.parse(form.fields, self.settings)
+            parameters = await self._parameters(form.fields)
             fingerprint = _fingerprint(form.fields, uploads)
             new_files = await self.db.run(self._store_files, job_id, uploads)
         except BaseException:
@@ -200,6 +267,8 @@ class JobService:
                 request_sha256=fingerprint,
                 webhook_url=parameters.webhook_url,
                 webhook_secret=parameters.webhook_secret,
+                webhook_events=parameters.webhook_events,
+                limits=limits,
             )
         except BaseException:
             await self.db.run(self.storage.delete_prefix, f"jobs/{job_id}")
@@ -212,7 +281,7 @@ class JobService:
         self, *, tenant: str, fields: dict[str, Any], idempotency_key: str | None
     ) -> dict[str, Any]:
         """A job in ``created``, to receive files over several requests."""
-        parameters = JobParameters.parse(fields, self.settings)
+        parameters = await self._parameters(fields)
         job, _ = await self.db.run(
             self.store.create_job,
             job_id=new_job_id(),
@@ -227,6 +296,8 @@ class JobService:
             request_sha256=hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest(),
             webhook_url=parameters.webhook_url,
             webhook_secret=parameters.webhook_secret,
+            webhook_events=parameters.webhook_events,
+            limits=limits_for(tenant, self.settings),
         )
         return job
 
@@ -241,6 +312,7 @@ class JobService:
     ) -> dict[str, Any]:
         """Files for a job in ``created``; a name the job already has is refused (409)."""
         taken = await self.db.run(self.store.existing_names, job_id, tenant)
+        limits, room = await self._admit(tenant, start=False)
         names: set[str] = set()
 
         def check(raw: str) -> None:
@@ -249,23 +321,8 @@ class JobService:
                 raise JobConflict(f"the job already has a file named {name!r}", name=name)
             _unique(name, names)
 
-        limits = self.form_limits()
-        form = await receive_form(
-            content_type,
-            content_length,
-            body,
-            self.storage.staging_dir(),
-            FormLimits(
-                file_field=limits.file_field,
-                max_files=limits.max_files,
-                max_file_bytes=limits.max_file_bytes,
-                max_total_bytes=limits.max_total_bytes,
-                max_fields=0,
-                too_many_files=limits.too_many_files,
-            ),
-            sha256=True,
-            check_name=check,
-            rename=job_file_name,
+        form = await self._receive(
+            tenant, room, content_type, content_length, body, self._form_limits(room, fields=False), check
         )
         uploads = list(form.files)
         try:
@@ -277,11 +334,43 @@ class JobService:
                 discard(upload)
             raise
         try:
-            return await self.db.run(self.store.add_files, job_id, tenant, new_files)
+            return await self.db.run(self.store.add_files, job_id, tenant, new_files, limits)
         except BaseException:
             for new in new_files:
                 if new.storage_key is not None:
                     await self.db.run(self.storage.delete, new.storage_key)
+            raise
+
+    async def _receive(
+        self,
+        tenant: str,
+        room: int,
+        content_type: str | None,
+        content_length: str | None,
+        body: AsyncIterator[bytes],
+        limits: FormLimits,
+        check_name: Callable[[str], None],
+    ) -> Form:
+        """The multipart form, its files staged; a body past the tenant's storage room is refused as
+        the tenant's quota, not as the endpoint's size cap."""
+        try:
+            return await receive_form(
+                content_type,
+                content_length,
+                body,
+                self.storage.staging_dir(),
+                limits,
+                sha256=True,
+                check_name=check_name,
+                rename=job_file_name,
+            )
+        except UploadTooLarge as exc:
+            if exc.extensions.get("limit_bytes") == room + FORM_OVERHEAD_BYTES == limits.max_total_bytes:
+                raise TenantQuotaExceeded(
+                    f"tenant {tenant!r} may store {room} more bytes; this upload is larger (delete ended "
+                    "jobs to make room)",
+                    limit=room,
+                ) from exc
             raise
 
     def _store_files(self, job_id: str, uploads: list[Upload]) -> list[NewFile]:

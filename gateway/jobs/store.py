@@ -18,7 +18,11 @@ Oban, River and Solid Queue in a small table of our own:
 * **assembly**: once no file of a job is pending or running, one worker takes a lease on the job,
   writes its COCO and GeoJSON, and commits the final status with the results' digests.
 
-Every change a user can watch is also appended to ``job_events`` (Server-Sent Events with ids).
+Every change a user can watch is also appended to ``job_events`` (Server-Sent Events with ids), and
+the changes a job's webhook is told of are written to the webhook outbox in the same transaction
+(:mod:`gateway.webhooks.outbox`): the job's start, each failed file, its progress at most every
+``progress_interval_s``, and its end, committed by :meth:`JobStore.finish_assembly` with the results'
+digests.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from gateway.auth.tenants import TenantLimitReached, TenantLimits, TenantQuotaExceeded
 from gateway.db.engine import aware, utcnow
 from gateway.db.tables import detections, files, job_events, jobs
-from gateway.errors import GatewayError, InvalidParameter
+from gateway.errors import TYPE_BASE, GatewayError, InvalidParameter
 from gateway.jobs import views
 from gateway.jobs.models import TERMINAL, Assembly, Claim, FileStatus, JobPriority, JobStatus
+from gateway.webhooks import events as webhook_events
+from gateway.webhooks.outbox import enqueue
 
 CLAIMABLE_JOBS = (JobStatus.queued.value, JobStatus.running.value)
 ERRORS_SHOWN = 100
@@ -109,13 +116,29 @@ def new_job_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
+@dataclass(frozen=True, slots=True)
+class TenantUsage:
+    active_jobs: int
+    """Jobs queued or running."""
+    storage_bytes: int
+    """Uploads still kept plus results."""
+
+
 class JobStore:
     """Job and file state in one database; every method is one transaction (blocking: run it in a
-    database thread, see :class:`gateway.db.engine.Database`)."""
+    database thread, see :class:`gateway.db.engine.Database`).
 
-    def __init__(self, engine: sa.Engine) -> None:
+    Args:
+        engine: the job database.
+        public_url: base of the result links in webhook events (paths alone when empty).
+        progress_interval_s: ``job.progress`` webhook events at most this often per job.
+    """
+
+    def __init__(self, engine: sa.Engine, *, public_url: str = "", progress_interval_s: float = 30.0) -> None:
         self.engine = engine
         self.postgres = engine.dialect.name == "postgresql"
+        self.public_url = public_url.rstrip("/")
+        self.progress_interval_s = progress_interval_s
 
     # -- creation ------------------------------------------------------------------------------------
 
@@ -134,11 +157,17 @@ class JobStore:
         request_sha256: str | None = None,
         webhook_url: str | None = None,
         webhook_secret: str | None = None,
+        webhook_events: Sequence[str] = (),
+        limits: TenantLimits | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Insert a job with its files; returns the job row and whether it was created now.
 
         With an ``idempotency_key`` already used by this tenant, the existing job is returned when
         ``request_sha256`` matches and :class:`JobConflict` raised when it does not.
+
+        Raises:
+            TenantLimitReached: a started job beyond the tenant's jobs queued or running (429).
+            TenantQuotaExceeded: more files than a job of the tenant may hold, or beyond its storage.
         """
         now = utcnow()
         with self.engine.begin() as conn:
@@ -154,6 +183,10 @@ class JobStore:
                             job_id=existing.id,
                         )
                     return dict(existing._mapping), False
+            if limits is not None:
+                self._within_limits(
+                    conn, tenant, limits, start=start, files=len(new_files), new_files=new_files
+                )
             status = JobStatus.queued if start else JobStatus.created
             conn.execute(
                 jobs.insert().values(
@@ -165,6 +198,7 @@ class JobStore:
                     parameters=parameters,
                     webhook_url=webhook_url,
                     webhook_secret=webhook_secret,
+                    webhook_events=list(webhook_events) or None,
                     idempotency_key=idempotency_key,
                     request_sha256=request_sha256,
                     model_name=model["name"] or "",
@@ -183,8 +217,15 @@ class JobStore:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
         return dict(row._mapping), True
 
-    def add_files(self, job_id: str, tenant: str, new_files: Sequence[NewFile]) -> dict[str, Any]:
-        """Append files to a job still in ``created``; names must be new to the job."""
+    def add_files(
+        self, job_id: str, tenant: str, new_files: Sequence[NewFile], limits: TenantLimits | None = None
+    ) -> dict[str, Any]:
+        """Append files to a job still in ``created``; names must be new to the job.
+
+        Raises:
+            TenantQuotaExceeded: the job would hold more files than the tenant's jobs may, or the tenant
+                would store more bytes than it may.
+        """
         now = utcnow()
         with self.engine.begin() as conn:
             job = self._job(conn, job_id, tenant, lock=True)
@@ -206,6 +247,16 @@ class JobStore:
                 raise JobConflict(
                     f"the job already has a file named {sorted(taken)[0]!r}", names=sorted(taken)
                 )
+            if limits is not None:
+                held = conn.execute(sa.select(sa.func.count()).where(files.c.job_id == job_id)).scalar()
+                self._within_limits(
+                    conn,
+                    tenant,
+                    limits,
+                    start=False,
+                    files=int(held or 0) + len(new_files),
+                    new_files=new_files,
+                )
             self._insert_files(conn, job_id, (last or 0) + 1, new_files, now)
             return dict(self._job(conn, job_id, tenant)._mapping)
 
@@ -214,13 +265,15 @@ class JobStore:
             self._job(conn, job_id, tenant)
             return set(conn.execute(sa.select(files.c.name).where(files.c.job_id == job_id)).scalars())
 
-    def start_job(self, job_id: str, tenant: str) -> dict[str, Any]:
+    def start_job(self, job_id: str, tenant: str, limits: TenantLimits | None = None) -> dict[str, Any]:
         now = utcnow()
         with self.engine.begin() as conn:
             job = self._job(conn, job_id, tenant, lock=True)
             if job.status != JobStatus.created:
                 raise JobConflict(f"only a job in 'created' can be started; this one is {job.status!r}")
             self._refuse_empty(conn, job_id)
+            if limits is not None:
+                self._within_limits(conn, tenant, limits, start=True, files=0, new_files=())
             conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id)
@@ -441,6 +494,14 @@ class JobStore:
             conn.execute(update)
             if job.status == JobStatus.queued:
                 self._event(conn, job.id, "status", {"status": JobStatus.running.value})
+                started = self._row(conn, job.id)
+                enqueue(
+                    conn,
+                    started,
+                    webhook_events.EventType.job_started,
+                    views.event_data(started, views.progress(started, 0, 0, now), self.public_url),
+                    now,
+                )
             return Claim(
                 file_id=chosen.id,
                 job_id=job.id,
@@ -758,16 +819,34 @@ class JobStore:
                 )
             )
             self._event(conn, assembly.job_id, "status", {"status": status.value, "results": True})
-            return dict(conn.execute(sa.select(jobs).where(jobs.c.id == assembly.job_id)).one()._mapping)
+            ended = self._row(conn, assembly.job_id)
+            enqueue(
+                conn,
+                ended,
+                webhook_events.TERMINAL[status.value],
+                views.event_data(ended, views.progress(ended, 0, 0, now), self.public_url),
+                now,
+            )
+            return ended
 
     def add_progress_event(self, job_id: str) -> None:
-        """Record the job's progress now (tiles of running files included) as an event."""
+        """Record the job's progress now (tiles of running files included) as an event, and as a
+        ``job.progress`` webhook event when the job subscribed and the last one is old enough."""
+        now = utcnow()
         with self.engine.begin() as conn:
             job = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
             if job is None or job.status not in CLAIMABLE_JOBS:
                 return
             done, total = self._running(conn, job_id)
-            self._event(conn, job_id, "progress", views.progress(dict(job._mapping), done, total, utcnow()))
+            row = dict(job._mapping)
+            progress = views.progress(row, done, total, now)
+            self._event(conn, job_id, "progress", progress)
+            last = aware(job.webhook_progress_at)
+            if last is not None and (now - last).total_seconds() < self.progress_interval_s:
+                return
+            kind = webhook_events.EventType.job_progress
+            if enqueue(conn, row, kind, views.event_data(row, progress, self.public_url), now) is not None:
+                conn.execute(jobs.update().where(jobs.c.id == job_id).values(webhook_progress_at=now))
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """Jobs by status and files by status, over every tenant (for the gauges)."""
@@ -803,6 +882,10 @@ class JobStore:
         with self.engine.connect() as conn:
             return set(conn.execute(sa.select(jobs.c.id)).scalars())
 
+    def tenant_usage(self, tenant: str) -> TenantUsage:
+        with self.engine.connect() as conn:
+            return self._usage(conn, tenant)
+
     # -- internals -----------------------------------------------------------------------------------
 
     def _job(self, conn: sa.Connection, job_id: str, tenant: str, *, lock: bool = False) -> sa.Row[Any]:
@@ -813,6 +896,53 @@ class JobStore:
         if row is None:
             raise JobNotFound(f"there is no job {job_id!r}")
         return row
+
+    def _row(self, conn: sa.Connection, job_id: str) -> dict[str, Any]:
+        return dict(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()._mapping)
+
+    def _usage(self, conn: sa.Connection, tenant: str) -> TenantUsage:
+        kept = sa.case((jobs.c.uploads_purged.is_(sa.false()), jobs.c.bytes_total), else_=0)
+        results = sa.func.coalesce(jobs.c.results_bytes, 0) + sa.func.coalesce(jobs.c.geojson_bytes, 0)
+        row = conn.execute(
+            sa.select(
+                sa.func.count().filter(jobs.c.status.in_(CLAIMABLE_JOBS)),
+                sa.func.coalesce(sa.func.sum(kept + results), 0),
+            ).where(jobs.c.tenant == tenant)
+        ).one()
+        return TenantUsage(int(row[0] or 0), int(row[1] or 0))
+
+    def _within_limits(
+        self,
+        conn: sa.Connection,
+        tenant: str,
+        limits: TenantLimits,
+        *,
+        start: bool,
+        files: int,
+        new_files: Sequence[NewFile],
+    ) -> None:
+        if files > limits.max_files_per_job:
+            raise TenantQuotaExceeded(
+                f"a job of tenant {tenant!r} holds at most {limits.max_files_per_job} files; this one would "
+                f"hold {files}",
+                limit=limits.max_files_per_job,
+            )
+        if self.postgres:  # one tenant's creations queue here, so two cannot both take the last place
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(f"tenant:{tenant}"))))
+        usage = self._usage(conn, tenant)
+        if start and usage.active_jobs >= limits.max_active_jobs:
+            raise TenantLimitReached(
+                f"tenant {tenant!r} has {usage.active_jobs} jobs queued or running, its limit; retry once "
+                "one has ended",
+                limit=limits.max_active_jobs,
+            )
+        incoming = sum(new.size for new in new_files if new.storage_key is not None)
+        if usage.storage_bytes + incoming > limits.max_storage_bytes:
+            raise TenantQuotaExceeded(
+                f"tenant {tenant!r} stores {usage.storage_bytes} bytes of its {limits.max_storage_bytes}; "
+                f"these {incoming} bytes do not fit (delete ended jobs to make room)",
+                limit=limits.max_storage_bytes,
+            )
 
     def _entry_pass(self, conn: sa.Connection) -> float:
         """A queued job starts level with the running ones: it neither waits for them nor starves them."""
@@ -890,6 +1020,18 @@ class JobStore:
             .where(jobs.c.id == job_id)
             .values(files_failed=jobs.c.files_failed + 1, updated_at=now)
         )
+        job = self._row(conn, job_id)
+        failure = {
+            "job_id": job_id,
+            "file": name,
+            "position": position,
+            "error": {
+                "type": TYPE_BASE + (slug or error.slug),
+                "status": error.status,
+                "detail": error.detail,
+            },
+        }
+        enqueue(conn, job, webhook_events.EventType.file_failed, failure, now)
         self._event(
             conn,
             job_id,

@@ -62,6 +62,7 @@ def links(job_id: str) -> dict[str, str]:
         "results": f"{base}/results",
         "geojson": f"{base}/results.geojson",
         "events": f"{base}/events",
+        "webhooks": f"{base}/webhooks",
     }
 
 
@@ -97,7 +98,35 @@ def job_resource(
             "geojson_sha256": job["geojson_sha256"],
             "annotations": job["annotations"],
         },
+        "webhook": webhook(job),
         "links": links(job["id"]),
+    }
+
+
+def event_data(job: dict[str, Any], progress_: dict[str, Any], base: str) -> dict[str, Any]:
+    """``data`` of a job's webhook events; result links are ``base`` + path (paths alone when empty)."""
+    paths = links(job["id"])
+    return {
+        "job_id": job["id"],
+        "status": job["status"],
+        "progress": progress_,
+        "errors_count": int(job["files_failed"]),
+        "results_url": base + paths["results"],
+        "geojson_url": base + paths["geojson"],
+        "results_sha256": job["results_sha256"],
+        "annotations": job["annotations"],
+    }
+
+
+def webhook(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's webhook as users see it: never its secret."""
+    if not job["webhook_url"]:
+        return None
+    return {
+        "url": job["webhook_url"],
+        "events": job["webhook_events"] or [],
+        "signed_with": "job secret" if job["webhook_secret"] else "server secrets",
+        "disabled": bool(job["webhook_disabled"]),
     }
 
 

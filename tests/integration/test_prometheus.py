@@ -1,8 +1,8 @@
 """A real Prometheus (Debian's binary) scraping a real gateway and Triton, with the shipped rules.
 
 Every expression of the dashboard and every recording rule must return data after some predictions
-and a job; every metric an alert rule names must exist; the input-drift rule stays quiet for
-in-distribution scenes and fires for grey ones.
+and a job with a webhook; every metric an alert rule names must exist; the input-drift rule stays
+quiet for in-distribution scenes and fires for grey ones.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ import pytest
 from export.synth import render_scene, to_grey, write_geotiff
 from gateway.app import create_app
 from gateway.serving import listen
-from gateway.settings import REPO_ROOT, DecodeSettings, JobSettings, Settings, TritonSettings
+from gateway.settings import REPO_ROOT, DecodeSettings, JobSettings, Settings, TritonSettings, WebhookSettings
 from gateway.triton.launcher import EmbeddedTriton
+from gateway.webhooks.signing import new_secret
 from tests.integration.server import serve_in_thread
 from tests.integration.waiting import wait_for
+from tests.receiver import receiving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -72,6 +74,7 @@ def stack(
         ),
         decode=DecodeSettings(workers=2),
         jobs=JobSettings(poll_s=0.2),
+        webhook=WebhookSettings(allow_private=True, poll_s=0.2),
     )
     with serve_in_thread(create_app(settings)) as gateway, listen("127.0.0.1", 0) as probe:
         port = probe.getsockname()[1]
@@ -129,8 +132,13 @@ def test_every_dashboard_and_rule_expression_has_data_and_drift_fires_only_for_u
         for path in scenes:
             post(client, path)
         files = [("files", (p.name, p.read_bytes(), "image/tiff")) for p in scenes[:2]]
-        job = client.post("/v1/jobs", files=files).json()
-        assert wait_for(lambda: client.get(f"/v1/jobs/{job['id']}").json()["results"]["ready"], 120)
+        secret = new_secret()
+        with receiving([secret]) as receiver:
+            job = client.post(
+                "/v1/jobs", files=files, data={"webhook_url": receiver.url, "webhook_secret": secret}
+            ).json()
+            assert wait_for(lambda: client.get(f"/v1/jobs/{job['id']}").json()["results"]["ready"], 120)
+            assert wait_for(lambda: len(receiver.accepted) == 1, 30)
     time.sleep(8)  # a few scrapes and rule evaluations after the work
 
     generate = generator()

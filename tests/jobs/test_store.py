@@ -287,3 +287,44 @@ def test_deleting_an_ended_job_removes_its_rows(store: JobStore, engine: sa.Engi
             for t in ("jobs", "files", "detections", "job_events")
         ]
     assert counts == [0, 0, 0, 0]
+
+
+def test_a_tenants_job_limit_holds_under_concurrent_creation(database_url: str) -> None:
+    from gateway.auth.tenants import TenantLimitReached, TenantLimits
+    from gateway.db.engine import create_engine
+
+    limits = TenantLimits(max_active_jobs=2, max_files_per_job=10, max_storage_bytes=10**9)
+    engines = [create_engine(database_url) for _ in range(5)]
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(engines))
+
+    def create(engine: sa.Engine) -> None:
+        barrier.wait()
+        job_id = new_job_id()
+        try:
+            JobStore(engine).create_job(
+                job_id=job_id,
+                tenant="acme",
+                name="race",
+                priority=JobPriority.normal,
+                parameters=PARAMETERS,
+                model=MODEL,
+                new_files=[NewFile("a.tif", 100, None, f"jobs/{job_id}/uploads/a")],
+                start=True,
+                limits=limits,
+            )
+            outcome = "created"
+        except TenantLimitReached:
+            outcome = "refused"
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=create, args=(e,)) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for engine in engines:
+        engine.dispose()
+    assert sorted(outcomes) == ["created", "created", "refused", "refused", "refused"]
