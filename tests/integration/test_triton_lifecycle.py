@@ -198,22 +198,28 @@ async def test_interrupting_the_start_leaves_no_server_behind(
 ) -> None:
     from gateway.runtime import open_runtime
 
+    def servers() -> set[int]:
+        return {
+            p for p in procfs.descendants(os.getpid()) if "tritonserver" in (procfs.command_line(p) or "")
+        }
+
     settings = Settings(data_dir=tmp_path, triton=triton_settings)
     before = set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*"))
+    running = servers()  # the session's shared server, when another test started it
 
     async def start() -> None:
         async with open_runtime(settings):
             await asyncio.sleep(3600)
 
     task = asyncio.create_task(start())
-    await asyncio.sleep(0.8)  # tritonserver is loading the model
+    for _ in range(600):  # until tritonserver runs, loading the model
+        if servers() - running:
+            break
+        await asyncio.sleep(0.05)
+    assert servers() - running, "tritonserver never started"
+    assert not task.done()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
-    def servers() -> list[int]:
-        return [
-            p for p in procfs.descendants(os.getpid()) if "tritonserver" in (procfs.command_line(p) or "")
-        ]
-
-    assert servers() == []
+    assert servers() - running == set()
     assert set(SHM_DIR.glob(f"palm_lanes_{os.getpid()}_*")) == before
