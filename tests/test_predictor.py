@@ -24,18 +24,22 @@ from gateway.pipeline.tiling import balanced_batch
 from gateway.predictor import Predictor
 from gateway.scheduling import Priority
 from gateway.settings import DecodeSettings, TilingSettings, TritonSettings
-from tests.fakes import FakeInference, K, box_at_bright_spot
+from tests.fakes import FAKE_CONTRACT, FakeInference, K, box_at_bright_spot
 
 
 @pytest.fixture
 async def pool() -> AsyncIterator[DecodePool]:
-    async with DecodePool(DecodeSettings(workers=1, file_timeout_s=60)) as pool:
+    async with DecodePool(DecodeSettings(workers=1, file_timeout_s=60), tile_size=512) as pool:
         yield pool
 
 
 def predictor(pool: DecodePool, backend: FakeInference) -> Predictor:
     return Predictor(
-        pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=TritonSettings()
+        pool,
+        backend,
+        ModelInfo("palm", "1", None, contract=FAKE_CONTRACT),
+        tiling=TilingSettings(),
+        triton=TritonSettings(),
     )
 
 
@@ -118,7 +122,7 @@ async def test_a_decoder_killed_once_is_retried_and_twice_blames_the_file(
     geotiff: Callable[..., Path],
 ) -> None:
     async with DecodePool(
-        DecodeSettings(workers=1, file_timeout_s=60), worker_command=CRASHING_WORKER
+        DecodeSettings(workers=1, file_timeout_s=60), worker_command=CRASHING_WORKER, tile_size=512
     ) as pool:
         backend = FakeInference(box_at_bright_spot)
         once = geotiff("killedonce-scene.tif", width=600, height=600)
@@ -151,9 +155,13 @@ async def test_cancelled_predictions_keep_their_decoders_and_stop_their_triton_c
     # one keeps twenty cancellations in a row from leaving the decoders without slots for seconds.
     triton = TritonSettings(request_timeout_s=0.5)
     settings = DecodeSettings(workers=2, file_timeout_s=60)
-    async with DecodePool(settings, worker_command=CRASHING_WORKER) as pool:
+    async with DecodePool(settings, worker_command=CRASHING_WORKER, tile_size=512) as pool:
         engine = Predictor(
-            pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=triton
+            pool,
+            backend,
+            ModelInfo("palm", "1", None, contract=FAKE_CONTRACT),
+            tiling=TilingSettings(),
+            triton=triton,
         )
         expected = await engine.predict_file(path, path.name, PredictOptions(0.5))
         decoders = pool.pids
@@ -194,9 +202,13 @@ async def test_batch_calls_are_capped_and_online_files_finish_first(geotiff: Cal
     small = geotiff("small.tif", width=512, height=512)
     backend = FakeInference(box_at_bright_spot, delay_s=0.1)
     triton = TritonSettings(max_inflight=4, max_calls_in_flight=3, max_batch_calls_in_flight=1)
-    async with DecodePool(DecodeSettings(workers=2, file_timeout_s=60)) as pool:
+    async with DecodePool(DecodeSettings(workers=2, file_timeout_s=60), tile_size=512) as pool:
         engine = Predictor(
-            pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=triton
+            pool,
+            backend,
+            ModelInfo("palm", "1", None, contract=FAKE_CONTRACT),
+            tiling=TilingSettings(),
+            triton=triton,
         )
         job = asyncio.create_task(
             engine.predict_file(large, large.name, PredictOptions(0.5), priority=Priority.BATCH)

@@ -104,6 +104,7 @@ class ResultWriter:
             sha256=job["model_sha256"],
             triton_version=self.model.triton_version,
             categories=self.model.categories,
+            contract=self.model.contract,
         )
         created = aware(job["created_at"])
         assert created is not None

@@ -64,7 +64,7 @@ def test_detect_scene_tiles_and_merges_into_image_coordinates() -> None:
         out[:, 0] = [246, 246, 266, 266, 0.9, 1]
         return out
 
-    det = detect_scene(np.zeros((3, 1024, 1024), np.uint8), centre_box)
+    det = detect_scene(np.zeros((3, 1024, 1024), np.uint8), centre_box, tile=512)
     centres = sorted(((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in det.boxes.tolist())
     expected = sorted((x + 256.0, y + 256.0) for x in (0, 384, 512) for y in (0, 384, 512))
     assert centres == expected

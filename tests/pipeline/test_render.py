@@ -15,6 +15,7 @@ import orjson
 import pytest
 from pycocotools.coco import COCO
 
+from export.synth import PALM_CATEGORIES
 from gateway.pipeline.merge import Detections
 from gateway.pipeline.render import (
     ROWS_PER_CHUNK,
@@ -30,8 +31,11 @@ from gateway.pipeline.render import (
     write_geojson,
 )
 from gateway.pipeline.result import Category, ImageMeta, ImageResult, ModelInfo, TilingInfo
+from tests.fakes import FAKE_CONTRACT
 
-MODEL = ModelInfo("palm", "1.1.0", "ab" * 32, triton_version="1")
+MODEL = ModelInfo(
+    "palm", "1.1.0", "ab" * 32, triton_version="1", categories=PALM_CATEGORIES, contract=FAKE_CONTRACT
+)
 TILING = TilingInfo(512, 128, 0.5, 0.3)
 CREATED = datetime(2024, 5, 1, 12, 30, 15, tzinfo=UTC)
 POLYGON = {"type": "Polygon", "coordinates": [[[1, 2], [1, 3], [2, 3], [2, 2], [1, 2]]]}
@@ -226,7 +230,9 @@ def test_images_without_detections_render_as_empty_lists() -> None:
 
 
 def test_categories_come_from_the_model() -> None:
-    model = ModelInfo("trees", "3", None, categories=(Category(4, "oak", "vegetation"),))
+    model = ModelInfo(
+        "trees", "3", None, categories=(Category(4, "oak", "vegetation"),), contract=FAKE_CONTRACT
+    )
     base = result("a.tif", 1)
     odd = replace(
         base, detections=Detections(base.detections.boxes, base.detections.scores, np.array([4], np.int32))
