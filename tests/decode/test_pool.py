@@ -467,3 +467,38 @@ async def test_batch_files_keep_one_worker_when_every_worker_is_reserved(files: 
         pool.open(files["small"], priority=Priority.BATCH) as session,
     ):
         assert session.info.width == 300
+
+
+async def test_workers_cut_and_share_tiles_of_the_models_side(files: dict[str, Path]) -> None:
+    """A model with 256 px tiles: the slots in /dev/shm, the batches and masks are 256 px, and equal to
+    what the reader cuts in process."""
+    async with DecodePool(DecodeSettings(workers=1), LIMITS, tile_size=256, slot_tiles=4) as small:
+        plan = StreamPlan(tile=256, overlap=64, batch_size=4)
+        async with small.open(files["masked"], plan=plan) as session:
+            batches = [b async for b in session.batches(zero_copy=True)]
+            skipped = session.skipped
+        with open_raster(files["masked"], LIMITS) as reader:
+            expected = list(reader.tiles(tile_grid(1100, 700, 256, 64)))
+            assert skipped == reader.skipped > 0
+        assert {b.pixels.shape[1:] for b in batches} == {(3, 256, 256)}
+        assert all(b.shared is not None and b.shared.nbytes == len(b.specs) * 3 * 256 * 256 for b in batches)
+        got = [
+            (s, b.pixels[i].copy(), None if b.valid is None else b.valid[i])
+            for b in batches
+            for i, s in enumerate(b.specs)
+        ]
+        for batch in batches:
+            batch.release()
+        assert [g[0] for g in got] == [t.spec for t in expected]
+        for (_, pixels, valid), tile in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(pixels, tile.pixels)
+            if tile.valid is None:
+                assert valid is None or valid.all()
+            else:
+                assert valid is not None
+                np.testing.assert_array_equal(valid, tile.valid)
+        with pytest.raises(ValueError, match="cuts 256 px tiles"):
+            small.open(files["masked"], plan=StreamPlan(tile=512, overlap=128))
+        async with small.open(files["masked"]) as session:
+            with pytest.raises(ValueError, match="256 px tiles only"):
+                session.batches(tile_grid(1100, 700, 512, 128))

@@ -67,7 +67,7 @@ def mosaic(tiles: list[Tile], width: int, height: int) -> tuple[npt.NDArray[np.u
     seen = np.zeros((height, width), np.bool_)
     for tile in tiles:
         s = tile.spec
-        assert tile.pixels.shape == (3, T, T)
+        assert tile.pixels.shape == (3, s.size, s.size)
         assert tile.pixels.dtype == np.uint8
         window = (slice(s.y, s.y + s.height), slice(s.x, s.x + s.width))
         pixels = tile.pixels[:, : s.height, : s.width]
@@ -75,7 +75,7 @@ def mosaic(tiles: list[Tile], width: int, height: int) -> tuple[npt.NDArray[np.u
             np.ones((s.height, s.width), bool) if tile.valid is None else tile.valid[: s.height, : s.width]
         )
         if tile.valid is not None:
-            assert tile.valid.shape == (T, T)
+            assert tile.valid.shape == (s.size, s.size)
             assert not tile.valid[s.height :, :].any()
             assert not tile.valid[:, s.width :].any()
         assert not tile.pixels[:, s.height :, :].any(), "padding must be 0"
@@ -670,6 +670,34 @@ def test_tiles_come_in_row_major_order_whatever_the_request_order(geotiff: GeoTi
         assert only.spec == specs[-1]
         with pytest.raises(ValueError, match="outside the image"):
             list(reader.tiles([TileSpec(0, 0, 0, 1000, 0, 512, 512, False, False, False, False, 512)]))
+
+
+@pytest.mark.parametrize(("tile", "overlap", "width", "height"), [(256, 64, 700, 450), (320, 80, 200, 150)])
+def test_tiles_are_cut_at_the_models_side(
+    geotiff: GeoTiffFactory, tile: int, overlap: int, width: int, height: int
+) -> None:
+    data = synthetic_bands(width, height, 3, "uint8", seed=tile)
+    path = geotiff(width=width, height=height, data=data, photometric="RGB")
+    specs = tile_grid(width, height, tile, overlap)
+    with open_raster(path, LIMITS) as reader:
+        tiles = list(reader.tiles(specs))
+    assert len(tiles) == len(specs)
+    assert {t.pixels.shape for t in tiles} == {(3, tile, tile)}
+    np.testing.assert_array_equal(mosaic(tiles, width, height)[0], data)
+    if width < tile:  # one tile, padded: the padding is invalid and zero
+        (only,) = tiles
+        assert only.valid is not None
+        assert only.valid[:height, :width].all()
+        assert not only.valid[height:].any()
+        assert not only.valid[:, width:].any()
+        assert not only.pixels[:, height:].any()
+
+
+def test_tiles_of_one_image_share_one_side(geotiff: GeoTiffFactory) -> None:
+    path = geotiff(width=600, height=600)
+    mixed = tile_grid(600, 600, 512, 128)[:1] + tile_grid(600, 600, 256, 64)[:1]
+    with open_raster(path, LIMITS) as reader, pytest.raises(ValueError, match="one size"):
+        list(reader.tiles(mixed))
 
 
 def test_damaged_block_is_a_corrupt_raster_without_server_paths(geotiff: GeoTiffFactory) -> None:

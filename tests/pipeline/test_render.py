@@ -242,6 +242,28 @@ def test_categories_come_from_the_model() -> None:
     assert coco["categories"] == [{"id": 4, "name": "oak", "supercategory": "vegetation"}]
 
 
+def test_coco_names_every_class_it_annotates_even_those_the_model_lacks(tmp_path: Path) -> None:
+    """A model without a card has no table: its ids become class_<id> categories (after the card's)."""
+    bare = ModelInfo("nameless", "1", None, contract=FAKE_CONTRACT)
+    base = result("a.tif", 3)
+    odd = replace(
+        base,
+        detections=Detections(base.detections.boxes, base.detections.scores, np.array([7, 3, 7], np.int32)),
+    )
+
+    coco = load_coco(render(OutputFormat.coco, [odd], bare, TILING, created=CREATED), tmp_path)
+    palm = rendered(OutputFormat.coco, [odd])
+
+    assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == [(3, "class_3"), (7, "class_7")]
+    assert sorted(coco.getAnnIds(catIds=[7])) == [1, 3]
+    assert [(c["id"], c["name"]) for c in palm["categories"]] == [
+        (1, "palm_tree"),
+        (2, "building"),
+        (3, "class_3"),
+        (7, "class_7"),
+    ]
+
+
 def test_coco_info_records_the_given_time_in_utc_and_the_job() -> None:
     paris = timezone(timedelta(hours=2))
     info = coco_info(MODEL, TILING, job_id="job-7", created=datetime(2024, 5, 1, 14, 30, 15, 999, paris))
