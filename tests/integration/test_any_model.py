@@ -92,7 +92,7 @@ def markers_triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -
 def lonlat_corners(box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
     """The four corners of a pixel box in EPSG:4326, from the file's transform and CRS."""
     x1, y1, x2, y2 = box
-    xs, ys = zip(*(TRANSFORM * corner for corner in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))), strict=True)
+    xs, ys = zip(*(TRANSFORM @ corner for corner in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))), strict=True)
     lon, lat = warp_transform(CRS, "EPSG:4326", list(xs), list(ys))
     return sorted(zip(lon, lat, strict=True))
 
