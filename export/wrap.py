@@ -22,10 +22,12 @@ threshold is reported as saturated in the response's warnings).
 ``python -m export.wrap --out /tmp/repo --name cars --tile 256 --top-k 100 --classes 3:car,8:truck``
 builds :class:`TinyYolo` with seeded random weights as a stand-in for a trained detector, exports the
 wrapped model with a dynamic batch axis, checks it on onnxruntime (:func:`check_onnx`) and writes
-``<out>/<name>/{config.pbtxt, configs/gpu.pbtxt, 1/model.onnx, 1/model.py, 1/model_card.json}``: a
-model repository entry that ``PALM_TRITON__MODEL_NAME=<name> PALM_TRITON__MODEL_REPOSITORY=<out>
-PALM_TRITON__MODEL_CONFIG_NAME= make run`` serves. To wrap your own detector, build
-``ContractWrapper(your_module, ...)`` with its trained weights loaded and call :func:`export_onnx`.
+``<out>/<name>/{config.pbtxt, configs/cpu.pbtxt, 1/model.onnx, 1/model.py, 1/model_card.json}``, laid
+out like ``model_repository/palm``: ``config.pbtxt`` for NVIDIA's Triton container on a GPU,
+``configs/cpu.pbtxt`` for the embedded server, which ``PALM_TRITON__MODEL_NAME=<name>
+PALM_TRITON__MODEL_REPOSITORY=<out> make run`` starts. To wrap your own detector, build
+``ContractWrapper(your_module, ...)`` with its trained weights loaded and call :func:`write_repository`
+(or :func:`export_onnx`).
 """
 
 from __future__ import annotations
@@ -249,7 +251,7 @@ def card(
 
 
 def cpu_config(name: str, contract: ModelContract, onnx_file: str = "model.onnx") -> str:
-    """``config.pbtxt`` for the embedded (CPU) server: the python backend runs ``model.onnx`` on
+    """``configs/cpu.pbtxt`` for the embedded (CPU) server: the python backend runs ``model.onnx`` on
     onnxruntime through ``1/model.py``."""
     s, k = contract.tile_size, contract.top_k
     return f"""name: "{name}"
@@ -270,7 +272,7 @@ parameters: {{ key: "onnx_file", value: {{ string_value: "{onnx_file}" }} }}
 
 
 def gpu_config(name: str, contract: ModelContract) -> str:
-    """A config for NVIDIA's Triton container: the onnxruntime backend with TensorRT in FP16."""
+    """``config.pbtxt`` for NVIDIA's Triton container: the onnxruntime backend with TensorRT in FP16."""
     s, k, image = contract.tile_size, contract.top_k, contract.input_name
     return f"""name: "{name}"
 backend: "onnxruntime"
@@ -327,9 +329,9 @@ def write_repository(
     shutil.copyfile(PYTHON_BACKEND, entry / "1" / "model.py")
     content = card(contract, categories, onnx_path, name=name, version=version)
     (entry / "1" / "model_card.json").write_text(json.dumps(content, indent=2) + "\n")
-    (entry / "config.pbtxt").write_text(cpu_config(name, contract))
+    (entry / "config.pbtxt").write_text(gpu_config(name, contract))
     (entry / "configs").mkdir(exist_ok=True)
-    (entry / "configs" / "gpu.pbtxt").write_text(gpu_config(name, contract))
+    (entry / "configs" / "cpu.pbtxt").write_text(cpu_config(name, contract))
     return contract
 
 

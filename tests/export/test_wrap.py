@@ -79,8 +79,10 @@ def test_the_export_keeps_the_contract_and_lays_out_a_servable_entry(tmp_path: P
     entry = tmp_path / "yolo"
     assert contract == ModelContract(tile_size=128, top_k=300, input_name="pixels", output_name="detections")
     assert sorted(p.name for p in entry.iterdir()) == ["1", "config.pbtxt", "configs"]
-    assert "dims: [ 3, 128, 128 ]" in (entry / "config.pbtxt").read_text()
-    assert 'name: "pixels"' in (entry / "configs" / "gpu.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in (entry / "config.pbtxt").read_text()
+    assert 'name: "pixels"' in (entry / "config.pbtxt").read_text()
+    assert "dims: [ 3, 128, 128 ]" in (entry / "configs" / "cpu.pbtxt").read_text()
+    assert 'backend: "python"' in (entry / "configs" / "cpu.pbtxt").read_text()
     onnx_contract, run_onnx = onnx_model(entry / "1" / "model.onnx")
     assert onnx_contract == contract
     tiles = np.random.default_rng(3).integers(0, 256, (3, 3, 128, 128), dtype=np.uint8)

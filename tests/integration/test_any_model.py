@@ -249,3 +249,35 @@ def test_a_card_that_disagrees_with_the_server_stops_the_start_naming_both(
     assert "card vs Triton" in result.stderr
     assert str(card_path) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# The exporter (torch.onnx, dynamo) calls a pytree API that torch itself deprecates; not ours to fix.
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
+@pytest.mark.slow
+async def test_a_wrapped_export_is_served_by_the_embedded_triton_as_written(tmp_path: Path) -> None:
+    """docs/bring-your-own-model.md's worked example: export.wrap's entry, loaded with its
+    configs/cpu.pbtxt, describes itself to the gateway and answers what onnxruntime answers."""
+    import torch
+
+    from export.evaluate import onnx_model
+    from export.wrap import Category, ContractWrapper, TinyYolo, write_repository
+    from gateway.triton.client import TritonClient
+
+    torch.manual_seed(0)
+    wrapper = ContractWrapper(TinyYolo(2), [5, 9], top_k=300, tile=128)
+    contract = write_repository(tmp_path, "yolo", wrapper, [Category(5, "car"), Category(9, "bus")])
+    settings = TritonSettings(model_name="yolo", model_repository=tmp_path, ready_timeout_s=300)
+    tiles = np.random.default_rng(4).integers(0, 256, (3, 3, 128, 128), dtype=np.uint8)
+    _, run_onnx = onnx_model(tmp_path / "yolo" / "1" / "model.onnx")
+
+    with EmbeddedTriton(settings, tmp_path / "triton") as server:
+        async with TritonClient(server.grpc_url, settings) as client:
+            assert await client.served_contract() == contract
+            served = await client.infer(tiles)
+
+    expected = run_onnx(tiles)
+    assert served.shape == expected.shape == (3, 300, 6)
+    for mine, theirs in zip(served, expected, strict=True):
+        mine_sorted = mine[np.lexsort(np.round(mine[:, 3::-1], 1).T)]
+        theirs_sorted = theirs[np.lexsort(np.round(theirs[:, 3::-1], 1).T)]
+        np.testing.assert_allclose(mine_sorted, theirs_sorted, rtol=1e-4, atol=1e-3)
