@@ -122,7 +122,8 @@ async def _served_contract(
     backend: InferenceBackend, settings: Settings, stated: ModelContract | None
 ) -> ModelContract | None:
     """What Triton states about the model, for the card to be checked against; ``None`` for another
-    backend, or for a configured Triton that cannot be asked now while the card states the contract.
+    backend, or for a configured Triton that cannot be asked now (then the card's contract is used
+    unchecked, and without one the start fails naming both sources).
 
     The client names and checks its calls by the card's contract from then on (Triton's, without one).
     """
@@ -137,11 +138,10 @@ async def _served_contract(
         try:
             served = await backend.served_contract(timeout_s=CONTRACT_TIMEOUT_S)
         except GatewayError as exc:
-            if stated is None:
-                raise
             logger.warning(
-                "cannot check the model card's contract against Triton at %s now (%s); using the card's",
+                "cannot ask Triton at %s for the contract of model %r now: %s",
                 settings.triton.url,
+                settings.triton.model_name,
                 exc.detail,
             )
             return None

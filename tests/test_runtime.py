@@ -3,6 +3,8 @@ tests/integration/test_any_model.py does the same against a real tritonserver)."
 
 from __future__ import annotations
 
+import logging
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -50,4 +52,36 @@ async def test_a_model_nobody_describes_does_not_start(tmp_path: Path) -> None:
 
     with pytest.raises(ContractError, match="the contract of model 'markers' is unknown"):
         async with open_runtime(settings, inference=FakeInference(no_boxes)):
+            pass
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_configured_triton_that_cannot_be_asked_leaves_the_card_unchecked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(markers.write_repository(tmp_path / "repo"), tmp_path / "data")
+    settings.triton.url = f"127.0.0.1:{closed_port()}"
+
+    with caplog.at_level(logging.WARNING, logger="gateway.runtime"):
+        async with open_runtime(settings) as runtime:
+            assert runtime.model.contract.tile_size == 256
+            assert runtime.decode.tile_size == 256
+            assert not await runtime.inference.model_ready()
+
+    assert "cannot ask Triton at 127.0.0.1" in caplog.text
+
+
+async def test_without_a_card_a_configured_triton_that_cannot_be_asked_stops_the_start(
+    tmp_path: Path,
+) -> None:
+    settings = settings_for(markers.write_repository(tmp_path / "repo", with_card=False), tmp_path / "data")
+    settings.triton.url = f"127.0.0.1:{closed_port()}"
+
+    with pytest.raises(ContractError, match=r"states none .* and Triton's model metadata could not be read"):
+        async with open_runtime(settings):
             pass
