@@ -23,19 +23,26 @@ from typing import Any
 
 from export.synth import HELDOUT_MIN_SEED, render_scene, write_geotiff
 from gateway.model_card import update_card
+from gateway.pipeline.contract import ModelContract
 from gateway.pipeline.inputs import CHANNELS, InputStatistics
 from gateway.pipeline.raster import open_raster
-from gateway.pipeline.tiling import tile_grid
+from gateway.pipeline.tiling import default_overlap, tile_grid
 from gateway.settings import REPO_ROOT, LimitSettings
 
 CARD = REPO_ROOT / "model_repository" / "palm" / "1" / "model_card.json"
+
+
+def card_tile_size() -> int:
+    """The tile side the gateway serves the model with: its card's contract."""
+    return ModelContract.from_card(json.loads(CARD.read_text())["contract"], source=str(CARD)).tile_size
 
 
 def scene_statistics(path: Path) -> dict[str, float]:
     """One file's input statistics, as the decode workers compute them, and its GSD."""
     stats = InputStatistics()
     with open_raster(path, LimitSettings()) as reader:
-        specs = tile_grid(reader.info.width, reader.info.height)
+        side = card_tile_size()
+        specs = tile_grid(reader.info.width, reader.info.height, side, default_overlap(side))
         for spec in specs:
             stats.expect(spec.width, spec.height)
         for tile in reader.tiles(specs):

@@ -1,12 +1,22 @@
 """Held-out accuracy of an exported model, measured the way the gateway serves it.
 
-``python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 24 --seed 1000000``
-renders held-out scenes (seeds ``K .. K+N-1``, all ``>= HELDOUT_MIN_SEED`` so never used in training),
-cuts every scene with the gateway's :func:`~gateway.pipeline.tiling.tile_grid` (512 px tiles, 128 px
-overlap), runs the ONNX with onnxruntime tile by tile, merges with the gateway's
-:func:`~gateway.pipeline.merge.merge_tiles` (default IoU and fragment rules), drops detections scoring
-below ``--score-threshold`` (0.05 by default, low on purpose: COCO AP integrates over the whole
-precision/recall curve) and scores the rest with pycocotools' COCOeval.
+Two sources of ground truth:
+
+* ``python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 24 --seed 1000000``
+  renders held-out synthetic scenes (seeds ``K .. K+N-1``, all ``>= HELDOUT_MIN_SEED`` so never used in
+  training) and keeps their pixels in memory;
+* ``python -m export.evaluate --onnx my/1/model.onnx --coco truth.json --images DIR`` takes a user's
+  COCO file and the rasters it names (``DIR/<file_name>``, GeoTIFF or anything else the gateway reads)
+  and reads each through the gateway's own reader (band choice, scaling, nodata masks), as
+  ``/v1/predict`` would; the categories are the COCO file's.
+
+Either way the image is cut with the gateway's :func:`~gateway.pipeline.tiling.tile_grid` at the
+model's tile side (read from the ONNX input, e.g. 512 px) and the gateway's default overlap (a quarter
+of the tile, or ``--overlap``), the ONNX runs on onnxruntime tile by tile (its tensor names also read
+from the file), the gateway's :func:`~gateway.pipeline.merge.merge_tiles` merges the tiles (default IoU
+and fragment rules), detections scoring below ``--score-threshold`` (0.05 by default, low on purpose:
+COCO AP integrates over the whole precision/recall curve) are dropped and the rest are scored with
+pycocotools' COCOeval.
 
 COCOeval's default limit of 100 detections per image would cap recall on plantation scenes with
 hundreds of palms, so the limit is raised to ``MAX_DETS``; AP is the mean precision over IoU
@@ -33,14 +43,18 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from export.synth import HELDOUT_MIN_SEED, Scene, coco_dataset, render_scene, to_grey
+from gateway.pipeline.contract import ModelContract, TensorSpec
 from gateway.pipeline.merge import Detections, merge_tiles
-from gateway.pipeline.result import PALM_CATEGORIES
-from gateway.pipeline.tiling import DEFAULT_OVERLAP, TILE_SIZE, tile_grid
+from gateway.pipeline.raster import ReadOptions, open_raster
+from gateway.pipeline.tiling import TileSpec, choose_overlap, tile_grid
+from gateway.settings import LimitSettings
 
 log = logging.getLogger(__name__)
 
-#: Runs a batch of ``uint8 [B, 3, 512, 512]`` tiles and returns the model's ``[B, K, 6]`` rows.
+#: Runs a batch of ``uint8 [B, 3, S, S]`` tiles and returns the model's ``[B, K, 6]`` rows.
 TileRunner = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
+#: onnxruntime's element types as Triton names them (the contract's vocabulary).
+ORT_DATATYPES = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(float16)": "FP16"}
 DEFAULT_SCORE_THRESHOLD = 0.05
 MAX_DETS = 10_000
 
@@ -68,14 +82,18 @@ def detect_scene(
     runner: TileRunner,
     score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     batch: int = 8,
+    *,
+    tile: int,
+    overlap: int | None = None,
 ) -> Detections:
-    """Detections for one ``uint8 [3, H, W]`` image: gateway tiling, the model per tile, gateway merge."""
+    """Detections for one ``uint8 [3, H, W]`` image: gateway tiling (``tile`` px, the model's side, and
+    ``overlap``, a quarter of it unless given), the model per tile, gateway merge."""
     _, height, width = pixels.shape
-    specs = tile_grid(width, height)
+    specs = tile_grid(width, height, tile, choose_overlap(tile, overlap))
     outputs: list[tuple[Any, npt.NDArray[np.float32], None]] = []
     for start in range(0, len(specs), batch):
         group = specs[start : start + batch]
-        tiles = np.zeros((len(group), 3, TILE_SIZE, TILE_SIZE), np.uint8)
+        tiles = np.zeros((len(group), 3, tile, tile), np.uint8)
         for i, spec in enumerate(group):
             tiles[i, :, : spec.height, : spec.width] = pixels[
                 :, spec.y : spec.y + spec.height, spec.x : spec.x + spec.width
@@ -85,10 +103,82 @@ def detect_scene(
     return merge_tiles(outputs, score_threshold=score_threshold)
 
 
-def coco_results(detections: Sequence[Detections]) -> list[dict[str, Any]]:
-    """COCO result rows (``image_id`` counts from 1, matching :func:`~export.synth.coco_dataset`)."""
+def detect_file(
+    path: Path,
+    runner: TileRunner,
+    contract: ModelContract,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    batch: int = 8,
+    *,
+    overlap: int | None = None,
+    bands: tuple[int, ...] | None = None,
+) -> tuple[Detections, tuple[int, int]]:
+    """Detections for one raster read as the gateway reads it, and its ``(width, height)``.
+
+    The gateway's reader turns the file into uint8 RGB tiles with their validity masks (nodata, alpha,
+    padding), cut at the model's tile side; boxes whose centre lies on an invalid pixel are dropped by
+    the same merge rules as ``/v1/predict``.
+    """
+    tile = contract.tile_size
+    outputs: list[tuple[TileSpec, npt.NDArray[np.float32], npt.NDArray[np.bool_] | None]] = []
+    with open_raster(path, LimitSettings(), ReadOptions(bands=bands)) as reader:
+        width, height = reader.info.width, reader.info.height
+        specs = tile_grid(width, height, tile, choose_overlap(tile, overlap))
+        pending: list[Any] = []
+
+        def flush() -> None:
+            raw = runner(np.stack([t.pixels for t in pending]))
+            outputs.extend((t.spec, raw[i], t.valid) for i, t in enumerate(pending))
+            pending.clear()
+
+        for cut in reader.tiles(specs):
+            pending.append(cut)
+            if len(pending) == batch:
+                flush()
+        if pending:
+            flush()
+    return merge_tiles(outputs, score_threshold=score_threshold), (width, height)
+
+
+def evaluate_coco(
+    ground_truth: dict[str, Any],
+    images: Path,
+    runner: TileRunner,
+    contract: ModelContract,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    *,
+    overlap: int | None = None,
+    bands: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Score a model on a user's COCO ground truth; each image is ``images / file_name``.
+
+    Raises:
+        FileNotFoundError: an image the COCO file names is not in ``images``.
+        ValueError: an image's size differs from the COCO file's ``width`` and ``height``.
+    """
     rows: list[dict[str, Any]] = []
-    for image_id, det in enumerate(detections, start=1):
+    for image in ground_truth["images"]:
+        path = images / image["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (named by image {image['id']} of the COCO file) does not exist")
+        det, size = detect_file(path, runner, contract, score_threshold, overlap=overlap, bands=bands)
+        stated = (image.get("width", size[0]), image.get("height", size[1]))
+        if stated != size:
+            raise ValueError(
+                f"{path} is {size[0]} x {size[1]} px but the COCO file says {stated[0]} x {stated[1]}"
+            )
+        rows += coco_results([det], image_ids=[int(image["id"])])
+    return coco_metrics(ground_truth, rows)
+
+
+def coco_results(
+    detections: Sequence[Detections], image_ids: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """COCO result rows; ``image_id`` counts from 1 (matching :func:`~export.synth.coco_dataset`) unless
+    ``image_ids`` gives each one."""
+    rows: list[dict[str, Any]] = []
+    ids = image_ids if image_ids is not None else range(1, len(detections) + 1)
+    for image_id, det in zip(ids, detections, strict=True):
         for (x1, y1, x2, y2), score, cat in zip(
             det.boxes.tolist(), det.scores.tolist(), det.class_ids.tolist(), strict=True
         ):
@@ -144,28 +234,38 @@ def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]]) ->
             "AP75": mean_ap(p[ious.index(0.75)]),
         }
 
+    names = {int(c["id"]): str(c["name"]) for c in ground_truth["categories"]}
     out: dict[str, Any] = figures(slice(None))
     out["per_class"] = {}
     for k, cat_id in enumerate(ev.params.catIds):
-        name = {c.id: c.name for c in PALM_CATEGORIES}[cat_id]
-        out["per_class"][name] = figures(k)
+        out["per_class"][names[cat_id]] = figures(k)
     anns = ground_truth["annotations"]
-    out["num_gt"] = {c.name: sum(a["category_id"] == c.id for a in anns) for c in PALM_CATEGORIES}
+    out["num_gt"] = {name: sum(a["category_id"] == i for a in anns) for i, name in names.items()}
     out["num_dets"] = len(results)
     return out
 
 
 def evaluate_scenes(
-    scenes: Sequence[Scene], runner: TileRunner, score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    scenes: Sequence[Scene],
+    runner: TileRunner,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    *,
+    tile: int,
+    overlap: int | None = None,
 ) -> dict[str, Any]:
     """Run :func:`detect_scene` over ``scenes`` and score them with :func:`coco_metrics`."""
-    dets = [detect_scene(s.pixels, runner, score_threshold) for s in scenes]
+    dets = [detect_scene(s.pixels, runner, score_threshold, tile=tile, overlap=overlap) for s in scenes]
     gt = coco_dataset((s, f"scene_{s.seed}.tif") for s in scenes)
     return coco_metrics(gt, coco_results(dets))
 
 
-def onnx_runner(path: Path, threads: int = 2) -> TileRunner:
-    """A :data:`TileRunner` over an onnxruntime CPU session."""
+def onnx_model(path: Path, threads: int = 2) -> tuple[ModelContract, TileRunner]:
+    """The contract an ONNX file meets (its input and output as the gateway would serve them) and a
+    :data:`TileRunner` over an onnxruntime CPU session of it.
+
+    Raises:
+        ContractError: the file's tensors are off the contract (naming what is wrong).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -173,11 +273,25 @@ def onnx_runner(path: Path, threads: int = 2) -> TileRunner:
     options.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+    def spec(t: Any) -> TensorSpec:
+        dims = tuple(d if isinstance(d, int) else -1 for d in t.shape)
+        return TensorSpec(t.name, ORT_DATATYPES.get(t.type, t.type), dims)
+
+    contract = ModelContract.from_tensors(
+        [spec(t) for t in sess.get_inputs()], [spec(t) for t in sess.get_outputs()], source=str(path)
+    )
+    outputs, name = [contract.output_name], contract.input_name
+
     def run(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        out: npt.NDArray[np.float32] = sess.run(["detections"], {"images": tiles})[0]
+        out: npt.NDArray[np.float32] = sess.run(outputs, {name: tiles})[0]
         return out
 
-    return run
+    return contract, run
+
+
+def onnx_runner(path: Path, threads: int = 2) -> TileRunner:
+    """A :data:`TileRunner` over an onnxruntime CPU session (see :func:`onnx_model`)."""
+    return onnx_model(path, threads)[1]
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -196,6 +310,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=24)
     parser.add_argument("--seed", type=int, default=HELDOUT_MIN_SEED, help="first held-out scene seed")
     parser.add_argument("--size", type=int, default=1024, help="scene width and height in pixels")
+    parser.add_argument(
+        "--coco",
+        type=Path,
+        help="score on this COCO ground truth instead of synthetic scenes (needs --images)",
+    )
+    parser.add_argument("--images", type=Path, help="folder holding the COCO file's images (by file_name)")
+    parser.add_argument("--bands", help="source bands for R,G,B of the --coco images, e.g. 3,2,1")
+    parser.add_argument(
+        "--overlap", type=int, help="tile overlap in pixels (default: a quarter of the model's tile side)"
+    )
     parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
@@ -207,31 +331,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    seeds = range(args.seed, args.seed + args.scenes)
-    try:
-        check_heldout(seeds)
-    except SeedOverlap as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if (args.coco is None) != (args.images is None):
+        parser.error("--coco and --images go together")
     started = time.perf_counter()
-    runner = onnx_runner(args.onnx, args.threads)
-    scenes = [render_scene(s, args.size) for s in seeds]
-    if args.grey:
-        scenes = [replace(s, pixels=to_grey(s.pixels)) for s in scenes]
-    metrics = evaluate_scenes(scenes, runner, args.score_threshold)
-    metrics["protocol"] = {
-        "onnx": str(args.onnx),
-        "scene_seeds": [seeds.start, seeds.stop - 1],
-        "scene_size": args.size,
-        "tiling": {"tile": TILE_SIZE, "overlap": DEFAULT_OVERLAP, "merge": "gateway.pipeline.merge defaults"},
-        "score_threshold": args.score_threshold,
-        "max_dets_per_image": MAX_DETS,
-        "iou_thresholds": "0.50:0.05:0.95",
-        "colour": "grey (luma in all bands)" if args.grey else "rgb",
-    }
+    contract, runner = onnx_model(args.onnx, args.threads)
+    overlap = choose_overlap(contract.tile_size, args.overlap)
+    tiling = {"tile": contract.tile_size, "overlap": overlap, "merge": "gateway.pipeline.merge defaults"}
+    protocol: dict[str, Any] = {"onnx": str(args.onnx)}
+    if args.coco is not None:
+        truth = json.loads(args.coco.read_text())
+        bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
+        try:
+            metrics = evaluate_coco(
+                truth, args.images, runner, contract, args.score_threshold, overlap=overlap, bands=bands
+            )
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        protocol.update(coco=str(args.coco), images=len(truth["images"]), reader="gateway.pipeline.raster")
+        count = len(truth["images"])
+    else:
+        seeds = range(args.seed, args.seed + args.scenes)
+        try:
+            check_heldout(seeds)
+        except SeedOverlap as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        scenes = [render_scene(s, args.size) for s in seeds]
+        if args.grey:
+            scenes = [replace(s, pixels=to_grey(s.pixels)) for s in scenes]
+        metrics = evaluate_scenes(
+            scenes, runner, args.score_threshold, tile=contract.tile_size, overlap=overlap
+        )
+        protocol.update(
+            scene_seeds=[seeds.start, seeds.stop - 1],
+            scene_size=args.size,
+            colour="grey (luma in all bands)" if args.grey else "rgb",
+        )
+        count = len(scenes)
+    protocol.update(
+        tiling=tiling,
+        score_threshold=args.score_threshold,
+        max_dets_per_image=MAX_DETS,
+        iou_thresholds="0.50:0.05:0.95",
+    )
+    metrics["protocol"] = protocol
     print(format_metrics(metrics))
     objects = sum(metrics["num_gt"].values())
-    print(f"{len(scenes)} scenes, {objects} objects, {time.perf_counter() - started:.1f} s")
+    print(f"{count} images, {objects} objects, {time.perf_counter() - started:.1f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -43,7 +43,7 @@ from export.model import (
     fold_batchnorm,
     folded_skeleton,
 )
-from gateway.pipeline.result import PALM_CATEGORIES
+from export.synth import PALM_CATEGORIES
 
 log = logging.getLogger(__name__)
 

@@ -51,12 +51,18 @@ import rasterio
 from affine import Affine
 from rasterio.warp import transform as warp_transform
 
-from gateway.pipeline.result import PALM_CATEGORIES
+from gateway.pipeline.result import Category
 
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 PALM, BUILDING = 1, 2
+#: The Palm model's classes, as its model card lists them (channel ``c`` of its heatmap is category
+#: ``c + 1``); the gateway itself knows a model's classes only from its card.
+PALM_CATEGORIES: Final = (
+    Category(PALM, "palm_tree", "vegetation"),
+    Category(BUILDING, "building", "structure"),
+)
 GSD_RANGE = (0.3, 0.6)
 TRAIN_SEEDS = range(0, 900_000)
 VAL_SEEDS = range(900_000, 1_000_000)

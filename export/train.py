@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from export.evaluate import evaluate_scenes
-from export.model import STRIDE, PalmNet, PalmNetConfig, conv_flops
+from export.model import STRIDE, TILE, PalmNet, PalmNetConfig, conv_flops
 from export.synth import TRAIN_SEEDS, VAL_SEEDS, Scene, render_scene, to_grey
 
 log = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
             running = {}
         if val and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
-            metrics = evaluate_scenes(val, torch_runner(model))
+            metrics = evaluate_scenes(val, torch_runner(model), tile=TILE)
             emit({"step": step + 1, "val": metrics})
             per = metrics["per_class"]
             log.info("step %d validation AP %.4f AP50 %.4f AP75 %.4f | palm AP50 %.4f building AP50 %.4f",

@@ -45,9 +45,10 @@ without the pixel limit of a direct request. A directory stands for every *.tif 
 One output per file goes to the output folder, plus, for coco and geojson with several files, a
 combined predictions.coco.json or predictions.geojson.
 
-Exit status: 0 every file succeeded, 1 some file failed, 2 the command line was wrong.
-Unless PALM_TRITON_URL names a running server, an embedded tritonserver runs for the duration; its
-files go to PALM_DATA_DIR (default: ~/.cache/palm-serve).
+Exit status: 0 every file succeeded, 1 some file failed, 2 the command line was wrong (or the model's
+card and Triton disagree on its tensors). Unless PALM_TRITON_URL names a running server, an embedded
+tritonserver runs for the duration; its files go to PALM_DATA_DIR (default: ~/.cache/palm-serve).
+PALM_TRITON__MODEL_NAME picks the model in PALM_TRITON__MODEL_REPOSITORY (default: palm).
 """
 
 
@@ -195,10 +196,15 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
     # Files are read one after another: one decode worker is enough, and starts sooner.
     settings = settings.model_copy(update={"decode": settings.decode.model_copy(update={"workers": 1})})
 
+    from gateway.pipeline.contract import ContractError
     from gateway.runtime import open_runtime
 
-    async with open_runtime(settings) as runtime:
-        return _report(await _run(runtime, files, options, out, args), len(files))
+    try:
+        async with open_runtime(settings) as runtime:
+            return _report(await _run(runtime, files, options, out, args), len(files))
+    except ContractError as exc:
+        print(f"palm-serve: cannot serve model {settings.triton.model_name!r}: {exc}", file=sys.stderr)
+        return 2
 
 
 async def _run(runtime: Any, files: list[Path], options: Any, out: Path, args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ from gateway.pipeline import geo
 from gateway.pipeline.merge import Candidates, merge_candidates, tile_candidates
 from gateway.pipeline.raster import ReadOptions, drivers_for_name
 from gateway.pipeline.result import ImageMeta, ImageResult, ModelInfo, TilingInfo
-from gateway.pipeline.tiling import tile_count
+from gateway.pipeline.tiling import choose_overlap, tile_count
 from gateway.scheduling import Priority, PriorityLimiter
 from gateway.settings import TilingSettings, TritonSettings
 from gateway.shared_memory import SharedTiles
@@ -61,7 +61,7 @@ class InferenceBackend(Protocol):
         shared: SharedTiles | None = None,
         priority: Priority = Priority.ONLINE,
     ) -> npt.NDArray[np.float32]:
-        """uint8 ``[N, 3, 512, 512]`` tiles to float32 ``[N, K, 6]`` detections.
+        """uint8 ``[N, 3, S, S]`` tiles to float32 ``[N, K, 6]`` detections (the model's contract).
 
         ``shared``, when given, says where ``tiles`` lie in shared memory; a server that can map it
         reads them there instead of receiving them. ``priority`` is the request's priority level at
@@ -82,11 +82,15 @@ class Predictor:
     Args:
         decode: the pool of decode workers that reads files.
         inference: the inference server (normally the Triton client).
-        model: the model the server runs, reported with every result.
-        tiling: tile size, overlap and merge IoU.
+        model: the model the server runs, reported with every result; its contract sets the tile side.
+        tiling: overlap (a quarter of the tile unless set), merge IoU and the default threshold.
         triton: tiles per call, calls in flight per image and for the whole gateway (online and
             batch), and the call deadline.
         metrics: where stage times and tile counts go; none when ``None``.
+
+    Raises:
+        ValueError: the configured overlap is above half the model's tile side, or the decode workers
+            cut tiles of another side than the model's.
     """
 
     def __init__(
@@ -100,6 +104,13 @@ class Predictor:
         metrics: Metrics | None = None,
     ) -> None:
         self.tiling = tiling
+        self.tile_size = model.contract.tile_size
+        self.overlap = choose_overlap(self.tile_size, tiling.overlap)
+        if decode.tile_size != self.tile_size:
+            raise ValueError(
+                f"the decode workers cut {decode.tile_size} px tiles; model {model.name!r} takes "
+                f"{self.tile_size} px"
+            )
         self.triton = triton
         self.decode = decode
         self.inference = inference
@@ -113,8 +124,7 @@ class Predictor:
 
     def tiling_info(self, score_threshold: float) -> TilingInfo:
         """How this predictor cuts and merges, as recorded in COCO ``info``."""
-        t = self.tiling
-        return TilingInfo(t.tile_size, t.overlap, t.nms_iou, score_threshold)
+        return TilingInfo(self.tile_size, self.overlap, self.tiling.nms_iou, score_threshold)
 
     async def predict_file(
         self,
@@ -206,8 +216,8 @@ class Predictor:
         # it busy, full batches spare it an execution (each costs the server a few ms of hand-over).
         ramp = self._at_triton == 0
         plan = StreamPlan(
-            tiling.tile_size,
-            tiling.overlap,
+            self.tile_size,
+            self.overlap,
             triton.batch_size,
             first_batch=max(1, triton.batch_size // 4) if ramp else None,
         )
@@ -233,7 +243,7 @@ class Predictor:
             async with self.decode.open(path, read, plan=plan, priority=priority) as session:
                 opened = time.perf_counter()
                 info = session.info
-                total = tile_count(info.width, info.height, tiling.tile_size, tiling.overlap)
+                total = tile_count(info.width, info.height, self.tile_size, self.overlap)
 
                 def report(done: int) -> None:
                     if progress is not None:

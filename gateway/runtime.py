@@ -8,13 +8,18 @@ files through them. Leaving the context stops what it started.
 Start-up order: the embedded ``tritonserver`` is spawned first, then the decode workers start and the
 gateway's own heavier modules load while the server loads its model; a failure of either side stops the
 other. This module therefore imports the engine's modules inside :func:`open_runtime`, not at the top.
+
+The model's contract (tile side, ``K``, tensor names; :mod:`gateway.pipeline.contract`) sizes the decode
+workers' shared-memory slots, so they start alongside the server when the model card states it; for a
+model without one they start once Triton has described the model. Once the server answers, what it
+states is checked against the card: a difference stops the start with both values named.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,10 +30,14 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from gateway.decode import DecodePool
     from gateway.metrics import Metrics
+    from gateway.pipeline.contract import ModelContract
     from gateway.pipeline.result import ModelInfo
     from gateway.predictor import InferenceBackend, Predictor
 
 logger = logging.getLogger(__name__)
+
+CONTRACT_TIMEOUT_S = 5.0
+"""How long a configured (remote) Triton may take to describe the model at start-up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +68,11 @@ async def open_runtime(
 
     Raises:
         InferenceUnavailable: the embedded Triton did not get the model ready.
+        ContractMismatch: the model card and Triton describe different tensors (both named).
+        ContractError: the model's contract is off what the gateway serves, or unknown (no card and
+            no answer from Triton).
         ValueError: the configuration contradicts the served model (e.g. a batch size above its
-            ``max_batch_size``).
+            ``max_batch_size``, an overlap above half its tile).
         RuntimeError: the decode workers could not start.
     """
     from gateway.metrics import Metrics
@@ -72,17 +84,31 @@ async def open_runtime(
         triton = asyncio.create_task(_enter(stack, backend_context))
         await asyncio.sleep(0)  # let the embedded server spawn before the imports below hold the loop
         from gateway.decode import DecodePool
-        from gateway.model_card import load_model_info
+        from gateway.model_card import card_contract, load_model_info
         from gateway.predictor import Predictor
 
-        pool = DecodePool.for_settings(settings)
-        stack.push_async_callback(pool.close)
-        started = await asyncio.gather(triton, pool.start(), return_exceptions=True)
+        try:
+            stated = card_contract(settings.triton)
+        except BaseException:
+            triton.cancel()  # the server's own context stops what it started
+            await asyncio.gather(triton, return_exceptions=True)
+            raise
+        # Without a contract in the card the slots' size is Triton's to tell: the workers start after.
+        pool = None if stated is None else DecodePool.for_settings(settings, stated)
+        starting: list[Awaitable[object]] = [triton]
+        if pool is not None:
+            stack.push_async_callback(pool.close)
+            starting.append(pool.start())
+        started = await asyncio.gather(*starting, return_exceptions=True)
         failure = next((r for r in started if isinstance(r, BaseException)), None)
         if failure is not None:
             raise failure
         backend = triton.result()
-        model = load_model_info(settings.triton)
+        model = load_model_info(settings.triton, await _served_contract(backend, settings, stated))
+        if pool is None:
+            pool = DecodePool.for_settings(settings, model.contract)
+            stack.push_async_callback(pool.close)
+            await pool.start()
         predictor = Predictor(
             pool, backend, model, tiling=settings.tiling, triton=settings.triton, metrics=metrics
         )
@@ -90,6 +116,37 @@ async def open_runtime(
         metrics.model_info.labels(model.name, model.version, model.sha256 or "").set(1)
         metrics_url = getattr(backend, "metrics_url", None)
         yield Runtime(settings, metrics, backend, pool, model, predictor, metrics_url)
+
+
+async def _served_contract(
+    backend: InferenceBackend, settings: Settings, stated: ModelContract | None
+) -> ModelContract | None:
+    """What Triton states about the model, for the card to be checked against; ``None`` for another
+    backend, or for a configured Triton that cannot be asked now (then the card's contract is used
+    unchecked, and without one the start fails naming both sources).
+
+    The client names and checks its calls by the card's contract from then on (Triton's, without one).
+    """
+    from gateway.errors import GatewayError
+    from gateway.triton.client import TritonClient
+
+    if not isinstance(backend, TritonClient):
+        return None
+    if settings.triton.url is None:
+        served = await backend.served_contract()
+    else:
+        try:
+            served = await backend.served_contract(timeout_s=CONTRACT_TIMEOUT_S)
+        except GatewayError as exc:
+            logger.warning(
+                "cannot ask Triton at %s for the contract of model %r now: %s",
+                settings.triton.url,
+                settings.triton.model_name,
+                exc.detail,
+            )
+            return None
+    backend.use_contract(stated or served)
+    return served
 
 
 def triton_metrics_url(settings: Settings) -> str | None:

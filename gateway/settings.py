@@ -128,10 +128,17 @@ class HttpSettings(BaseModel):
 
 
 class TilingSettings(BaseModel):
-    """How images are cut and detections merged; recorded in every COCO ``info``."""
+    """How images are cut and detections merged; recorded in every COCO ``info``.
 
-    tile_size: int = Field(default=512, description="Fixed by the model's input shape.")
-    overlap: int = Field(default=128, ge=0, lt=512, description="Pixels shared by neighbouring tiles.")
+    The tile side is the served model's (its card's ``contract``, or Triton's config), never a setting.
+    """
+
+    overlap: int | None = Field(
+        default=None,
+        ge=0,
+        description="Pixels shared by neighbouring tiles; unset: a quarter of the model's tile side "
+        "(128 at 512 px). At most half the tile.",
+    )
     nms_iou: float = Field(default=0.5, gt=0, le=1)
     score_threshold: float = Field(default=0.3, ge=0, le=1, description="Default when a request sets none.")
 
@@ -337,10 +344,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
-        if self.tiling.tile_size != 512:
-            raise ValueError("tiling.tile_size is fixed at 512 by the model's input shape")
-        if self.tiling.overlap * 2 > self.tiling.tile_size:
-            raise ValueError("tiling.overlap must be at most half the tile size")
         if self.webhook.lease_s <= self.webhook.timeout_s:
             raise ValueError("webhook.lease_s must be longer than webhook.timeout_s")
         return self

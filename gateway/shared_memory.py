@@ -15,7 +15,7 @@ class SharedTiles:
         key: the POSIX shared-memory key (``/<region>``).
         region_bytes: the size of the whole region.
         offset: where this batch starts in the region.
-        nbytes: the batch's size (``n * 3 * 512 * 512``).
+        nbytes: the batch's size (``n * 3 * S * S``, ``S`` the model's tile side).
     """
 
     region: str

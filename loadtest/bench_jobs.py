@@ -74,7 +74,7 @@ def naive_loop(path: Path) -> float:
     session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
     started = time.perf_counter()
     with rasterio.open(path) as src:
-        specs = tile_grid(src.width, src.height)
+        specs = tile_grid(src.width, src.height, 512, 128)
         outputs = []
         for spec in specs:
             tile = src.read(window=Window(spec.x, spec.y, 512, 512), boundless=True)

@@ -105,7 +105,7 @@ def write_mosaic(path: Path, side: int, *, tiled: bool, scene_size: int = 2048) 
 
 
 async def decode_only(path: Path, batch: int) -> float:
-    async with DecodePool(DecodeSettings(workers=1), LimitSettings()) as pool:
+    async with DecodePool(DecodeSettings(workers=1), LimitSettings(), tile_size=512) as pool:
         tiles, seconds = await decode(pool, path, batch)
     return tiles / seconds
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     figures: dict[str, object] = {}
-    tiles = tile_count(args.size, args.size)
+    tiles = tile_count(args.size, args.size, 512, 128)
     for layout in ("tiled", "striped"):
         if args.only and layout != args.only:
             continue

@@ -96,7 +96,7 @@ async def decode(pool: DecodePool, path: Path, batch: int) -> tuple[int, float]:
     started = time.perf_counter()
     tiles = 0
     async with pool.open(path) as session:
-        specs = tile_grid(session.info.width, session.info.height)
+        specs = tile_grid(session.info.width, session.info.height, 512, 128)
         async for b in session.batches(specs, batch):
             tiles += len(b.specs)
         tiles += session.skipped
@@ -121,7 +121,7 @@ async def run(args: argparse.Namespace) -> None:
         f"\ndecode pool: {settings.workers} workers, batch {args.batch}, RLIMIT_AS "
         f"{settings.memory_limit_bytes / 1024**3:.1f} GiB per worker"
     )
-    async with DecodePool(settings, LimitSettings()) as pool:
+    async with DecodePool(settings, LimitSettings(), tile_size=512) as pool:
         for layout, path in files.items():
             for attempt in range(args.repeat):
                 tiles, seconds = await decode(pool, path, args.batch)
@@ -161,7 +161,7 @@ async def run(args: argparse.Namespace) -> None:
     for layout, path in files.items():
         started = time.perf_counter()
         with open_raster(path, LimitSettings()) as reader:
-            tiles = sum(1 for _ in reader.tiles(tile_grid(reader.info.width, reader.info.height)))
+            tiles = sum(1 for _ in reader.tiles(tile_grid(reader.info.width, reader.info.height, 512, 128)))
         seconds = time.perf_counter() - started
         print(f"  {layout:8} {tiles} tiles in {seconds:6.2f} s = {tiles / seconds:6.0f} tiles/s")
 

@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from export.synth import PALM_CATEGORIES
 from gateway.pipeline.atomic import AtomicFile, atomic_write
+from gateway.pipeline.contract import ModelContract
 from gateway.pipeline.merge import Detections
 from gateway.pipeline.render import (
     DetectionBatch,
@@ -54,7 +56,13 @@ from gateway.pipeline.render import (
 )
 from gateway.pipeline.result import ImageMeta, ImageResult, ModelInfo, TilingInfo
 
-MODEL = ModelInfo("palm", "1.1.0", "ab" * 32)
+MODEL = ModelInfo(
+    "palm",
+    "1.1.0",
+    "ab" * 32,
+    categories=PALM_CATEGORIES,
+    contract=ModelContract(512, 2048, "images", "detections"),
+)
 TILING = TilingInfo(512, 128, 0.5, 0.3)
 CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SIDE = 20_000

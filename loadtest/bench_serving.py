@@ -63,7 +63,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def scene_tiles(pixels: np.ndarray) -> np.ndarray:
-    specs = tile_grid(pixels.shape[2], pixels.shape[1])
+    specs = tile_grid(pixels.shape[2], pixels.shape[1], 512, 128)
     return np.ascontiguousarray(np.stack([pixels[:, s.y : s.y + 512, s.x : s.x + 512] for s in specs]))
 
 
@@ -118,7 +118,7 @@ def decode_and_model(path: Path, batch: int, seconds: float) -> float:
         def step() -> int:
             done = 0
             with open_raster(path, LimitSettings()) as reader:
-                specs = tile_grid(reader.info.width, reader.info.height)
+                specs = tile_grid(reader.info.width, reader.info.height, 512, 128)
                 pending: list[np.ndarray] = []
                 for tile in reader.tiles(specs):
                     pending.append(tile.pixels)
@@ -144,7 +144,7 @@ async def triton_throughput(
     each batch from a shared-memory slot (what the gateway sends), else it travels in the request."""
     from gateway.decode.arena import TileRegion, new_pool_token, region_name
 
-    region = TileRegion(region_name(new_pool_token(), 0), inflight, batch)
+    region = TileRegion(region_name(new_pool_token(), 0), inflight, batch, tile_size=512)
     try:
         for slot in range(inflight):
             region.pixels(slot, batch)[:] = np.resize(tiles, (batch, *tiles.shape[1:]))

@@ -132,7 +132,7 @@ def shm_infer(
     from gateway.decode.arena import TileRegion, new_pool_token, region_name
     from gateway.triton.client import TritonClient
 
-    region = TileRegion(region_name(new_pool_token(), 0), slots, batch)
+    region = TileRegion(region_name(new_pool_token(), 0), slots, batch, tile_size=512)
     client = TritonClient(url, settings)
     placed: dict[int, int] = {}
 

@@ -10,10 +10,13 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.errors import InferenceUnavailable
+from gateway.pipeline.contract import ModelContract
 from gateway.scheduling import Priority
 
 K = 64
 """Rows per tile the fake model returns."""
+FAKE_CONTRACT = ModelContract(tile_size=512, top_k=K, input_name="images", output_name="detections")
+"""The fake model's tensors: palm's tile side and names, :data:`K` rows."""
 
 Rows = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 """One tile ``uint8 [3, 512, 512]`` to its detection rows ``float32 [K, 6]``."""

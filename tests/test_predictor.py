@@ -19,23 +19,28 @@ import pytest
 from gateway.decode import DecodePool
 from gateway.errors import DecoderFailed, InferenceUnavailable
 from gateway.options import PredictOptions
+from gateway.pipeline.contract import ModelContract
 from gateway.pipeline.result import ModelInfo
 from gateway.pipeline.tiling import balanced_batch
 from gateway.predictor import Predictor
 from gateway.scheduling import Priority
 from gateway.settings import DecodeSettings, TilingSettings, TritonSettings
-from tests.fakes import FakeInference, K, box_at_bright_spot
+from tests.fakes import FAKE_CONTRACT, FakeInference, K, box_at_bright_spot
 
 
 @pytest.fixture
 async def pool() -> AsyncIterator[DecodePool]:
-    async with DecodePool(DecodeSettings(workers=1, file_timeout_s=60)) as pool:
+    async with DecodePool(DecodeSettings(workers=1, file_timeout_s=60), tile_size=512) as pool:
         yield pool
 
 
 def predictor(pool: DecodePool, backend: FakeInference) -> Predictor:
     return Predictor(
-        pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=TritonSettings()
+        pool,
+        backend,
+        ModelInfo("palm", "1", None, contract=FAKE_CONTRACT),
+        tiling=TilingSettings(),
+        triton=TritonSettings(),
     )
 
 
@@ -118,7 +123,7 @@ async def test_a_decoder_killed_once_is_retried_and_twice_blames_the_file(
     geotiff: Callable[..., Path],
 ) -> None:
     async with DecodePool(
-        DecodeSettings(workers=1, file_timeout_s=60), worker_command=CRASHING_WORKER
+        DecodeSettings(workers=1, file_timeout_s=60), worker_command=CRASHING_WORKER, tile_size=512
     ) as pool:
         backend = FakeInference(box_at_bright_spot)
         once = geotiff("killedonce-scene.tif", width=600, height=600)
@@ -151,9 +156,13 @@ async def test_cancelled_predictions_keep_their_decoders_and_stop_their_triton_c
     # one keeps twenty cancellations in a row from leaving the decoders without slots for seconds.
     triton = TritonSettings(request_timeout_s=0.5)
     settings = DecodeSettings(workers=2, file_timeout_s=60)
-    async with DecodePool(settings, worker_command=CRASHING_WORKER) as pool:
+    async with DecodePool(settings, worker_command=CRASHING_WORKER, tile_size=512) as pool:
         engine = Predictor(
-            pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=triton
+            pool,
+            backend,
+            ModelInfo("palm", "1", None, contract=FAKE_CONTRACT),
+            tiling=TilingSettings(),
+            triton=triton,
         )
         expected = await engine.predict_file(path, path.name, PredictOptions(0.5))
         decoders = pool.pids
@@ -194,9 +203,13 @@ async def test_batch_calls_are_capped_and_online_files_finish_first(geotiff: Cal
     small = geotiff("small.tif", width=512, height=512)
     backend = FakeInference(box_at_bright_spot, delay_s=0.1)
     triton = TritonSettings(max_inflight=4, max_calls_in_flight=3, max_batch_calls_in_flight=1)
-    async with DecodePool(DecodeSettings(workers=2, file_timeout_s=60)) as pool:
+    async with DecodePool(DecodeSettings(workers=2, file_timeout_s=60), tile_size=512) as pool:
         engine = Predictor(
-            pool, backend, ModelInfo("palm", "1", None), tiling=TilingSettings(), triton=triton
+            pool,
+            backend,
+            ModelInfo("palm", "1", None, contract=FAKE_CONTRACT),
+            tiling=TilingSettings(),
+            triton=triton,
         )
         job = asyncio.create_task(
             engine.predict_file(large, large.name, PredictOptions(0.5), priority=Priority.BATCH)
@@ -213,3 +226,57 @@ async def test_batch_calls_are_capped_and_online_files_finish_first(geotiff: Cal
     assert backend.peak[None] <= 3
     assert backend.priorities.count(Priority.ONLINE) == 1
     assert backend.priorities.count(Priority.BATCH) == len(backend.priorities) - 1
+
+
+async def test_another_models_tile_side_and_k_set_the_grid_and_the_report(
+    geotiff: Callable[..., Path],
+) -> None:
+    """256 px tiles and K = 100: the image is cut at 256 px with a 64 px overlap (a quarter), every tile
+    the fake model sees is 256 px, and its box lands once, in image pixels."""
+    contract = ModelContract(tile_size=256, top_k=100, input_name="pixels", output_name="boxes")
+    model = ModelInfo("markers", "0.1.0", None, contract=contract)
+    sizes: set[tuple[int, ...]] = set()
+
+    def bright(tile: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        sizes.add(tile.shape)
+        out = np.zeros((100, 6), np.float32)
+        out[0] = box_at_bright_spot(tile)[0]
+        return out
+
+    data = np.zeros((3, 500, 600), np.uint8)  # 3 x 3 tiles: x at 0, 192, 344; y at 0, 192, 244
+    data[:, 220, 230] = 255  # in the overlap of four tiles
+    path = geotiff(width=600, height=500, data=data)
+    async with DecodePool(DecodeSettings(workers=1, file_timeout_s=60), tile_size=256) as pool:
+        engine = Predictor(
+            pool, FakeInference(bright), model, tiling=TilingSettings(), triton=TritonSettings()
+        )
+        result = await engine.predict_file(path, "markers.tif", PredictOptions(0.5))
+        info = engine.tiling_info(0.5)
+
+    assert sizes == {(3, 256, 256)}
+    assert result.tiles_total == 9
+    assert result.detections.boxes.tolist() == [[220.0, 210.0, 240.0, 230.0]]
+    assert (info.tile_size, info.overlap) == (256, 64)
+
+
+async def test_an_overlap_above_half_the_models_tile_or_workers_of_another_side_refuse_to_start() -> None:
+    contract = ModelContract(tile_size=256, top_k=100, input_name="pixels", output_name="boxes")
+    model = ModelInfo("markers", "0.1.0", None, contract=contract)
+    async with DecodePool(DecodeSettings(workers=1), tile_size=256) as pool:
+        with pytest.raises(ValueError, match="half the model's 256 px tile"):
+            Predictor(
+                pool,
+                FakeInference(box_at_bright_spot),
+                model,
+                tiling=TilingSettings(overlap=200),
+                triton=TritonSettings(),
+            )
+    async with DecodePool(DecodeSettings(workers=1), tile_size=512) as pool:
+        with pytest.raises(ValueError, match="decode workers cut 512 px tiles; model 'markers' takes 256 px"):
+            Predictor(
+                pool,
+                FakeInference(box_at_bright_spot),
+                model,
+                tiling=TilingSettings(),
+                triton=TritonSettings(),
+            )

@@ -46,9 +46,10 @@ UPLOAD_BODY: dict[str, Any] = {
     "/v1/predict",
     summary="Detect palm trees and buildings in one image",
     description=(
-        "Upload one image as multipart field `file`. Images larger than one 512x512 tile are tiled with "
-        "overlap, batched to Triton, and detections are merged across seams. Images above the pixel "
-        "limit get 413; send those through `palm-serve predict`, which has no pixel limit."
+        "Upload one image as multipart field `file`. Images larger than one of the model's tiles (512x512 "
+        "for palm) are tiled with overlap, batched to Triton, and detections are merged across seams. "
+        "Images above the pixel limit get 413; send those through `palm-serve predict`, which has no pixel "
+        "limit."
     ),
     response_model=PredictResponse,
     responses={

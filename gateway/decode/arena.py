@@ -7,9 +7,10 @@
     gateway: frame "batch, slot s" ──▶ TileBatch(pixels = view of slot s)         shared memory)
 
 Each decode worker owns one :class:`TileRegion`: ``slots`` slots of ``slot_tiles`` uint8 tiles
-``[3, 512, 512]``. The gateway maps the region too, so a batch's pixels are a view, never a copy; the
-Triton client names the region and offset in its request instead of sending 6 MB over gRPC (or sends
-the view's bytes when the server cannot map the region, e.g. another host).
+``[3, S, S]``, ``S`` the served model's tile side. The gateway maps the region too, so a batch's pixels
+are a view, never a copy; the Triton client names the region and offset in its request instead of
+sending 6 MB over gRPC (or sends the view's bytes when the server cannot map the region, e.g. another
+host).
 
 Ownership of a slot, kept by the gateway::
 
@@ -44,14 +45,13 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from gateway.pipeline.tiling import TILE_SIZE
+from gateway.pipeline.contract import CHANNELS
 from gateway.shared_memory import SharedTiles
 
 logger = logging.getLogger(__name__)
 
 SHM_DIR: Final = Path("/dev/shm")
 REGION_PREFIX: Final = "palm_tiles_"
-TILE_BYTES: Final = 3 * TILE_SIZE * TILE_SIZE
 
 
 class SharedMemoryUnavailable(RuntimeError):
@@ -65,6 +65,7 @@ class TileRegion:
         name: the file name under ``/dev/shm`` (also the Triton registration name).
         slots: how many batches may be in flight for this worker at once.
         slot_tiles: tiles per slot (the largest batch the worker may send).
+        tile_size: the side of one tile (the model's ``S``).
         create: create the region (the gateway); ``False`` maps an existing one (a worker).
 
     Raises:
@@ -72,11 +73,15 @@ class TileRegion:
             does not exist with that size.
     """
 
-    def __init__(self, name: str, slots: int, slot_tiles: int, *, create: bool = True) -> None:
+    def __init__(
+        self, name: str, slots: int, slot_tiles: int, *, tile_size: int, create: bool = True
+    ) -> None:
         self.name = name
         self.slots = slots
         self.slot_tiles = slot_tiles
-        self.slot_bytes = slot_tiles * TILE_BYTES
+        self.tile_size = tile_size
+        self.tile_bytes = CHANNELS * tile_size * tile_size
+        self.slot_bytes = slot_tiles * self.tile_bytes
         self.nbytes = slots * self.slot_bytes
         self.path = SHM_DIR / name
         self.leased: set[int] = set()
@@ -120,14 +125,15 @@ class TileRegion:
         return [s for s in range(self.slots) if s not in self.leased and s not in self.quarantined]
 
     def pixels(self, slot: int, tiles: int) -> npt.NDArray[np.uint8]:
-        """A view of the first ``tiles`` tiles of ``slot``: ``uint8 [tiles, 3, 512, 512]``."""
+        """A view of the first ``tiles`` tiles of ``slot``: ``uint8 [tiles, 3, S, S]``."""
         if not 0 <= slot < self.slots or not 0 < tiles <= self.slot_tiles:
             raise ValueError(f"slot {slot} with {tiles} tiles is outside region {self.name}")
         start = slot * self.slot_bytes
-        return self._array[start : start + tiles * TILE_BYTES].reshape(tiles, 3, TILE_SIZE, TILE_SIZE)
+        side = self.tile_size
+        return self._array[start : start + tiles * self.tile_bytes].reshape(tiles, CHANNELS, side, side)
 
     def shared(self, slot: int, tiles: int) -> SharedTiles:
-        return SharedTiles(self.name, self.key, self.nbytes, slot * self.slot_bytes, tiles * TILE_BYTES)
+        return SharedTiles(self.name, self.key, self.nbytes, slot * self.slot_bytes, tiles * self.tile_bytes)
 
     def lease(self, slot: int) -> SlotLease:
         """Mark ``slot`` (just filled by the worker) as held by the gateway until the lease ends."""

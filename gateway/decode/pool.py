@@ -7,7 +7,7 @@
     DecodeSession.info    ◀─ JSON frame ────────────── RasterInfo
     session.batches(...)  ── JSON request line ──────▶ reader.tiles(specs), batched
                                                        tiles written into a free shared-memory slot
-    TileBatch             ◀─ frame naming the slot ─── (+ bool [n,512,512] masks on the pipe)
+    TileBatch             ◀─ frame naming the slot ─── (+ bool [n,S,S] masks on the pipe)
     batch.release()       ── free: the slot ─────────▶ the slot can be written again
 
 Three modules: :mod:`gateway.decode.process` (one worker process: spawn, pipes, stop), this one (the
@@ -58,6 +58,7 @@ from types import TracebackType
 from gateway.decode.arena import TileRegion, new_pool_token, region_name, sweep_stale_regions
 from gateway.decode.process import WorkerProcess, exit_status
 from gateway.decode.session import DecodeSession, StreamPlan
+from gateway.pipeline.contract import ModelContract
 from gateway.pipeline.raster import ReadOptions
 from gateway.scheduling import Priority, PriorityLimiter
 from gateway.settings import DecodeSettings, LimitSettings, Settings
@@ -68,13 +69,15 @@ logger = logging.getLogger(__name__)
 class DecodePool:
     """Persistent decode worker processes behind a bounded queue.
 
-    Use as ``async with DecodePool(settings.decode, settings.limits) as pool`` or call :meth:`start` and
-    :meth:`close`. Create and use it on one event loop.
+    Use as ``async with DecodePool(settings.decode, settings.limits, tile_size=512) as pool`` or call
+    :meth:`start` and :meth:`close`. Create and use it on one event loop.
 
     Args:
         settings: worker count, workers reserved for online sessions, memory limit and per-file time
             budget.
         limits: default size budgets for :meth:`open`.
+        tile_size: the side of the tiles the workers cut (the served model's ``S``); it sizes the
+            shared-memory slots, and every session's tiles must have it.
         worker_command: argv that starts a worker (default ``python -m gateway.decode.worker``); the
             pool appends ``--memory-limit``, ``--parent-pid`` and the region arguments. Tests pass a
             worker that crashes on purpose.
@@ -89,12 +92,16 @@ class DecodePool:
         settings: DecodeSettings,
         limits: LimitSettings | None = None,
         *,
+        tile_size: int,
         worker_command: Sequence[str] | None = None,
         slot_tiles: int = 8,
         slots_per_worker: int = 4,
     ) -> None:
         self.settings = settings
         self.limits = limits or LimitSettings()
+        if tile_size < 1:
+            raise ValueError(f"tile_size must be positive, got {tile_size}")
+        self.tile_size = tile_size
         self.slot_tiles = max(1, slot_tiles)
         self.slots_per_worker = max(2, slots_per_worker)
         self._regions: list[TileRegion] = []
@@ -110,11 +117,13 @@ class DecodePool:
         self._closed = False
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> DecodePool:
-        """The pool the service runs: slots sized for ``settings.triton``'s batches and in-flight calls."""
+    def for_settings(cls, settings: Settings, contract: ModelContract) -> DecodePool:
+        """The pool the service runs: slots sized for the model's tiles and ``settings.triton``'s batches
+        and in-flight calls."""
         return cls(
             settings.decode,
             settings.limits,
+            tile_size=contract.tile_size,
             slot_tiles=settings.triton.batch_size,
             slots_per_worker=settings.triton.max_inflight + 2,
         )
@@ -150,7 +159,12 @@ class DecodePool:
         try:
             for index in range(self.settings.workers):
                 self._regions.append(
-                    TileRegion(region_name(token, index), self.slots_per_worker, self.slot_tiles)
+                    TileRegion(
+                        region_name(token, index),
+                        self.slots_per_worker,
+                        self.slot_tiles,
+                        tile_size=self.tile_size,
+                    )
                 )
         except BaseException:
             await self.close()
@@ -195,15 +209,18 @@ class DecodePool:
             options: band mapping, pixel limit and allowed formats.
             limits: size budgets; the pool's by default.
             plan: start streaming this tile grid right after opening (then call ``batches()`` with no
-                specs).
+                specs); its tile side must be the pool's.
             priority: the session's lane: :attr:`Priority.ONLINE` for a caller waiting on the answer,
                 :attr:`Priority.BATCH` for a job's file.
 
         Raises:
+            ValueError: ``plan`` cuts tiles of another side than the pool's.
             GatewayError: on entering the session, the subclass that
                 :func:`~gateway.pipeline.raster.open_raster` raises for the file, or
                 :class:`~gateway.errors.DecoderFailed` when the worker crashed, ran out of memory or time.
         """
+        if plan is not None and plan.tile != self.tile_size:
+            raise ValueError(f"this pool cuts {self.tile_size} px tiles, the plan asks for {plan.tile} px")
         return DecodeSession(
             self, Path(path), options or ReadOptions(), limits or self.limits, plan, priority=priority
         )

@@ -105,6 +105,8 @@ class WorkerProcess:
                 str(region.slots),
                 "--slot-tiles",
                 str(region.slot_tiles),
+                "--tile-size",
+                str(region.tile_size),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=write_fd,
                 env={**os.environ, **WORKER_ENV},

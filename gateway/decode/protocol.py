@@ -3,8 +3,8 @@
 Requests (gateway → worker, stdin): one JSON object per line, ``{"op": ...}``:
 
 * ``open``: ``path``, ``options`` (:class:`ReadOptions` fields), ``limits`` (:class:`LimitSettings`).
-* ``tiles``: ``specs`` (lists of :class:`TileSpec` fields), ``batch_size``, optional ``first_batch``;
-  or, instead of ``specs``, ``grid`` (``[tile, overlap]``): the worker cuts
+* ``tiles``: ``specs`` (lists of :class:`TileSpec` fields, the tile side among them), ``batch_size``,
+  optional ``first_batch``; or, instead of ``specs``, ``grid`` (``[tile, overlap]``): the worker cuts
   :func:`~gateway.pipeline.tiling.tile_grid` of the opened raster itself and balances the batch size
   (:func:`~gateway.pipeline.tiling.balanced_batch`). A ``grid`` request may be sent right behind
   ``open`` without waiting for ``info`` (one round trip less); if that ``open`` failed, it is ignored.
@@ -20,8 +20,8 @@ Replies (worker → gateway, the worker's original stdout): frames of a 12-byte 
 
 * ``ready`` (``pid``) once at start; ``info`` (``info``: :class:`RasterInfo` fields) after ``open``;
 * ``batch`` (``indices`` into the ``specs`` sent, ``slot``: the shared-memory slot now holding the
-  tiles as ``uint8 [n, 3, 512, 512]``, ``valid``: whether masks follow) with, if ``valid``, the
-  payload ``bool [n, 512, 512]``;
+  tiles as ``uint8 [n, 3, S, S]``, ``valid``: whether masks follow) with, if ``valid``, the
+  payload ``bool [n, S, S]`` (``S``: the tile side of the worker's region);
 * ``end`` (``skipped``, ``cancelled``, ``inputs``: the statistics of the tiles sent, see
   :mod:`gateway.pipeline.inputs`) after the last batch; ``closed`` after ``close``;
 * ``quicklook`` (``width``, ``height``) with the PNG as payload;
@@ -50,12 +50,10 @@ from gateway.errors import (
     UnsupportedRaster,
 )
 from gateway.pipeline.raster import RasterInfo, ReadOptions
-from gateway.pipeline.tiling import TILE_SIZE, TileSpec
+from gateway.pipeline.tiling import TileSpec
 
 HEADER: Final = struct.Struct("<IQ")
 MAX_META_BYTES: Final = 1024 * 1024
-TILE_PIXEL_BYTES: Final = 3 * TILE_SIZE * TILE_SIZE
-TILE_MASK_BYTES: Final = TILE_SIZE * TILE_SIZE
 
 ERRORS: Final[dict[str, type[GatewayError]]] = {
     cls.__name__: cls
@@ -69,6 +67,11 @@ ERRORS: Final[dict[str, type[GatewayError]]] = {
     )
 }
 """The only error types a worker may report; anything else becomes :class:`DecoderFailed`."""
+
+
+def mask_bytes(tile_size: int) -> int:
+    """Payload bytes of one tile's validity mask (``bool [S, S]``)."""
+    return tile_size * tile_size
 
 
 def request(op: str, **fields_: Any) -> bytes:

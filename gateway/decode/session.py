@@ -43,7 +43,7 @@ from gateway.decode.process import WorkerProcess, exit_failure, exit_status
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.inputs import InputSummary
 from gateway.pipeline.raster import RasterInfo, ReadOptions, quicklook
-from gateway.pipeline.tiling import TILE_SIZE, TileSpec, tile_grid
+from gateway.pipeline.tiling import TileSpec, tile_grid
 from gateway.scheduling import Priority
 from gateway.settings import LimitSettings
 from gateway.shared_memory import SharedTiles
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S: Final = 10.0
 """Deadline for protocol housekeeping (close, cancel) before a worker is declared stuck."""
-_MAX_DRAIN_PAYLOAD: Final = 64 * protocol.TILE_MASK_BYTES
 
 
 class SessionState(StrEnum):
@@ -81,9 +80,9 @@ class TileBatch:
 
     Attributes:
         specs: the windows, one per tile.
-        pixels: ``uint8 [n, 3, 512, 512]`` RGB, channel-first, C-contiguous. With ``zero_copy`` a view
-            of a shared-memory slot, valid until :meth:`release`.
-        valid: ``bool [n, 512, 512]`` (False for padding, nodata, alpha 0, masked), or ``None`` when
+        pixels: ``uint8 [n, 3, S, S]`` RGB, channel-first, C-contiguous (``S``: the model's tile
+            side). With ``zero_copy`` a view of a shared-memory slot, valid until :meth:`release`.
+        valid: ``bool [n, S, S]`` (False for padding, nodata, alpha 0, masked), or ``None`` when
             every pixel of every tile in the batch is valid.
         shared: where ``pixels`` lie in shared memory (``zero_copy`` only), for the Triton client.
         lease: the hold on that slot (``zero_copy`` only).
@@ -273,6 +272,7 @@ class DecodeSession:
         given back at once.
 
         Raises:
+            ValueError: a tile of ``specs`` has another side than the pool's.
             CorruptRaster: while iterating, when a block cannot be decoded.
             DecoderFailed: the worker crashed, ran out of memory, or the file's time budget ran out.
         """
@@ -286,6 +286,8 @@ class DecodeSession:
             raise RuntimeError(f"batches() needs an open session, not a {self._state} one")
         if specs is None:
             raise RuntimeError("batches() needs specs when the session was opened without a plan")
+        if any(spec.size != self._pool.tile_size for spec in specs):
+            raise ValueError(f"this session's worker cuts {self._pool.tile_size} px tiles only")
         return self._stream(list(specs), self._batch_limit(batch_size), zero_copy, requested=False)
 
     def _batch_limit(self, batch_size: int) -> int:
@@ -295,7 +297,7 @@ class DecodeSession:
         self, specs: list[TileSpec], batch_size: int, zero_copy: bool, *, requested: bool
     ) -> AsyncIterator[TileBatch]:
         self._state = SessionState.STREAMING
-        max_payload = batch_size * protocol.TILE_MASK_BYTES
+        max_payload = batch_size * protocol.mask_bytes(self._worker.region.tile_size)
         try:
             if not requested:
                 await self._send(
@@ -341,10 +343,11 @@ class DecodeSession:
             raise self._lost("batch names unknown tiles")
         n = len(indices)
         masked = bool(meta.get("valid"))
-        expected = n * protocol.TILE_MASK_BYTES if masked else 0
+        side = region.tile_size
+        expected = n * protocol.mask_bytes(side) if masked else 0
         if len(payload) != expected:
             raise self._lost(f"batch of {n} tiles carries {len(payload)} bytes, expected {expected}")
-        valid = payload.view(np.bool_).reshape(n, TILE_SIZE, TILE_SIZE) if masked else None
+        valid = payload.view(np.bool_).reshape(n, side, side) if masked else None
         chosen = tuple(specs[i] for i in indices)
         if not zero_copy:
             pixels = region.pixels(slot, n).copy()
@@ -440,7 +443,7 @@ class DecodeSession:
                     await _drain(worker)
                 await worker.send(protocol.request("close"))
                 while True:
-                    meta, _ = await worker.receive(_MAX_DRAIN_PAYLOAD)
+                    meta, _ = await worker.receive(_drain_payload(worker))
                     if meta.get("kind") == "closed":
                         break
         except (Exception, asyncio.CancelledError) as exc:
@@ -457,7 +460,7 @@ async def _drain(worker: WorkerProcess) -> None:
     starting with the rest of a frame a cancellation interrupted."""
     await worker.send(protocol.request("cancel"))
     while True:
-        meta, _ = await worker.receive(_MAX_DRAIN_PAYLOAD)
+        meta, _ = await worker.receive(_drain_payload(worker))
         if meta.get("kind") == "batch":
             slot = _announced_slot(meta, worker.region)
             if slot is not None:
@@ -466,6 +469,11 @@ async def _drain(worker: WorkerProcess) -> None:
             return
         if meta.get("kind") == "error" and meta.get("recycle"):
             raise RuntimeError("worker recycled while cancelling")
+
+
+def _drain_payload(worker: WorkerProcess) -> int:
+    """The largest payload a frame may carry while a stream is discarded: a full slot's masks."""
+    return worker.region.slot_tiles * protocol.mask_bytes(worker.region.tile_size)
 
 
 def _announced_slot(meta: dict[str, Any], region: TileRegion) -> int | None:

@@ -1,5 +1,5 @@
 """A decode worker process: ``python -m gateway.decode.worker --memory-limit BYTES --parent-pid PID
---region NAME --slots N --slot-tiles T``.
+--region NAME --slots N --slot-tiles T --tile-size S``.
 
 Started by :class:`~gateway.decode.pool.DecodePool`, never by hand. It serves one raster at a time over
 the protocol in :mod:`gateway.decode.protocol`, under an address-space limit (``RLIMIT_AS``), with core
@@ -34,7 +34,7 @@ from gateway.decode.arena import TileRegion
 from gateway.errors import DecoderFailed, GatewayError
 from gateway.pipeline.inputs import InputStatistics
 from gateway.pipeline.raster import RasterReader, ReadOptions, open_raster, quicklook
-from gateway.pipeline.tiling import TILE_SIZE, TileSpec, balanced_batch, tile_grid
+from gateway.pipeline.tiling import TileSpec, balanced_batch, tile_grid
 from gateway.settings import LimitSettings
 
 logger = logging.getLogger("gateway.decode.worker")
@@ -116,6 +116,7 @@ def main(argv: Sequence[str] | None = None, opener: Opener = open_raster) -> int
     parser.add_argument("--region", required=True, help="shared-memory region under /dev/shm")
     parser.add_argument("--slots", type=int, required=True)
     parser.add_argument("--slot-tiles", type=int, required=True)
+    parser.add_argument("--tile-size", type=int, required=True, help="side of one tile, the model's S")
     args = parser.parse_args(argv)
     data_fd = os.dup(1)
     os.dup2(2, 1)
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None, opener: Opener = open_raster) -> int
         format=f"decode-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("rasterio").setLevel(logging.ERROR)
-    region = TileRegion(args.region, args.slots, args.slot_tiles, create=False)
+    region = TileRegion(args.region, args.slots, args.slot_tiles, tile_size=args.tile_size, create=False)
     channel = _Channel(0, data_fd, region.slots)
     try:
         channel.send({"kind": "ready", "pid": os.getpid()})
@@ -178,6 +179,10 @@ def _serve(channel: _Channel, region: TileRegion, opener: Opener, memory_limit: 
                     batch_size = balanced_batch(len(specs), batch_size)
                 else:
                     specs = [protocol.spec_from_wire(s) for s in message["specs"]]
+                if any(spec.size != region.tile_size for spec in specs):
+                    raise RuntimeError(
+                        f"tiles requested at another size than the region's {region.tile_size}"
+                    )
                 first = min(max(1, int(message.get("first_batch") or batch_size)), batch_size)
                 _stream(channel, region, reader, specs, batch_size, first)
             elif op == "quicklook":
@@ -241,7 +246,7 @@ def _stream(
     batch_size = max(1, min(batch_size, region.slot_tiles))
     limit = max(1, min(first_batch, batch_size))
     position = {id(spec): i for i, spec in enumerate(specs)}
-    valid = np.empty((batch_size, TILE_SIZE, TILE_SIZE), np.bool_)
+    valid = np.empty((batch_size, region.tile_size, region.tile_size), np.bool_)
     indices: list[int] = []
     masked = False
     slot: int | None = None

@@ -28,6 +28,7 @@ from gateway.pipeline.render import (
     ImageRecord,
     batch_records,
     coco_info,
+    reported_categories,
     write_coco,
     write_geojson,
 )
@@ -104,6 +105,7 @@ class ResultWriter:
             sha256=job["model_sha256"],
             triton_version=self.model.triton_version,
             categories=self.model.categories,
+            contract=self.model.contract,
         )
         created = aware(job["created_at"])
         assert created is not None
@@ -116,7 +118,7 @@ class ResultWriter:
             write_coco(
                 out,
                 info=info,
-                categories=model.categories,
+                categories=reported_categories(model, self.store.category_ids(assembly.job_id)),
                 images=self._images(assembly.job_id),
                 detections=batch_records(counter.count(self._detections(assembly.job_id))),
             )

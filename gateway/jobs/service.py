@@ -29,8 +29,10 @@ from gateway.errors import GatewayError, InputError, InvalidParameter, UploadToo
 from gateway.jobs.models import JobPriority
 from gateway.jobs.store import JobConflict, JobStore, NewFile, new_job_id
 from gateway.options import PredictOptions
+from gateway.pipeline.contract import ModelContract
 from gateway.pipeline.raster.sniff import allowed_driver, drivers_for_name
 from gateway.pipeline.result import ModelInfo
+from gateway.pipeline.tiling import choose_overlap
 from gateway.settings import Settings
 from gateway.storage import Storage
 from gateway.uploads import FORM_OVERHEAD_BYTES, Form, FormLimits, Upload, discard, receive_form
@@ -120,15 +122,16 @@ class JobParameters:
             )
         return cls(name, priority, threshold, bands, url, secret, tuple(subscribed))
 
-    def stored(self, settings: Settings) -> dict[str, Any]:
-        """The parameters recorded with the job (and reported in its resource)."""
+    def stored(self, settings: Settings, contract: ModelContract) -> dict[str, Any]:
+        """The parameters recorded with the job (and reported in its resource); the tile side is the
+        served model's."""
         return {
             "score_threshold": self.score_threshold
             if self.score_threshold is not None
             else settings.tiling.score_threshold,
             "bands": self.bands,
-            "tile_size": settings.tiling.tile_size,
-            "overlap": settings.tiling.overlap,
+            "tile_size": contract.tile_size,
+            "overlap": choose_overlap(contract.tile_size, settings.tiling.overlap),
             "nms_iou": settings.tiling.nms_iou,
         }
 
@@ -259,7 +262,7 @@ class JobService:
                 tenant=tenant,
                 name=parameters.name,
                 priority=parameters.priority,
-                parameters=parameters.stored(self.settings),
+                parameters=parameters.stored(self.settings, self.model.contract),
                 model=self._model(),
                 new_files=new_files,
                 start=True,
@@ -288,7 +291,7 @@ class JobService:
             tenant=tenant,
             name=parameters.name,
             priority=parameters.priority,
-            parameters=parameters.stored(self.settings),
+            parameters=parameters.stored(self.settings, self.model.contract),
             model=self._model(),
             new_files=[],
             start=False,

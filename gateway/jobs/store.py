@@ -384,6 +384,17 @@ class JobStore:
         with self.engine.connect() as conn:
             yield from conn.execution_options(yield_per=5000, stream_results=True).execute(query)
 
+    def category_ids(self, job_id: str) -> list[int]:
+        """The distinct category ids among the detections of the job's succeeded files."""
+        query = (
+            sa.select(detections.c.category_id)
+            .distinct()
+            .join(files, files.c.id == detections.c.file_id)
+            .where(files.c.job_id == job_id, files.c.status == FileStatus.succeeded.value)
+        )
+        with self.engine.connect() as conn:
+            return sorted(int(row[0]) for row in conn.execute(query))
+
     # -- user actions --------------------------------------------------------------------------------
 
     def cancel(self, job_id: str, tenant: str) -> dict[str, Any]:

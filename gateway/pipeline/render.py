@@ -237,7 +237,9 @@ def render(
     detections = (detection_batch(i, result) for i, result in enumerate(results, 1))
     if fmt is OutputFormat.coco:
         info = coco_info(model, tiling, created=created)
-        write_coco(buffer, info=info, categories=model.categories, images=images, detections=detections)
+        found = {int(i) for result in results for i in np.unique(result.detections.class_ids)}
+        categories = reported_categories(model, found)
+        write_coco(buffer, info=info, categories=categories, images=images, detections=detections)
     else:
         write_geojson(buffer, model=model, images=images, detections=detections)
     return buffer.getvalue()
@@ -303,6 +305,14 @@ def to_json(result: ImageResult, model: ModelInfo) -> dict[str, Any]:
 def coco_categories(categories: Iterable[Category]) -> list[dict[str, Any]]:
     """COCO's ``categories`` list."""
     return [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in categories]
+
+
+def reported_categories(model: ModelInfo, found: Iterable[int]) -> tuple[Category, ...]:
+    """The model's categories, then ``class_<id>`` for each id in ``found`` that they lack (a model
+    without a card, or one that reports an id its card omits), so every annotation names a category."""
+    known = {c.id for c in model.categories}
+    extra = sorted({int(i) for i in found} - known)
+    return model.categories + tuple(Category(i, model.category_name(i)) for i in extra)
 
 
 def coco_info(

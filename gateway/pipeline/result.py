@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.pipeline.contract import ModelContract
 from gateway.pipeline.inputs import InputSummary
 from gateway.pipeline.merge import Detections
 
@@ -21,14 +22,6 @@ class Category:
     supercategory: str = "object"
 
 
-PALM_CATEGORIES: tuple[Category, ...] = (
-    Category(1, "palm_tree", "vegetation"),
-    Category(2, "building", "structure"),
-)
-"""The Palm model's classes; channel ``c`` of its heatmap is category ``c + 1``. A model card that lists
-its own ``categories`` replaces this table for that model."""
-
-
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """Which model produced a result, and the classes it reports.
@@ -39,14 +32,17 @@ class ModelInfo:
             directory when the model has no card.
         sha256: the digest of the weights' file.
         triton_version: the version directory Triton serves (``1``).
-        categories: the classes, as the card lists them.
+        categories: the classes, as the card lists them; empty without a card (ids are then
+            reported as ``class_<id>``).
+        contract: the tensors the model takes and returns (tile size, ``K``, names).
     """
 
     name: str
     version: str
     sha256: str | None
     triton_version: str = "1"
-    categories: tuple[Category, ...] = PALM_CATEGORIES
+    categories: tuple[Category, ...] = ()
+    contract: ModelContract = field(kw_only=True)
 
     def category_name(self, category_id: int) -> str:
         """The name of ``category_id``; ``class_<id>`` for an id the model's table lacks."""

@@ -10,6 +10,10 @@ The model sees fixed ``tile x tile`` squares. Along one axis of length ``L`` wit
   wide lies whole inside at least one tile.
 
 The 2-D grid is the product of both axes, in row-major order.
+
+``T`` is the served model's tile side (:attr:`~gateway.pipeline.contract.ModelContract.tile_size`);
+nothing here assumes one. ``O`` defaults to ``T / 4`` (:func:`default_overlap`: 128 px at 512, 64 px at
+256), so the largest object seen whole scales with the tile; ``PALM_TILING__OVERLAP`` overrides it.
 """
 
 from __future__ import annotations
@@ -17,16 +21,34 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-TILE_SIZE = 512
-DEFAULT_OVERLAP = 128
+
+def default_overlap(tile: int) -> int:
+    """The overlap used unless configured: a quarter of the tile side."""
+    return tile // 4
+
+
+def choose_overlap(tile: int, configured: int | None) -> int:
+    """The overlap to cut ``tile`` px tiles with: ``configured``, or :func:`default_overlap`.
+
+    Raises:
+        ValueError: ``configured`` is negative or above half the tile (a tile would then share more
+            with its neighbours than it adds).
+    """
+    overlap = default_overlap(tile) if configured is None else configured
+    if not 0 <= overlap * 2 <= tile:
+        raise ValueError(
+            f"PALM_TILING__OVERLAP={overlap} must be between 0 and half the model's {tile} px tile "
+            f"({tile // 2}); unset, it is a quarter of the tile ({default_overlap(tile)})"
+        )
+    return overlap
 
 
 @dataclass(frozen=True, slots=True)
 class TileSpec:
     """One model input: the image window ``[x, x + width) x [y, y + height)``.
 
-    The window sits at the top-left of the model's square input; ``width``/``height`` are below the tile
-    size only when the image itself is smaller than a tile (the rest is padding).
+    The window sits at the top-left of the model's square input of side ``size``; ``width``/``height``
+    are below ``size`` only when the image itself is smaller than a tile (the rest is padding).
     ``interior_*`` flags say which window edges are seams shared with a neighbouring tile rather than the
     image border; a box touching a seam may be a truncated object.
     """
@@ -42,16 +64,19 @@ class TileSpec:
     interior_top: bool
     interior_right: bool
     interior_bottom: bool
+    size: int
 
 
-def axis_offsets(length: int, tile: int = TILE_SIZE, overlap: int = DEFAULT_OVERLAP) -> list[int]:
+def axis_offsets(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of the tiles along one axis (see the module docstring for the formula).
 
     Raises:
-        ValueError: if ``length`` is not positive or the overlap is not in ``[0, tile)``.
+        ValueError: if ``length`` or ``tile`` is not positive, or the overlap is not in ``[0, tile)``.
     """
     if length <= 0:
         raise ValueError(f"axis length must be positive, got {length}")
+    if tile <= 0:
+        raise ValueError(f"tile side must be positive, got {tile}")
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, {tile}), got {overlap}")
     if length <= tile:
@@ -61,15 +86,13 @@ def axis_offsets(length: int, tile: int = TILE_SIZE, overlap: int = DEFAULT_OVER
     return [min(i * stride, length - tile) for i in range(count)]
 
 
-def tile_count(width: int, height: int, tile: int = TILE_SIZE, overlap: int = DEFAULT_OVERLAP) -> int:
+def tile_count(width: int, height: int, tile: int, overlap: int) -> int:
     """How many tiles :func:`tile_grid` yields, without building them."""
     return len(axis_offsets(width, tile, overlap)) * len(axis_offsets(height, tile, overlap))
 
 
-def tile_grid(
-    width: int, height: int, tile: int = TILE_SIZE, overlap: int = DEFAULT_OVERLAP
-) -> list[TileSpec]:
-    """All tiles covering a ``width x height`` image, row-major."""
+def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[TileSpec]:
+    """All ``tile x tile`` tiles covering a ``width x height`` image, row-major."""
     xs = axis_offsets(width, tile, overlap)
     ys = axis_offsets(height, tile, overlap)
     specs: list[TileSpec] = []
@@ -90,6 +113,7 @@ def tile_grid(
                     interior_top=r > 0,
                     interior_right=c < len(xs) - 1,
                     interior_bottom=r < len(ys) - 1,
+                    size=tile,
                 )
             )
     return specs

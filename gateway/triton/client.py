@@ -1,4 +1,4 @@
-"""Async gRPC client for the ``palm`` model on Triton, with errors in the gateway's own terms.
+"""Async gRPC client for the served model on Triton, with errors in the gateway's own terms.
 
 One ``grpc.aio`` channel carries everything. Control calls (ready, metadata, config, statistics) use
 the stub generated in ``tritonclient.grpc``; ``ModelInfer`` sends bytes from
@@ -8,7 +8,7 @@ the stub generated in ``tritonclient.grpc``; ``ModelInfer`` sends bytes from
 
 Shared memory: when a batch already lies in a ``/dev/shm`` region (the decode workers write there, see
 :mod:`gateway.decode.arena`), the request names the region and offset instead of carrying the tiles
-(768 KiB each), and the server reads them in place. Measured gain: docs/performance.md, "Serving"
+(768 KiB each at 512 px), and the server reads them in place. Measured gain: docs/performance.md, "Serving"
 (row 3) and "What was done to get here". Regions are registered with Triton on first use
 (``SystemSharedMemoryRegister``) and again after a server restart forgot them. A server that cannot map
 the region (another host or container) refuses the registration once; from then on that region is
@@ -30,6 +30,11 @@ schedule-policy extension): :attr:`~gateway.scheduling.Priority.ONLINE` (1) by d
 :attr:`~gateway.scheduling.Priority.BATCH` (2) for a job's tiles. The model configs declare
 ``priority_levels: 2`` so the dynamic batcher serves level 1 first; a model without priority levels
 treats every level as its default.
+
+Tensor names and sizes come from the model's :class:`~gateway.pipeline.contract.ModelContract`: the
+one the client was given (the runtime gives it the contract agreed between the model card and the
+server), else the one the server's model metadata states, asked once on first use
+(:meth:`TritonClient.served_contract`).
 
 A client is bound to the event loop of its first call (a ``grpc.aio`` rule); create one per loop.
 """
@@ -53,17 +58,11 @@ import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
+from gateway.pipeline.contract import INPUT_DATATYPE, ContractError, ModelContract, TensorSpec
 from gateway.scheduling import Priority
 from gateway.settings import TritonSettings
 from gateway.shared_memory import SharedTiles
-from gateway.triton.codecs import (
-    INPUT_DATATYPE,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    InferRequestEncoder,
-    check_tiles,
-    decode_detections,
-)
+from gateway.triton.codecs import InferRequestEncoder, check_tiles, decode_detections
 from gateway.triton.malloc import tune_malloc
 
 logger = logging.getLogger(__name__)
@@ -131,6 +130,7 @@ class TritonClient:
     Args:
         url: ``host:port`` of Triton's gRPC endpoint.
         settings: Model name/version and ``request_timeout_s``.
+        contract: the model's tensors; ``None`` asks the server on first use.
         retry_after_s: ``Retry-After`` carried by the unavailability errors.
         malloc_tuning: Call :func:`~gateway.triton.malloc.tune_malloc` for this process (idempotent):
             multi-megabyte buffers reuse heap pages instead of a fresh ``mmap`` each. Measured gain:
@@ -142,13 +142,17 @@ class TritonClient:
         url: str,
         settings: TritonSettings | None = None,
         *,
+        contract: ModelContract | None = None,
         retry_after_s: int = 5,
         malloc_tuning: bool = True,
     ) -> None:
         self.url = url
         self.settings = settings or TritonSettings()
         self.retry_after_s = retry_after_s
-        self._encoder = InferRequestEncoder(self.settings.model_name, self.settings.model_version)
+        self._encoder: InferRequestEncoder | None = None
+        if contract is not None:
+            self.use_contract(contract)
+        self._contract_lock = asyncio.Lock()
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
         self._infer_call: Any = None
@@ -159,6 +163,15 @@ class TritonClient:
         """Where this server's Prometheus metrics are, when known (set by whoever started or found it)."""
         if malloc_tuning:
             tune_malloc()
+
+    @property
+    def contract(self) -> ModelContract | None:
+        """The tensors this client sends and expects; ``None`` until given or asked of the server."""
+        return None if self._encoder is None else self._encoder.contract
+
+    def use_contract(self, contract: ModelContract) -> None:
+        """Name, shape and check every later call's tensors by ``contract``."""
+        self._encoder = InferRequestEncoder(self.settings.model_name, contract, self.settings.model_version)
 
     # -- inference ----------------------------------------------------------------------------------
 
@@ -174,7 +187,7 @@ class TritonClient:
         """Run the model on a batch of tiles.
 
         Args:
-            tiles: uint8 ``[N, 3, 512, 512]``, C-contiguous to avoid a copy. N may exceed the model's
+            tiles: uint8 ``[N, 3, S, S]``, C-contiguous to avoid a copy. N may exceed the model's
                 ``max_batch_size`` only if the server allows it; send at most that many per call.
             shared: where ``tiles`` lie in shared memory; the server reads them there if it can map
                 the region, and ``tiles`` is sent otherwise. The memory must stay unchanged until
@@ -189,36 +202,57 @@ class TritonClient:
 
         Raises:
             TypeError: ``tiles`` is not uint8.
-            ValueError: ``tiles`` does not have shape ``[N, 3, 512, 512]``, or ``priority`` is negative.
+            ValueError: ``tiles`` does not have shape ``[N, 3, S, S]``, or ``priority`` is negative.
             InferenceUnavailable: The server is unreachable or the model not ready.
             InferenceTimeout: The deadline passed while the server was working on it.
-            InferenceError: The server answered with an error, or with an off-contract output.
+            InferenceError: The server answered with an error, or with an off-contract output (or, asked
+                for the model's contract, described one the gateway cannot serve).
         """
         if priority < 0:
             raise ValueError(f"a priority level is at least 0, got {priority}")
         batch = tiles.shape[0]
         self._connect()
         deadline = self._deadline(timeout_s)
+        encoder = await self._encoder_for(deadline)
+        contract = encoder.contract
         if shared is not None and await self._usable(shared, deadline):
             response = await self._infer_shared(
-                check_tiles(tiles).shape, shared, deadline, request_id, priority
+                check_tiles(tiles, contract).shape, shared, deadline, request_id, priority, contract
             )
             if response is not None:
-                return self._detections(response, batch)
-        payload = self._encoder.encode(tiles, request_id, priority=priority)
+                return self._detections(response, batch, contract)
+        payload = encoder.encode(tiles, request_id, priority=priority)
         try:
             response = await self._infer_call(payload, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc, f"infer of {batch} tile(s)") from exc
-        return self._detections(response, batch)
+        return self._detections(response, batch, contract)
+
+    async def _encoder_for(self, deadline: float) -> InferRequestEncoder:
+        """The encoder of the model's contract, asking the server for it on first use."""
+        if self._encoder is None:
+            async with self._contract_lock:
+                if self._encoder is None:
+                    try:
+                        self.use_contract(await self.served_contract(timeout_s=deadline))
+                    except ContractError as exc:
+                        raise InferenceError(str(exc)) from exc
+        assert self._encoder is not None
+        return self._encoder
 
     async def _infer_shared(
-        self, shape: tuple[int, ...], shared: SharedTiles, deadline: float, request_id: str, priority: int
+        self,
+        shape: tuple[int, ...],
+        shared: SharedTiles,
+        deadline: float,
+        request_id: str,
+        priority: int,
+        contract: ModelContract,
     ) -> Any:
         """The response to an infer whose input the server reads from ``shared``; ``None`` if the
         server no longer accepts the region (then the caller sends the tiles)."""
         batch = shape[0]
-        payload = self._shared_request(shape, shared, request_id, priority)
+        payload = self._shared_request(shape, shared, request_id, priority, contract)
         for attempt in (1, 2):
             try:
                 return await self._infer_call(payload, timeout=deadline)
@@ -232,7 +266,12 @@ class TritonClient:
         return None
 
     def _shared_request(
-        self, shape: tuple[int, ...], shared: SharedTiles, request_id: str, priority: int
+        self,
+        shape: tuple[int, ...],
+        shared: SharedTiles,
+        request_id: str,
+        priority: int,
+        contract: ModelContract,
     ) -> bytes:
         """A ``ModelInferRequest`` whose input is read from ``shared`` (a few hundred bytes)."""
         request = service_pb2.ModelInferRequest(
@@ -240,11 +279,11 @@ class TritonClient:
         )
         if priority:
             request.parameters["priority"].uint64_param = priority
-        tensor = request.inputs.add(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=list(shape))
+        tensor = request.inputs.add(name=contract.input_name, datatype=INPUT_DATATYPE, shape=list(shape))
         tensor.parameters["shared_memory_region"].string_param = shared.region
         tensor.parameters["shared_memory_byte_size"].int64_param = shared.nbytes
         tensor.parameters["shared_memory_offset"].int64_param = shared.offset
-        request.outputs.add(name=OUTPUT_NAME)
+        request.outputs.add(name=contract.output_name)
         return bytes(request.SerializeToString())
 
     async def _usable(self, shared: SharedTiles, deadline: float) -> bool:
@@ -278,9 +317,9 @@ class TritonClient:
             self._registered.add(shared.region)
             return True
 
-    def _detections(self, response: Any, batch: int) -> npt.NDArray[np.float32]:
+    def _detections(self, response: Any, batch: int, contract: ModelContract) -> npt.NDArray[np.float32]:
         for index, output in enumerate(response.outputs):
-            if output.name != OUTPUT_NAME:
+            if output.name != contract.output_name:
                 continue
             if index >= len(response.raw_output_contents):
                 break
@@ -290,10 +329,11 @@ class TritonClient:
                     datatype=output.datatype,
                     shape=list(output.shape),
                     batch=batch,
+                    contract=contract,
                 )
             except ValueError as exc:
                 raise InferenceError(f"Triton at {self.url}: {exc}") from exc
-        raise InferenceError(f"Triton at {self.url} returned no raw {OUTPUT_NAME!r} output")
+        raise InferenceError(f"Triton at {self.url} returned no raw {contract.output_name!r} output")
 
     # -- control plane ------------------------------------------------------------------------------
 
@@ -344,6 +384,34 @@ class TritonClient:
             platform=metadata.platform,
             backend=config.config.backend,
             max_batch_size=int(config.config.max_batch_size),
+        )
+
+    async def served_contract(self, *, timeout_s: float | None = None) -> ModelContract:
+        """The model's tensors as the server's model metadata states them.
+
+        Raises:
+            ContractError: the server describes tensors off the contract the gateway serves.
+            InferenceUnavailable: The server is unreachable or the model not loaded.
+            InferenceTimeout: No answer within the deadline.
+            InferenceError: Any other server error.
+        """
+        self._connect()
+        name, version = self.settings.model_name, self.settings.model_version
+        try:
+            metadata = await self._stub.ModelMetadata(
+                service_pb2.ModelMetadataRequest(name=name, version=version),
+                timeout=self._deadline(timeout_s),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, "model metadata") from exc
+
+        def tensors(entries: Any) -> list[TensorSpec]:
+            return [TensorSpec(t.name, t.datatype, tuple(int(d) for d in t.shape)) for t in entries]
+
+        return ModelContract.from_tensors(
+            tensors(metadata.inputs),
+            tensors(metadata.outputs),
+            source=f"model {name!r} on Triton at {self.url}",
         )
 
     async def statistics(self, *, timeout_s: float | None = None) -> ModelStatistics:

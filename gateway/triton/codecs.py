@@ -1,8 +1,9 @@
-"""Bytes on the wire of a ``palm`` inference call, without extra copies; and malloc tuning.
+"""Bytes on the wire of an inference call, without extra copies; and malloc tuning.
 
-The model contract is fixed: input ``images`` UINT8 ``[N, 3, 512, 512]``, output ``detections`` FP32
-``[N, K, 6]`` with rows ``(x1, y1, x2, y2, score, class_id)``; K (rows per tile, 2048 for palm 1.x) is the
-model's choice, so the gateway accepts any K the server reports.
+The served model's :class:`~gateway.pipeline.contract.ModelContract` names the tensors and their sizes:
+input UINT8 ``[N, 3, S, S]``, output FP32 ``[N, K, 6]`` with rows ``(x1, y1, x2, y2, score, class_id)``
+(``images``, ``detections``, ``S`` = 512 and ``K`` = 2048 for palm 1.x). Tiles and answers off that
+contract are refused here.
 
 Why encode by hand: ``tritonclient``'s ``InferInput.set_data_from_numpy`` copies the array into
 ``bytes``, protobuf copies it into the message and again when serialising, and gRPC copies it once more.
@@ -38,14 +39,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-logger = logging.getLogger(__name__)
+from gateway.pipeline.contract import DETECTION_FIELDS, INPUT_DATATYPE, OUTPUT_DATATYPE, ModelContract
 
-INPUT_NAME: Final = "images"
-INPUT_DATATYPE: Final = "UINT8"
-OUTPUT_NAME: Final = "detections"
-OUTPUT_DATATYPE: Final = "FP32"
-TILE_SHAPE: Final = (3, 512, 512)
-DETECTION_FIELDS: Final = 6  # x1, y1, x2, y2, score, class_id
+logger = logging.getLogger(__name__)
 
 _WIRE_VARINT: Final = 0
 _WIRE_LEN: Final = 2  # length-delimited wire type
@@ -82,11 +78,12 @@ def priority_parameter(priority: int) -> bytes:
     return _field(4, _field(1, b"priority") + _field(2, value))
 
 
-def check_tiles(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+def check_tiles(tiles: npt.NDArray[np.uint8], contract: ModelContract) -> npt.NDArray[np.uint8]:
     """Validate a batch of tiles against the model's input contract.
 
     Args:
-        tiles: uint8 array ``[N, 3, 512, 512]``, N >= 1.
+        tiles: uint8 array ``[N, 3, S, S]``, N >= 1.
+        contract: the served model's tensors (``S``).
 
     Returns:
         The same array if it is C-contiguous, else a C-contiguous copy.
@@ -99,8 +96,9 @@ def check_tiles(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         raise TypeError(f"tiles must be a numpy array, got {type(tiles).__name__}")
     if tiles.dtype != np.uint8:
         raise TypeError(f"tiles must be uint8, got {tiles.dtype}")
-    if tiles.ndim != 4 or tuple(tiles.shape[1:]) != TILE_SHAPE or tiles.shape[0] < 1:
-        raise ValueError(f"tiles must have shape [N>=1, 3, 512, 512], got {list(tiles.shape)}")
+    if tiles.ndim != 4 or tuple(tiles.shape[1:]) != contract.tile_shape or tiles.shape[0] < 1:
+        shape = ", ".join(map(str, contract.tile_shape))
+        raise ValueError(f"tiles must have shape [N>=1, {shape}], got {list(tiles.shape)}")
     return np.ascontiguousarray(tiles)
 
 
@@ -111,25 +109,28 @@ class InferRequestEncoder:
 
     Args:
         model_name: Triton model name.
+        contract: the model's tensors: input and output names, tile shape.
         model_version: Version string; empty selects the server's policy.
     """
 
-    def __init__(self, model_name: str, model_version: str = "") -> None:
+    def __init__(self, model_name: str, contract: ModelContract, model_version: str = "") -> None:
         self.model_name = model_name
         self.model_version = model_version
+        self.contract = contract
         prefix = _field(1, model_name.encode())
         if model_version:
             prefix += _field(2, model_version.encode())
         self._prefix = prefix
-        self._requested_output = _field(6, _field(1, OUTPUT_NAME.encode()))
+        self._requested_output = _field(6, _field(1, contract.output_name.encode()))
         self._headers: dict[int, bytes] = {}
         self._parameters: dict[int, bytes] = {}
 
     def _header(self, batch: int) -> bytes:
         header = self._headers.get(batch)
         if header is None:
-            shape = b"".join(_varint(d) for d in (batch, *TILE_SHAPE))
-            tensor = _field(1, INPUT_NAME.encode()) + _field(2, INPUT_DATATYPE.encode()) + _field(3, shape)
+            shape = b"".join(_varint(d) for d in (batch, *self.contract.tile_shape))
+            name = self.contract.input_name.encode()
+            tensor = _field(1, name) + _field(2, INPUT_DATATYPE.encode()) + _field(3, shape)
             header = _field(5, tensor) + self._requested_output
             if len(self._headers) < 256:
                 self._headers[batch] = header
@@ -139,7 +140,7 @@ class InferRequestEncoder:
         """The serialised request for ``tiles``.
 
         Args:
-            tiles: uint8 ``[N, 3, 512, 512]``; a non-contiguous array costs one more copy.
+            tiles: uint8 ``[N, 3, S, S]``; a non-contiguous array costs one more copy.
             request_id: Optional id Triton echoes back and logs.
             priority: The request's priority level at Triton (1 is served first); 0 sends none, and
                 the model's default level applies.
@@ -151,7 +152,7 @@ class InferRequestEncoder:
             TypeError: See :func:`check_tiles`.
             ValueError: See :func:`check_tiles`; or ``priority`` is negative.
         """
-        tiles = check_tiles(tiles)
+        tiles = check_tiles(tiles, self.contract)
         request_field = _field(3, request_id.encode()) if request_id else b""
         parameters = self._parameters.get(priority)
         if parameters is None:
@@ -173,15 +174,16 @@ class InferRequestEncoder:
 
 
 def decode_detections(
-    raw: bytes, *, datatype: str, shape: Sequence[int], batch: int
+    raw: bytes, *, datatype: str, shape: Sequence[int], batch: int, contract: ModelContract
 ) -> npt.NDArray[np.float32]:
-    """Turn the raw ``detections`` output of a response into an array, without copying.
+    """Turn the raw detections output of a response into an array, without copying.
 
     Args:
         raw: The output's ``raw_output_contents`` entry.
         datatype: The datatype Triton reported for it.
         shape: The shape Triton reported for it.
         batch: The number of tiles that were sent.
+        contract: the model's tensors (the output's name and ``K``).
 
     Returns:
         A read-only float32 view ``[batch, K, 6]`` over ``raw``; copy it before modifying.
@@ -189,14 +191,13 @@ def decode_detections(
     Raises:
         ValueError: The output does not follow the model contract.
     """
-    rows = shape[1] if len(shape) == 3 else 0
-    expected = (batch, rows, DETECTION_FIELDS)
-    if datatype != OUTPUT_DATATYPE or tuple(shape) != expected or rows < 1:
+    name = contract.output_name
+    expected = (batch, contract.top_k, DETECTION_FIELDS)
+    if datatype != OUTPUT_DATATYPE or tuple(shape) != expected:
         raise ValueError(
-            f"output {OUTPUT_NAME!r} is {datatype} {list(shape)}, "
-            f"expected {OUTPUT_DATATYPE} [{batch}, K, {DETECTION_FIELDS}]"
+            f"output {name!r} is {datatype} {list(shape)}, expected {OUTPUT_DATATYPE} {list(expected)}"
         )
     expected_bytes = int(np.prod(expected)) * 4
     if len(raw) != expected_bytes:
-        raise ValueError(f"output {OUTPUT_NAME!r} has {len(raw)} bytes, expected {expected_bytes}")
+        raise ValueError(f"output {name!r} has {len(raw)} bytes, expected {expected_bytes}")
     return np.frombuffer(raw, dtype="<f4").reshape(expected)

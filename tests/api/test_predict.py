@@ -13,23 +13,24 @@ from pathlib import Path
 import httpx
 import pytest
 
+from export.synth import PALM_CATEGORIES
 from gateway.api.schemas import PredictResponse
 from gateway.app import create_app
 from gateway.decode import DecodePool
 from gateway.pipeline.result import ModelInfo
 from gateway.predictor import Predictor
 from gateway.settings import DecodeSettings, Settings
-from tests.fakes import FakeInference, fixed_box
+from tests.fakes import FAKE_CONTRACT, FakeInference, fixed_box
 
 
 @pytest.fixture
 async def http(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(data_dir=tmp_path / "data", decode=DecodeSettings(workers=1, file_timeout_s=60))
-    async with DecodePool(settings.decode, settings.limits) as pool:
+    async with DecodePool(settings.decode, settings.limits, tile_size=512) as pool:
         predictor = Predictor(
             pool,
             FakeInference(fixed_box(100, 100, 120, 120)),
-            ModelInfo("palm", "1", "ab" * 32),
+            ModelInfo("palm", "1", "ab" * 32, categories=PALM_CATEGORIES, contract=FAKE_CONTRACT),
             tiling=settings.tiling,
             triton=settings.triton,
         )

@@ -32,7 +32,7 @@ def given() -> list[int]:
 
 @pytest.fixture
 def region(given: list[int]) -> Iterator[TileRegion]:
-    made = TileRegion(region_name(secrets.token_hex(4), 0), slots=3, slot_tiles=2)
+    made = TileRegion(region_name(secrets.token_hex(4), 0), slots=3, slot_tiles=2, tile_size=512)
     made.give_back = given.extend
     yield made
     made.close()
@@ -42,7 +42,7 @@ def region(given: list[int]) -> Iterator[TileRegion]:
 def test_slots_are_views_of_one_file_that_a_worker_maps_too(region: TileRegion) -> None:
     assert region.path.stat().st_size == 3 * 2 * 3 * 512 * 512
     region.pixels(2, 2)[1, 0, 5, 7] = 42
-    other = TileRegion(region.name, 3, 2, create=False)
+    other = TileRegion(region.name, 3, 2, create=False, tile_size=512)
     try:
         assert other.pixels(2, 2)[1, 0, 5, 7] == 42
         shared = region.shared(2, 1)
@@ -65,7 +65,7 @@ def test_a_slot_outside_the_region_is_refused(region: TileRegion) -> None:
 
 def test_a_region_of_the_wrong_size_is_not_mapped(region: TileRegion) -> None:
     with pytest.raises(SharedMemoryUnavailable):
-        TileRegion(region.name, 4, 2, create=False)
+        TileRegion(region.name, 4, 2, create=False, tile_size=512)
 
 
 def test_a_full_dev_shm_fails_clearly_and_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,7 +78,7 @@ def test_a_full_dev_shm_fails_clearly_and_leaves_nothing(monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "posix_fallocate", full)
     name = region_name(secrets.token_hex(4), 0)
     with pytest.raises(SharedMemoryUnavailable, match="--shm-size"):
-        TileRegion(name, 4, 8)
+        TileRegion(name, 4, 8, tile_size=512)
     assert not (SHM_DIR / name).exists()
 
 

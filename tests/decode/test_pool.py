@@ -46,7 +46,9 @@ def decode_children() -> set[int]:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def pool() -> AsyncIterator[DecodePool]:
-    async with DecodePool(DecodeSettings(workers=2), LIMITS, worker_command=CRASHING_WORKER) as started:
+    async with DecodePool(
+        DecodeSettings(workers=2), LIMITS, worker_command=CRASHING_WORKER, tile_size=512
+    ) as started:
         yield started
     assert decode_children() == set()
     assert list(SHM_DIR.glob(f"palm_tiles_{os.getpid()}_*")) == [], "close() unlinks the tile regions"
@@ -81,7 +83,7 @@ async def decode_all(
     pool: DecodePool, path: Path, batch_size: int = 8, **options: object
 ) -> tuple[list[TileBatch], int]:
     async with pool.open(path, ReadOptions(**options)) as session:  # type: ignore[arg-type]
-        specs = tile_grid(session.info.width, session.info.height)
+        specs = tile_grid(session.info.width, session.info.height, 512, 128)
         batches = [b async for b in session.batches(specs, batch_size)]
         return batches, session.skipped
 
@@ -89,7 +91,7 @@ async def decode_all(
 async def test_pool_tiles_equal_in_process_tiles(pool: DecodePool, files: dict[str, Path]) -> None:
     batches, skipped = await decode_all(pool, files["masked"], batch_size=3)
     with open_raster(files["masked"], LIMITS) as reader:
-        expected = list(reader.tiles(tile_grid(1100, 700)))
+        expected = list(reader.tiles(tile_grid(1100, 700, 512, 128)))
         assert skipped == reader.skipped > 0
     assert all(0 < len(b.specs) <= 3 for b in batches)
     got = [
@@ -186,7 +188,9 @@ async def test_a_worker_killed_from_outside_is_not_blamed_on_the_file(
 async def test_a_lost_worker_is_logged_with_its_pid_and_how_it_ended(
     files: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with DecodePool(DecodeSettings(workers=1), LIMITS, worker_command=CRASHING_WORKER) as pool:
+    async with DecodePool(
+        DecodeSettings(workers=1), LIMITS, worker_command=CRASHING_WORKER, tile_size=512
+    ) as pool:
         (lost,) = pool.pids
 
         def replaced() -> list[str]:
@@ -215,7 +219,7 @@ async def test_a_lost_worker_is_logged_with_its_pid_and_how_it_ended(
 async def test_leaving_a_stream_early_keeps_the_worker(pool: DecodePool, files: dict[str, Path]) -> None:
     before = pool.pids
     async with pool.open(files["masked"]) as session:
-        async for _ in session.batches(tile_grid(1100, 700), 1):
+        async for _ in session.batches(tile_grid(1100, 700, 512, 128), 1):
             break
     assert pool.pids == before
     batches, _ = await decode_all(pool, files["masked"])
@@ -228,12 +232,12 @@ async def test_a_planned_stream_starts_with_open_and_matches_the_grid(
     plan = StreamPlan(tile=512, overlap=128, batch_size=4, first_batch=1)
     async with pool.open(files["masked"], plan=plan) as session:
         with pytest.raises(RuntimeError, match="without specs"):
-            session.batches(tile_grid(1100, 700))
+            session.batches(tile_grid(1100, 700, 512, 128))
         batches = [b async for b in session.batches()]
         skipped = session.skipped
     expected, expected_skipped = await decode_all(pool, files["masked"], batch_size=4)
     assert len(batches[0].specs) == 1, "the first batch is the plan's small one"
-    assert max(len(b.specs) for b in batches) <= balanced_batch(len(tile_grid(1100, 700)), 4)
+    assert max(len(b.specs) for b in batches) <= balanced_batch(len(tile_grid(1100, 700, 512, 128)), 4)
     assert [s for b in batches for s in b.specs] == [s for b in expected for s in b.specs]
     assert skipped == expected_skipped
     got = np.concatenate([b.pixels for b in batches])
@@ -266,7 +270,7 @@ async def test_a_cancelled_request_keeps_its_worker(pool: DecodePool, files: dic
 
     async def consume() -> None:
         async with pool.open(files["masked"]) as session:
-            async for _ in session.batches(tile_grid(1100, 700), 1):
+            async for _ in session.batches(tile_grid(1100, 700, 512, 128), 1):
                 started.set()
                 await asyncio.sleep(3600)
 
@@ -294,7 +298,7 @@ async def test_a_request_cancelled_with_half_a_frame_read_keeps_its_worker(
 
     async def consume() -> None:
         async with pool.open(path, plan=plan) as session:
-            stream = session.batches() if plan else session.batches(tile_grid(1100, 700), 1)
+            stream = session.batches() if plan else session.batches(tile_grid(1100, 700, 512, 128), 1)
             async for batch in stream:
                 batch.release()
 
@@ -306,13 +310,13 @@ async def test_a_request_cancelled_with_half_a_frame_read_keeps_its_worker(
             await task
         assert pool.pids == before
     batches, _ = await decode_all(pool, make_geotiff(tmp_path / "after.tif", width=1100, height=700))
-    assert sum(len(b.specs) for b in batches) == len(tile_grid(1100, 700))
+    assert sum(len(b.specs) for b in batches) == len(tile_grid(1100, 700, 512, 128))
     assert pool.pids == before
 
 
 async def test_time_budget_stops_a_hung_decoder(files: dict[str, Path]) -> None:
     settings = DecodeSettings(workers=1, file_timeout_s=1.0)
-    async with DecodePool(settings, LIMITS, worker_command=CRASHING_WORKER) as pool:
+    async with DecodePool(settings, LIMITS, worker_command=CRASHING_WORKER, tile_size=512) as pool:
         first = pool.pids
         started = time.monotonic()
         with pytest.raises(DecoderFailed, match="longer than its 1 s budget"):
@@ -325,7 +329,7 @@ async def test_time_budget_stops_a_hung_decoder(files: dict[str, Path]) -> None:
 
 
 async def test_concurrency_is_bounded_by_the_pool_size(files: dict[str, Path]) -> None:
-    async with DecodePool(DecodeSettings(workers=1), LIMITS) as pool:
+    async with DecodePool(DecodeSettings(workers=1), LIMITS, tile_size=512) as pool:
         used = pool.pids
         entered = asyncio.Event()
 
@@ -346,7 +350,7 @@ async def test_zero_copy_batches_lie_in_shared_memory_and_hold_the_worker_back(
     pool: DecodePool, tmp_path: Path
 ) -> None:
     path = make_geotiff(tmp_path / "row.tif", width=2048, height=512)
-    specs = tile_grid(2048, 512)
+    specs = tile_grid(2048, 512, 512, 128)
     with open_raster(path, LIMITS) as reader:
         expected = [tile.pixels for tile in reader.tiles(specs)]
     assert len(specs) > pool.slots_per_worker
@@ -412,7 +416,7 @@ class Holders:
 
 async def test_batch_files_never_take_the_worker_reserved_for_online_ones(files: dict[str, Path]) -> None:
     settings = DecodeSettings(workers=2, reserved_online_workers=1)
-    async with DecodePool(settings, LIMITS) as pool:
+    async with DecodePool(settings, LIMITS, tile_size=512) as pool:
         holders = Holders(pool, files["small"])
         holders.start("batch 1", Priority.BATCH)
         await until(lambda: holders.entered == ["batch 1"])
@@ -435,7 +439,7 @@ async def test_batch_files_never_take_the_worker_reserved_for_online_ones(files:
 
 async def test_an_online_file_queued_after_a_batch_file_gets_the_next_worker(files: dict[str, Path]) -> None:
     settings = DecodeSettings(workers=2, reserved_online_workers=1)
-    async with DecodePool(settings, LIMITS) as pool:
+    async with DecodePool(settings, LIMITS, tile_size=512) as pool:
         holders = Holders(pool, files["small"])
         holders.start("online 1", Priority.ONLINE)
         holders.start("online 2", Priority.ONLINE)
@@ -458,8 +462,43 @@ async def test_an_online_file_queued_after_a_batch_file_gets_the_next_worker(fil
 async def test_batch_files_keep_one_worker_when_every_worker_is_reserved(files: dict[str, Path]) -> None:
     settings = DecodeSettings(workers=1, reserved_online_workers=4)
     async with (
-        DecodePool(settings, LIMITS) as pool,
+        DecodePool(settings, LIMITS, tile_size=512) as pool,
         asyncio.timeout(10),
         pool.open(files["small"], priority=Priority.BATCH) as session,
     ):
         assert session.info.width == 300
+
+
+async def test_workers_cut_and_share_tiles_of_the_models_side(files: dict[str, Path]) -> None:
+    """A model with 256 px tiles: the slots in /dev/shm, the batches and masks are 256 px, and equal to
+    what the reader cuts in process."""
+    async with DecodePool(DecodeSettings(workers=1), LIMITS, tile_size=256, slot_tiles=4) as small:
+        plan = StreamPlan(tile=256, overlap=64, batch_size=4)
+        async with small.open(files["masked"], plan=plan) as session:
+            batches = [b async for b in session.batches(zero_copy=True)]
+            skipped = session.skipped
+        with open_raster(files["masked"], LIMITS) as reader:
+            expected = list(reader.tiles(tile_grid(1100, 700, 256, 64)))
+            assert skipped == reader.skipped > 0
+        assert {b.pixels.shape[1:] for b in batches} == {(3, 256, 256)}
+        assert all(b.shared is not None and b.shared.nbytes == len(b.specs) * 3 * 256 * 256 for b in batches)
+        got = [
+            (s, b.pixels[i].copy(), None if b.valid is None else b.valid[i])
+            for b in batches
+            for i, s in enumerate(b.specs)
+        ]
+        for batch in batches:
+            batch.release()
+        assert [g[0] for g in got] == [t.spec for t in expected]
+        for (_, pixels, valid), tile in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(pixels, tile.pixels)
+            if tile.valid is None:
+                assert valid is None or valid.all()
+            else:
+                assert valid is not None
+                np.testing.assert_array_equal(valid, tile.valid)
+        with pytest.raises(ValueError, match="cuts 256 px tiles"):
+            small.open(files["masked"], plan=StreamPlan(tile=512, overlap=128))
+        async with small.open(files["masked"]) as session:
+            with pytest.raises(ValueError, match="256 px tiles only"):
+                session.batches(tile_grid(1100, 700, 512, 128))

@@ -66,7 +66,7 @@ def test_a_full_size_quicklook_has_the_tiles_pixels_and_alpha_from_validity(
 ) -> None:
     with open_raster(files[name], LIMITS) as reader:
         rgba = quicklook.render(reader, reader.plan, 300, 200, 2048)
-        (tile,) = reader.tiles(tile_grid(300, 200))
+        (tile,) = reader.tiles(tile_grid(300, 200, 512, 128))
     assert rgba.shape == (200, 300, 4)
     np.testing.assert_array_equal(np.moveaxis(rgba[..., :3], -1, 0), tile.pixels[:, :200, :300])
     valid = np.ones((200, 300), bool) if tile.valid is None else tile.valid[:200, :300]
@@ -78,7 +78,7 @@ def test_a_full_size_quicklook_has_the_tiles_pixels_and_alpha_from_validity(
 
 @pytest_asyncio.fixture
 async def pool() -> AsyncIterator[DecodePool]:
-    async with DecodePool(DecodeSettings(workers=1), LIMITS) as started:
+    async with DecodePool(DecodeSettings(workers=1), LIMITS, tile_size=512) as started:
         yield started
 
 
@@ -88,7 +88,7 @@ async def test_a_worker_renders_it_between_streams_and_keeps_serving(
     worker = pool.pids
     async with pool.open(files["wide"]) as session:
         look = await session.quicklook(1000)
-        specs = tile_grid(session.info.width, session.info.height)
+        specs = tile_grid(session.info.width, session.info.height, 512, 128)
         tiles = sum([len(b.specs) async for b in session.batches(specs, 4)])
         again = await session.quicklook(100)
     assert (look.width, look.height) == (1000, 40)
@@ -108,7 +108,7 @@ async def test_a_worker_renders_it_between_streams_and_keeps_serving(
 
 async def test_quicklook_is_refused_while_a_stream_runs(pool: DecodePool, files: dict[str, Path]) -> None:
     async with pool.open(files["wide"]) as session:
-        stream = session.batches(tile_grid(session.info.width, session.info.height), 1)
+        stream = session.batches(tile_grid(session.info.width, session.info.height, 512, 128), 1)
         await anext(stream)
         with pytest.raises(RuntimeError, match="no stream"):
             await session.quicklook(100)

@@ -11,6 +11,9 @@ import pytest
 from export.evaluate import SeedOverlap, check_heldout, coco_metrics, coco_results, detect_scene, main
 from export.synth import coco_dataset, render_scene
 from gateway.pipeline.merge import Detections
+from tests import markers
+from tests.factories import make_geotiff
+from tests.markers import Marker, build_onnx, draw
 
 MODEL = Path(__file__).resolve().parents[2] / "model_repository" / "palm" / "1" / "model.onnx"
 
@@ -64,7 +67,74 @@ def test_detect_scene_tiles_and_merges_into_image_coordinates() -> None:
         out[:, 0] = [246, 246, 266, 266, 0.9, 1]
         return out
 
-    det = detect_scene(np.zeros((3, 1024, 1024), np.uint8), centre_box)
+    det = detect_scene(np.zeros((3, 1024, 1024), np.uint8), centre_box, tile=512)
     centres = sorted(((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in det.boxes.tolist())
     expected = sorted((x + 256.0, y + 256.0) for x in (0, 384, 512) for y in (0, 384, 512))
     assert centres == expected
+
+
+def squares_truth(tmp_path: Path, shift: float = 0.0) -> tuple[Path, Path]:
+    """Two GeoTIFFs of coloured squares (tests/markers.py) and a COCO file naming the squares."""
+    images = tmp_path / "images"
+    images.mkdir(parents=True)
+    scenes = {
+        "a.tif": [Marker(10, 170, 30, 50), Marker(20, 400, 300, 40), Marker(30, 20, 420, 30)],
+        "sub/b.tif": [Marker(20, 60, 60, 24)],
+    }
+    truth: dict[str, list[dict[str, object]]] = {
+        "images": [],
+        "annotations": [],
+        "categories": [dict(c) for c in markers.CATEGORIES],
+    }
+    for image_id, (name, squares) in enumerate(scenes.items(), start=1):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        make_geotiff(images / name, 600, 500, data=draw(600, 500, squares), photometric="RGB")
+        truth["images"].append({"id": image_id, "file_name": name, "width": 600, "height": 500})
+        for square in squares:
+            x, y = square.x + shift, square.y + shift
+            truth["annotations"].append(
+                {
+                    "id": len(truth["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": square.category_id,
+                    "bbox": [x, y, square.size, square.size],
+                    "area": square.size**2,
+                    "iscrowd": 0,
+                }
+            )
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps(truth))
+    return path, images
+
+
+def test_cli_scores_a_users_coco_ground_truth_on_their_geotiffs(tmp_path: Path) -> None:
+    """Another model (256 px tiles, K = 100, its own tensor names) on the user's files and classes."""
+    onnx = build_onnx(tmp_path / "markers.onnx")
+    truth, images = squares_truth(tmp_path)
+    out = tmp_path / "eval.json"
+
+    assert main(["--onnx", str(onnx), "--coco", str(truth), "--images", str(images), "--json", str(out)]) == 0
+
+    figures = json.loads(out.read_text())
+    assert figures["AP"] == pytest.approx(1.0)
+    assert set(figures["per_class"]) == {"red_marker", "green_marker", "blue_marker"}
+    assert figures["num_gt"] == {"red_marker": 1, "green_marker": 2, "blue_marker": 1}
+    assert figures["protocol"]["tiling"]["tile"] == 256
+    assert figures["protocol"]["tiling"]["overlap"] == 64
+
+    shifted, _ = squares_truth(tmp_path / "shifted", shift=6.0)
+    main(["--onnx", str(onnx), "--coco", str(shifted), "--images", str(images), "--json", str(out)])
+    assert json.loads(out.read_text())["AP75"] < 0.9
+
+
+def test_cli_refuses_a_coco_file_whose_image_sizes_differ(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx = build_onnx(tmp_path / "markers.onnx")
+    truth, images = squares_truth(tmp_path)
+    content = json.loads(truth.read_text())
+    content["images"][0]["width"] = 1200
+    truth.write_text(json.dumps(content))
+
+    assert main(["--onnx", str(onnx), "--coco", str(truth), "--images", str(images)]) == 2
+    assert "a.tif is 600 x 500 px but the COCO file says 1200 x 500" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from gateway.decode import DecodePool
 from gateway.pipeline.result import ModelInfo
 from gateway.predictor import Predictor
 from gateway.settings import DecodeSettings, Settings
-from tests.fakes import FakeInference, fixed_box
+from tests.fakes import FAKE_CONTRACT, FakeInference, fixed_box
 from tests.integration.browser import offline_chromium
 from tests.integration.server import serve_in_thread
 
@@ -26,11 +26,11 @@ pytestmark = pytest.mark.integration
 def gateway_url(tmp_path: Path) -> Iterator[str]:
     """The gateway around the fake inference backend: the page needs no model."""
     settings = Settings(data_dir=tmp_path, decode=DecodeSettings(workers=1))
-    pool = DecodePool(settings.decode, settings.limits)
+    pool = DecodePool(settings.decode, settings.limits, tile_size=512)
     predictor = Predictor(
         pool,
         FakeInference(fixed_box(1, 1, 2, 2)),
-        ModelInfo("palm", "1.1.0", None),
+        ModelInfo("palm", "1.1.0", None, contract=FAKE_CONTRACT),
         tiling=settings.tiling,
         triton=settings.triton,
     )

@@ -125,7 +125,9 @@ async def test_online_requests_overtake_queued_batch_requests(
     """cpu.pbtxt declares two priority levels: a request at level 1 (online) sent behind a queue of
     level-2 (batch) requests runs before most of them, on both ways a request can carry its tiles."""
     tiles = np.ascontiguousarray(scene_tiles[:4])
-    region = TileRegion(f"palm_tiles_{os.getpid()}_prio{secrets.token_hex(3)}", slots=1, slot_tiles=4)
+    region = TileRegion(
+        f"palm_tiles_{os.getpid()}_prio{secrets.token_hex(3)}", slots=1, slot_tiles=4, tile_size=512
+    )
     region.pixels(0, 4)[:] = tiles
     shared = region.shared(0, 4) if transport == "shared memory" else None
     finished: list[Priority] = []

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def region() -> Iterator[TileRegion]:
-    made = TileRegion(f"palm_tiles_{os.getpid()}_test{secrets.token_hex(3)}", slots=2, slot_tiles=4)
+    made = TileRegion(
+        f"palm_tiles_{os.getpid()}_test{secrets.token_hex(3)}", slots=2, slot_tiles=4, tile_size=512
+    )
     yield made
     made.close()
     assert not made.path.exists()

@@ -13,7 +13,7 @@ from loadtest.bench_peers import as_rows, axis_offsets, coco_rows, from_gateway_
 
 @pytest.mark.parametrize("length", [300, 512, 513, 1000, 4096, 20_000])
 def test_plain_loop_cuts_the_gateways_tiles(length: int) -> None:
-    assert axis_offsets(length) == tiling.axis_offsets(length)
+    assert axis_offsets(length) == tiling.axis_offsets(length, 512, 128)
 
 
 def test_nms_suppresses_same_class_overlaps_only() -> None:

@@ -19,8 +19,9 @@ from gateway.errors import InsufficientStorage
 from gateway.pipeline.atomic import atomic_write
 from gateway.pipeline.render import ImageRecord, coco_info, write_coco
 from gateway.pipeline.result import ModelInfo, TilingInfo
+from tests.fakes import FAKE_CONTRACT
 
-MODEL = ModelInfo("palm", "1.1.0", "ab" * 32)
+MODEL = ModelInfo("palm", "1.1.0", "ab" * 32, contract=FAKE_CONTRACT)
 TILING = TilingInfo(512, 128, 0.5, 0.3)
 MIB = 1 << 20
 

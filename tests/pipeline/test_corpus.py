@@ -62,7 +62,7 @@ def read_in_process(path: Path) -> Outcome:
     try:
         with open_raster(path, LIMITS, options_for(path)) as reader:
             info = reader.info
-            tiles = sum(1 for _ in reader.tiles(tile_grid(info.width, info.height)))
+            tiles = sum(1 for _ in reader.tiles(tile_grid(info.width, info.height, 512, 128)))
             outcome = Outcome(str(path), "accepted", _describe(info), tiles, reader.skipped)
     except GatewayError as exc:
         outcome = Outcome(str(path), type(exc).__name__, exc.detail)
@@ -76,7 +76,7 @@ async def read_in_pool(pool: DecodePool, path: Path) -> Outcome:
         async with pool.open(path, options_for(path)) as session:
             info = session.info
             tiles = 0
-            async for batch in session.batches(tile_grid(info.width, info.height), 8):
+            async for batch in session.batches(tile_grid(info.width, info.height, 512, 128), 8):
                 tiles += len(batch.specs)
             outcome = Outcome(str(path), "accepted", _describe(info), tiles, session.skipped)
     except GatewayError as exc:
@@ -137,7 +137,7 @@ def test_every_corpus_file_through_the_decode_pool(
 ) -> None:
     async def sweep() -> list[Outcome]:
         settings = DecodeSettings(workers=2, file_timeout_s=FILE_BUDGET_S)
-        async with DecodePool(settings, LIMITS) as pool:
+        async with DecodePool(settings, LIMITS, tile_size=512) as pool:
             rows = [await read_in_pool(pool, path) for path in corpus_files(corpus_dir)]
             assert len(pool.pids) == 2
             return rows

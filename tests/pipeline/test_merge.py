@@ -19,14 +19,14 @@ def rows(*dets: tuple[float, float, float, float, float, int]) -> np.ndarray:
 
 
 def test_padding_rows_and_low_scores_are_dropped() -> None:
-    (spec,) = tile_grid(512, 512)
+    (spec,) = tile_grid(512, 512, 512, 128)
     cand = tile_candidates(rows((10, 10, 30, 30, 0.9, 1), (50, 50, 70, 70, 0.2, 2)), spec, 0.3)
     assert len(cand.detections) == 1
     assert cand.detections.class_ids.tolist() == [1]
 
 
 def test_boxes_centred_in_padding_or_masked_pixels_are_dropped() -> None:
-    (spec,) = tile_grid(300, 300)
+    (spec,) = tile_grid(300, 300, 512, 128)
     valid = np.zeros((512, 512), bool)
     valid[:300, :300] = True
     valid[:, :100] = False  # nodata strip
@@ -41,7 +41,7 @@ def test_boxes_centred_in_padding_or_masked_pixels_are_dropped() -> None:
 
 
 def test_duplicate_across_a_seam_is_kept_once_in_image_coordinates() -> None:
-    grid = tile_grid(900, 512)  # tiles at x=0, 384, 388
+    grid = tile_grid(900, 512, 512, 128)  # tiles at x=0, 384, 388
     a, b = grid[0], grid[1]
     # One palm at image x 400..440: whole in both tiles.
     merged = merge_tiles(
@@ -57,7 +57,7 @@ def test_duplicate_across_a_seam_is_kept_once_in_image_coordinates() -> None:
 
 
 def test_truncated_fragment_loses_to_the_whole_copy_even_with_a_higher_score() -> None:
-    grid = tile_grid(1500, 512)
+    grid = tile_grid(1500, 512, 512, 128)
     a, b = grid[0], grid[1]  # a covers 0..512, b covers 384..896
     # Building at image x 480..600 (120 px): tile a sees it cut at its right seam (480..512).
     fragment = rows((480, 200, 512, 260, 0.95, 2))
@@ -67,7 +67,7 @@ def test_truncated_fragment_loses_to_the_whole_copy_even_with_a_higher_score() -
 
 
 def test_different_classes_never_suppress_each_other() -> None:
-    (spec,) = tile_grid(512, 512)
+    (spec,) = tile_grid(512, 512, 512, 128)
     merged = merge_tiles(
         [(spec, rows((100, 100, 200, 200, 0.9, 2), (105, 105, 195, 195, 0.8, 1)), None)],
         score_threshold=0.3,
@@ -76,7 +76,7 @@ def test_different_classes_never_suppress_each_other() -> None:
 
 
 def test_touching_neighbours_in_a_plantation_survive() -> None:
-    (spec,) = tile_grid(512, 512)
+    (spec,) = tile_grid(512, 512, 512, 128)
     dets = [(x, 100, x + 30, 130, 0.9 - x / 10_000, 1) for x in range(0, 480, 25)]  # 5 px overlap
     merged = merge_tiles([(spec, rows(*dets), None)], score_threshold=0.3)
     assert len(merged) == len(dets)
@@ -85,7 +85,7 @@ def test_touching_neighbours_in_a_plantation_survive() -> None:
 
 def test_merge_is_linear_enough_for_a_large_scene() -> None:
     rng = np.random.default_rng(0)
-    grid = tile_grid(8192, 8192)
+    grid = tile_grid(8192, 8192, 512, 128)
     parts = []
     for spec in grid:
         xy = rng.uniform(0, 480, size=(200, 2)).astype(np.float32)

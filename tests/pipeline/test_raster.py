@@ -56,7 +56,7 @@ T = 512
 
 def read(path: Path, limits: LimitSettings = LIMITS, **options: Any) -> tuple[RasterInfo, list[Tile], int]:
     with open_raster(path, limits, ReadOptions(**options)) as reader:
-        tiles = list(reader.tiles(tile_grid(reader.info.width, reader.info.height)))
+        tiles = list(reader.tiles(tile_grid(reader.info.width, reader.info.height, 512, 128)))
         return reader.info, tiles, reader.skipped
 
 
@@ -67,7 +67,7 @@ def mosaic(tiles: list[Tile], width: int, height: int) -> tuple[npt.NDArray[np.u
     seen = np.zeros((height, width), np.bool_)
     for tile in tiles:
         s = tile.spec
-        assert tile.pixels.shape == (3, T, T)
+        assert tile.pixels.shape == (3, s.size, s.size)
         assert tile.pixels.dtype == np.uint8
         window = (slice(s.y, s.y + s.height), slice(s.x, s.x + s.width))
         pixels = tile.pixels[:, : s.height, : s.width]
@@ -75,7 +75,7 @@ def mosaic(tiles: list[Tile], width: int, height: int) -> tuple[npt.NDArray[np.u
             np.ones((s.height, s.width), bool) if tile.valid is None else tile.valid[: s.height, : s.width]
         )
         if tile.valid is not None:
-            assert tile.valid.shape == (T, T)
+            assert tile.valid.shape == (s.size, s.size)
             assert not tile.valid[s.height :, :].any()
             assert not tile.valid[:, s.width :].any()
         assert not tile.pixels[:, s.height :, :].any(), "padding must be 0"
@@ -227,7 +227,7 @@ def test_rgb_tiles_show_the_image_where_it_is(geotiff: GeoTiffFactory, width: in
     data = synthetic_bands(width, height, 3, "uint8", seed=width)
     info, tiles, skipped = read(geotiff(width=width, height=height, data=data, photometric="RGB"))
     assert (info.colour, info.band_map, info.scaling) == ("rgb", (1, 2, 3), "none")
-    assert len(tiles) == len(tile_grid(width, height))
+    assert len(tiles) == len(tile_grid(width, height, 512, 128))
     assert skipped == 0
     image, valid = mosaic(tiles, width, height)
     np.testing.assert_array_equal(image, data)
@@ -462,7 +462,7 @@ def test_internal_mask_and_fully_masked_tiles_are_skipped(geotiff: GeoTiffFactor
     mask[:, 500:] = False  # everything right of x=500: no data
     info, tiles, skipped = read(geotiff(width=width, height=height, data=data, mask=mask, photometric="RGB"))
     assert info.masking == ("mask",)
-    specs = tile_grid(width, height)
+    specs = tile_grid(width, height, 512, 128)
     assert skipped == sum(1 for s in specs if s.x >= 500)
     assert {t.spec for t in tiles} == {s for s in specs if s.x < 500}
     image, valid = mosaic(tiles, width, height)
@@ -626,7 +626,7 @@ def test_each_block_is_decoded_once(geotiff: GeoTiffFactory, tiled: bool, block:
     width, height = 1500, 1700
     data = synthetic_bands(width, height, 3, "uint8", seed=block)
     path = geotiff(width=width, height=height, data=data, tiled=tiled, blocksize=block, photometric="RGB")
-    specs = tile_grid(width, height)
+    specs = tile_grid(width, height, 512, 128)
     with open_raster(path, LIMITS) as reader:
         source = CountingSource(reader)
         tiles = list(TileCutter(source, reader.plan, width, height, specs).tiles())
@@ -648,7 +648,7 @@ def test_memory_is_bounded_by_width_not_height(geotiff: GeoTiffFactory) -> None:
         tracemalloc.start()
         try:
             with open_raster(path, LIMITS) as reader:
-                for _ in reader.tiles(tile_grid(reader.info.width, reader.info.height)):
+                for _ in reader.tiles(tile_grid(reader.info.width, reader.info.height, 512, 128)):
                     pass
             return tracemalloc.get_traced_memory()[1]
         finally:
@@ -661,7 +661,7 @@ def test_memory_is_bounded_by_width_not_height(geotiff: GeoTiffFactory) -> None:
 
 def test_tiles_come_in_row_major_order_whatever_the_request_order(geotiff: GeoTiffFactory) -> None:
     path = geotiff(width=1100, height=900)
-    specs = tile_grid(1100, 900)
+    specs = tile_grid(1100, 900, 512, 128)
     with open_raster(path, LIMITS) as reader:
         got = [t.spec for t in reader.tiles(list(reversed(specs)))]
         assert got == sorted(specs, key=lambda s: (s.y, s.x))
@@ -669,7 +669,35 @@ def test_tiles_come_in_row_major_order_whatever_the_request_order(geotiff: GeoTi
         (only,) = list(reader.tiles(subset))
         assert only.spec == specs[-1]
         with pytest.raises(ValueError, match="outside the image"):
-            list(reader.tiles([TileSpec(0, 0, 0, 1000, 0, 512, 512, False, False, False, False)]))
+            list(reader.tiles([TileSpec(0, 0, 0, 1000, 0, 512, 512, False, False, False, False, 512)]))
+
+
+@pytest.mark.parametrize(("tile", "overlap", "width", "height"), [(256, 64, 700, 450), (320, 80, 200, 150)])
+def test_tiles_are_cut_at_the_models_side(
+    geotiff: GeoTiffFactory, tile: int, overlap: int, width: int, height: int
+) -> None:
+    data = synthetic_bands(width, height, 3, "uint8", seed=tile)
+    path = geotiff(width=width, height=height, data=data, photometric="RGB")
+    specs = tile_grid(width, height, tile, overlap)
+    with open_raster(path, LIMITS) as reader:
+        tiles = list(reader.tiles(specs))
+    assert len(tiles) == len(specs)
+    assert {t.pixels.shape for t in tiles} == {(3, tile, tile)}
+    np.testing.assert_array_equal(mosaic(tiles, width, height)[0], data)
+    if width < tile:  # one tile, padded: the padding is invalid and zero
+        (only,) = tiles
+        assert only.valid is not None
+        assert only.valid[:height, :width].all()
+        assert not only.valid[height:].any()
+        assert not only.valid[:, width:].any()
+        assert not only.pixels[:, height:].any()
+
+
+def test_tiles_of_one_image_share_one_side(geotiff: GeoTiffFactory) -> None:
+    path = geotiff(width=600, height=600)
+    mixed = tile_grid(600, 600, 512, 128)[:1] + tile_grid(600, 600, 256, 64)[:1]
+    with open_raster(path, LIMITS) as reader, pytest.raises(ValueError, match="one size"):
+        list(reader.tiles(mixed))
 
 
 def test_damaged_block_is_a_corrupt_raster_without_server_paths(geotiff: GeoTiffFactory) -> None:
@@ -708,6 +736,6 @@ def test_strips_taller_than_a_read_stay_cached(geotiff: GeoTiffFactory) -> None:
     with open_raster(path, LIMITS) as reader:
         assert reader.info.block_shape == (1500, 600)
         assert get_gdal_config("GDAL_CACHEMAX") == raster.BASE_CACHE_BYTES + 1500 * 600 * 3
-        tiles = list(reader.tiles(tile_grid(600, 3000)))
+        tiles = list(reader.tiles(tile_grid(600, 3000, 512, 128)))
     np.testing.assert_array_equal(mosaic(tiles, 600, 3000)[0], data)
     assert get_gdal_config("GDAL_CACHEMAX") != raster.BASE_CACHE_BYTES + 1500 * 600 * 3

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from pycocotools.coco import COCO
 
+from export.synth import PALM_CATEGORIES
 from gateway.pipeline.merge import Detections
 from gateway.pipeline.render import (
     ROWS_PER_CHUNK,
@@ -30,8 +31,11 @@ from gateway.pipeline.render import (
     write_geojson,
 )
 from gateway.pipeline.result import Category, ImageMeta, ImageResult, ModelInfo, TilingInfo
+from tests.fakes import FAKE_CONTRACT
 
-MODEL = ModelInfo("palm", "1.1.0", "ab" * 32, triton_version="1")
+MODEL = ModelInfo(
+    "palm", "1.1.0", "ab" * 32, triton_version="1", categories=PALM_CATEGORIES, contract=FAKE_CONTRACT
+)
 TILING = TilingInfo(512, 128, 0.5, 0.3)
 CREATED = datetime(2024, 5, 1, 12, 30, 15, tzinfo=UTC)
 POLYGON = {"type": "Polygon", "coordinates": [[[1, 2], [1, 3], [2, 3], [2, 2], [1, 2]]]}
@@ -226,7 +230,9 @@ def test_images_without_detections_render_as_empty_lists() -> None:
 
 
 def test_categories_come_from_the_model() -> None:
-    model = ModelInfo("trees", "3", None, categories=(Category(4, "oak", "vegetation"),))
+    model = ModelInfo(
+        "trees", "3", None, categories=(Category(4, "oak", "vegetation"),), contract=FAKE_CONTRACT
+    )
     base = result("a.tif", 1)
     odd = replace(
         base, detections=Detections(base.detections.boxes, base.detections.scores, np.array([4], np.int32))
@@ -234,6 +240,28 @@ def test_categories_come_from_the_model() -> None:
     assert to_json(odd, model)["detections"][0]["category"] == "oak"
     coco = rendered(OutputFormat.coco, [odd], model)
     assert coco["categories"] == [{"id": 4, "name": "oak", "supercategory": "vegetation"}]
+
+
+def test_coco_names_every_class_it_annotates_even_those_the_model_lacks(tmp_path: Path) -> None:
+    """A model without a card has no table: its ids become class_<id> categories (after the card's)."""
+    bare = ModelInfo("nameless", "1", None, contract=FAKE_CONTRACT)
+    base = result("a.tif", 3)
+    odd = replace(
+        base,
+        detections=Detections(base.detections.boxes, base.detections.scores, np.array([7, 3, 7], np.int32)),
+    )
+
+    coco = load_coco(render(OutputFormat.coco, [odd], bare, TILING, created=CREATED), tmp_path)
+    palm = rendered(OutputFormat.coco, [odd])
+
+    assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == [(3, "class_3"), (7, "class_7")]
+    assert sorted(coco.getAnnIds(catIds=[7])) == [1, 3]
+    assert [(c["id"], c["name"]) for c in palm["categories"]] == [
+        (1, "palm_tree"),
+        (2, "building"),
+        (3, "class_3"),
+        (7, "class_7"),
+    ]
 
 
 def test_coco_info_records_the_given_time_in_utc_and_the_job() -> None:

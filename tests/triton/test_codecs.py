@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
+from gateway.pipeline.contract import ModelContract
 from gateway.triton.codecs import InferRequestEncoder, check_tiles, decode_detections
 from gateway.triton.malloc import tune_malloc
+
+PALM = ModelContract(tile_size=512, top_k=512, input_name="images", output_name="detections")
+MARKERS = ModelContract(tile_size=256, top_k=100, input_name="pixels", output_name="boxes")
 
 
 def tiles(n: int, seed: int = 0) -> np.ndarray:
@@ -18,7 +22,7 @@ def tiles(n: int, seed: int = 0) -> np.ndarray:
 def test_encoded_request_parses_as_model_infer_request(batch: int) -> None:
     x = tiles(batch) if batch < 200 else np.zeros((batch, 3, 512, 512), np.uint8)
 
-    request = service_pb2.ModelInferRequest.FromString(InferRequestEncoder("palm", "1").encode(x))
+    request = service_pb2.ModelInferRequest.FromString(InferRequestEncoder("palm", PALM, "1").encode(x))
 
     assert (request.model_name, request.model_version, request.id) == ("palm", "1", "")
     (tensor,) = request.inputs
@@ -26,6 +30,18 @@ def test_encoded_request_parses_as_model_infer_request(batch: int) -> None:
     assert [o.name for o in request.outputs] == ["detections"]
     (raw,) = request.raw_input_contents
     assert raw == x.tobytes()
+
+
+def test_another_model_is_encoded_with_its_own_names_and_tile_side() -> None:
+    x = np.zeros((2, 3, 256, 256), np.uint8)
+
+    request = service_pb2.ModelInferRequest.FromString(InferRequestEncoder("markers", MARKERS).encode(x))
+
+    (tensor,) = request.inputs
+    assert (tensor.name, list(tensor.shape)) == ("pixels", [2, 3, 256, 256])
+    assert [o.name for o in request.outputs] == ["boxes"]
+    with pytest.raises(ValueError, match=r"\[N>=1, 3, 256, 256\]"):
+        InferRequestEncoder("markers", MARKERS).encode(tiles(1))
 
 
 def test_encoding_matches_protobuf_byte_for_byte() -> None:
@@ -36,7 +52,7 @@ def test_encoding_matches_protobuf_byte_for_byte() -> None:
     expected.outputs.add(name="detections")
     expected.raw_input_contents.append(x.tobytes())
 
-    encoded = InferRequestEncoder("palm", "1").encode(x, request_id="req-7")
+    encoded = InferRequestEncoder("palm", PALM, "1").encode(x, request_id="req-7")
 
     assert encoded == expected.SerializeToString(deterministic=True)
 
@@ -51,7 +67,7 @@ def test_a_priority_is_the_request_parameter_triton_reads(priority: int) -> None
     expected.outputs.add(name="detections")
     expected.raw_input_contents.append(x.tobytes())
 
-    encoded = InferRequestEncoder("palm", "1").encode(x, request_id="req-8", priority=priority)
+    encoded = InferRequestEncoder("palm", PALM, "1").encode(x, request_id="req-8", priority=priority)
 
     assert encoded == expected.SerializeToString(deterministic=True)
     assert service_pb2.ModelInferRequest.FromString(encoded).parameters["priority"].uint64_param == priority
@@ -59,18 +75,18 @@ def test_a_priority_is_the_request_parameter_triton_reads(priority: int) -> None
 
 def test_priority_zero_leaves_the_model_default() -> None:
     request = service_pb2.ModelInferRequest.FromString(
-        InferRequestEncoder("palm").encode(tiles(1), priority=0)
+        InferRequestEncoder("palm", PALM).encode(tiles(1), priority=0)
     )
     assert "priority" not in request.parameters
 
 
 def test_a_negative_priority_is_refused() -> None:
     with pytest.raises(ValueError, match="priority"):
-        InferRequestEncoder("palm").encode(tiles(1), priority=-1)
+        InferRequestEncoder("palm", PALM).encode(tiles(1), priority=-1)
 
 
 def test_empty_version_is_omitted() -> None:
-    request = service_pb2.ModelInferRequest.FromString(InferRequestEncoder("palm").encode(tiles(1)))
+    request = service_pb2.ModelInferRequest.FromString(InferRequestEncoder("palm", PALM).encode(tiles(1)))
     assert request.model_version == ""
 
 
@@ -79,7 +95,7 @@ def test_non_contiguous_tiles_are_sent_in_logical_order() -> None:
     strided = base[::2]
     assert not strided.flags.c_contiguous
 
-    request = service_pb2.ModelInferRequest.FromString(InferRequestEncoder("palm", "1").encode(strided))
+    request = service_pb2.ModelInferRequest.FromString(InferRequestEncoder("palm", PALM, "1").encode(strided))
 
     assert request.raw_input_contents[0] == np.ascontiguousarray(strided).tobytes()
 
@@ -96,20 +112,30 @@ def test_non_contiguous_tiles_are_sent_in_logical_order() -> None:
 )
 def test_off_contract_tiles_are_refused(array: object, error: type[Exception]) -> None:
     with pytest.raises(error):
-        check_tiles(array)  # type: ignore[arg-type]
+        check_tiles(array, PALM)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("k", [512, 2048])
+@pytest.mark.parametrize("k", [100, 2048])
 def test_decode_detections_takes_the_rows_the_model_has(k: int) -> None:
-    out = decode_detections(b"\0" * (2 * k * 6 * 4), datatype="FP32", shape=[2, k, 6], batch=2)
+    contract = ModelContract(tile_size=512, top_k=k, input_name="images", output_name="detections")
+    out = decode_detections(
+        b"\0" * (2 * k * 6 * 4), datatype="FP32", shape=[2, k, 6], batch=2, contract=contract
+    )
     assert out.shape == (2, k, 6)
+
+
+def test_decode_detections_refuses_another_k_than_the_contract_states() -> None:
+    with pytest.raises(ValueError, match=r"'boxes' is FP32 \[2, 512, 6\], expected FP32 \[2, 100, 6\]"):
+        decode_detections(
+            b"\0" * (2 * 512 * 6 * 4), datatype="FP32", shape=[2, 512, 6], batch=2, contract=MARKERS
+        )
 
 
 def test_decode_detections_is_a_read_only_view() -> None:
     expected = np.random.default_rng(1).random((3, 512, 6), dtype=np.float32)
     raw = expected.tobytes()
 
-    out = decode_detections(raw, datatype="FP32", shape=[3, 512, 6], batch=3)
+    out = decode_detections(raw, datatype="FP32", shape=[3, 512, 6], batch=3, contract=PALM)
 
     np.testing.assert_array_equal(out, expected)
     assert out.dtype == np.float32
@@ -129,7 +155,7 @@ def test_decode_detections_is_a_read_only_view() -> None:
 )
 def test_decode_detections_refuses_off_contract_outputs(datatype: str, shape: list[int], nbytes: int) -> None:
     with pytest.raises(ValueError, match="detections"):
-        decode_detections(b"\0" * nbytes, datatype=datatype, shape=shape, batch=2)
+        decode_detections(b"\0" * nbytes, datatype=datatype, shape=shape, batch=2, contract=PALM)
 
 
 def test_tune_malloc_is_accepted_by_glibc_and_idempotent() -> None:

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 from gateway.settings import REPO_ROOT
+from tests import markers
+from tests.markers import Marker, build_onnx, draw
 
 MODEL_PY = REPO_ROOT / "model_repository" / "palm" / "1" / "model.py"
 
@@ -132,6 +134,9 @@ def tiles(n: int, value: int) -> np.ndarray:
 def make_model(module: types.ModuleType, session: RecordingSession) -> Any:
     model = module.TritonPythonModel()
     model.session = session
+    model.name = "palm"
+    model.input_name = "images"
+    model.tile_shape = (3, 512, 512)
     model.output_names = ["detections"]
     model.logger = FakeLogger
     return model
@@ -200,6 +205,17 @@ def test_output_capsules_are_released_quietly(model_module: types.ModuleType) ->
         np.testing.assert_array_equal(out.array, np.float32(9))
 
 
+def tensors(
+    input_name: str, input_dims: list[str], output_name: str, output_dims: list[str]
+) -> dict[str, Any]:
+    """The ``input`` and ``output`` of a model config as Triton hands it to the backend (JSON; int64
+    dims as strings)."""
+    return {
+        "input": [{"name": input_name, "data_type": "TYPE_UINT8", "dims": input_dims}],
+        "output": [{"name": output_name, "data_type": "TYPE_FP32", "dims": output_dims}],
+    }
+
+
 def _initialize(
     module: types.ModuleType,
     tmp_path: Path,
@@ -221,6 +237,7 @@ def _initialize(
     model_proto.ir_version = 8
     onnx.save(model_proto, tmp_path / "1" / "tiny.onnx")
     config = {
+        **tensors("images", ["3", "512", "512"], "detections", ["512", "6"]),
         "parameters": {key: {"string_value": value} for key, value in parameters.items()},
         "instance_group": [{"count": count, "kind": "KIND_CPU"}],
     }
@@ -251,7 +268,10 @@ def test_initialize_honours_an_explicit_thread_count(model_module: types.ModuleT
 
 def test_initialize_names_a_missing_onnx_file(model_module: types.ModuleType, tmp_path: Path) -> None:
     model = model_module.TritonPythonModel()
-    config = {"parameters": {"onnx_file": {"string_value": "absent.onnx"}}}
+    config = {
+        **tensors("images", ["3", "512", "512"], "detections", ["2048", "6"]),
+        "parameters": {"onnx_file": {"string_value": "absent.onnx"}},
+    }
 
     with pytest.raises(FakeModelException, match=r"absent\.onnx does not exist"):
         model.initialize(
@@ -323,3 +343,36 @@ def test_without_an_instance_name_every_call_stays_on_the_instance_share(
 
     assert model.solo is None
     assert "idle server" not in FakeLogger.messages[-1]
+
+
+def test_the_tensor_names_and_tile_shape_are_the_model_configs(
+    model_module: types.ModuleType, tmp_path: Path
+) -> None:
+    """Not palm's: another detector with other names, 256 px tiles and K = 100 runs unchanged."""
+    build_onnx(tmp_path / "1" / "model.onnx")
+    config = {
+        "name": "markers",
+        **tensors(markers.INPUT, ["3", "256", "256"], markers.OUTPUT, ["100", "6"]),
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+    }
+    model = model_module.TritonPythonModel()
+    model.initialize(
+        {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_version": "1"}
+    )
+    square = Marker(category_id=20, x=40, y=50, size=30)
+    image = draw(256, 256, [square])[None]
+
+    good, palm_sized = model.execute(
+        [
+            {markers.INPUT: FakeTensor(markers.INPUT, image)},
+            {markers.INPUT: FakeTensor(markers.INPUT, tiles(1, 0))},
+        ]
+    )
+
+    (out,) = good.output_tensors
+    assert out.name == markers.OUTPUT
+    assert out.array.shape == (1, 100, 6)
+    assert out.array[0, 0].tolist() == pytest.approx([*square.box, 0.8, 20])
+    assert not out.array[0, 1:].any()
+    assert "[N, 3, 256, 256]" in palm_sized.error.message()
+    assert "markers:" in palm_sized.error.message()

@@ -3,8 +3,9 @@
 Reading is block-aligned and streaming: :class:`TileCutter` reads horizontal bands of rows whose height
 is a multiple of the file's block (tile or strip) height, converts them to uint8 RGB once, and keeps a
 rolling buffer of at most ``tile + 2 x band height`` rows, so each block is decoded once even though
-neighbouring tiles overlap, and memory is about ``4 x width x (512 + 2 x band height)`` bytes whatever
-the image height. Striped files are read strip by strip, without re-encoding. Tiles with no valid pixel
+neighbouring tiles overlap, and memory is about ``4 x width x (tile + 2 x band height)`` bytes whatever
+the image height. The tile side is the model's (each :class:`~gateway.pipeline.tiling.TileSpec` carries
+it as ``size``). Striped files are read strip by strip, without re-encoding. Tiles with no valid pixel
 are skipped and counted in :attr:`TileCutter.skipped`, never yielded.
 
 The cutter reads through a :class:`BlockSource` (the reader, in production), so nothing here opens a
@@ -22,12 +23,14 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.pipeline.raster.policy import BandPlan, BoolArray, Samples, UInt8Array, Window, by_band
-from gateway.pipeline.tiling import TILE_SIZE, TileSpec
+from gateway.pipeline.tiling import TileSpec
 
 CONVERT_CHUNK_BYTES: Final = 32 * 1024**2
 """Largest source-dtype array read at once before conversion to uint8."""
 ROWS_PER_READ: Final = 256
 """Target height of one read: a multiple of the block height close to this."""
+TALL_BLOCK_ROWS: Final = 512
+"""Rows per read for blocks taller than two of these (read in several steps from GDAL's cache)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +39,9 @@ class Tile:
 
     Attributes:
         spec: the image window this tile covers.
-        pixels: ``(3, 512, 512)`` uint8 RGB, channel-first; invalid pixels and padding are 0.
-        valid: ``(512, 512)`` bool, False for padding/nodata/alpha/masked pixels; ``None`` when every
+        pixels: ``(3, S, S)`` uint8 RGB, channel-first (``S`` = ``spec.size``); invalid pixels and
+            padding are 0.
+        valid: ``(S, S)`` bool, False for padding/nodata/alpha/masked pixels; ``None`` when every
             pixel is valid.
     """
 
@@ -67,10 +71,11 @@ class BlockSource(Protocol):
 
 
 def read_step(block_height: int) -> int:
-    """Rows per read: a multiple of the block height near :data:`ROWS_PER_READ`, or a tile's height
-    for blocks taller than two tiles (which are then read in several steps from GDAL's cache)."""
-    if block_height > 2 * TILE_SIZE:
-        return TILE_SIZE
+    """Rows per read: a multiple of the block height near :data:`ROWS_PER_READ`, or
+    :data:`TALL_BLOCK_ROWS` for blocks taller than two of those (then read in several steps from GDAL's
+    cache)."""
+    if block_height > 2 * TALL_BLOCK_ROWS:
+        return TALL_BLOCK_ROWS
     return block_height * max(1, ROWS_PER_READ // block_height)
 
 
@@ -85,10 +90,12 @@ class TileCutter:
         plan: how source samples become uint8 RGB and validity.
         width: the image's pixels per row.
         height: the image's rows.
-        specs: the tiles to cut (at least one), from :func:`~gateway.pipeline.tiling.tile_grid`.
+        specs: the tiles to cut (at least one, all of one ``size``), from
+            :func:`~gateway.pipeline.tiling.tile_grid`.
 
     Raises:
-        ValueError: ``specs`` is empty, or holds a window outside the image or larger than a tile.
+        ValueError: ``specs`` is empty, mixes tile sizes, or holds a window outside the image or larger
+            than its tile.
     """
 
     def __init__(
@@ -96,6 +103,10 @@ class TileCutter:
     ) -> None:
         if not specs:
             raise ValueError("no tiles to cut")
+        sizes = {spec.size for spec in specs}
+        if len(sizes) != 1:
+            raise ValueError(f"tiles of one image share one size, got sizes {sorted(sizes)}")
+        (self._size,) = sizes
         for spec in specs:
             inside = (
                 spec.x >= 0
@@ -103,7 +114,7 @@ class TileCutter:
                 and spec.x + spec.width <= width
                 and spec.y + spec.height <= height
             )
-            if not (inside and 0 < spec.width <= TILE_SIZE and 0 < spec.height <= TILE_SIZE):
+            if not (inside and 0 < spec.width <= spec.size and 0 < spec.height <= spec.size):
                 raise ValueError(f"tile window outside the image or larger than a tile: {spec}")
         self.skipped = 0
         """Tiles skipped so far by :meth:`tiles` because none of their pixels is valid."""
@@ -201,10 +212,11 @@ class TileCutter:
     def _cut(self, spec: TileSpec) -> Tile | None:
         cols = slice(spec.x - self._x0, spec.x - self._x0 + spec.width)
         parts = self._ring(spec.y, spec.height)
-        padded = spec.width < TILE_SIZE or spec.height < TILE_SIZE
+        side = self._size
+        padded = spec.width < side or spec.height < side
         valid: BoolArray | None = None
         if self._valid is not None or padded:
-            valid = np.zeros((TILE_SIZE, TILE_SIZE), np.bool_)
+            valid = np.zeros((side, side), np.bool_)
             for tile_rows, buffer_rows in parts:
                 valid[tile_rows, : spec.width] = (
                     True if self._valid is None else self._valid[buffer_rows, cols]
@@ -214,11 +226,7 @@ class TileCutter:
                 return None
             if not padded and window_valid.all():
                 valid = None
-        pixels = (
-            np.zeros((3, TILE_SIZE, TILE_SIZE), np.uint8)
-            if padded
-            else np.empty((3, TILE_SIZE, TILE_SIZE), np.uint8)
-        )
+        pixels = np.zeros((3, side, side), np.uint8) if padded else np.empty((3, side, side), np.uint8)
         for tile_rows, buffer_rows in parts:
             pixels[:, tile_rows, : spec.width] = self._pixels[:, buffer_rows, cols]
         return Tile(spec, pixels, valid)

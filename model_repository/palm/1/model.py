@@ -1,11 +1,16 @@
-"""Triton python backend for ``palm``: the ONNX model on onnxruntime, CPU only.
+"""Triton python backend for a detector in ONNX: the model on onnxruntime, CPU only.
 
 Selected with ``tritonserver --model-config-name=cpu`` (``configs/cpu.pbtxt``); the production GPU path
 (``config.pbtxt``) uses Triton's own onnxruntime backend and never loads this file.
 
+Nothing here is specific to ``palm``: the tensor names and the tile shape are the model config's
+(its one ``input`` and one ``output``), so any model that meets the gateway's contract (UINT8
+``[N, 3, S, S]`` in, FP32 ``[N, K, 6]`` out; docs/bring-your-own-model.md) is served by a copy of this
+file next to its ``model.onnx``.
+
 Batching: Triton's dynamic batcher hands ``execute`` every request that waited in its queue. Their
-``images`` tensors are concatenated along the batch axis and run as ONE onnxruntime call, then the
-``detections`` are split back, request by request, in order. Tiles/s by batch size: docs/performance.md,
+input tensors are concatenated along the batch axis and run as ONE onnxruntime call, then the
+detections are split back, request by request, in order. Tiles/s by batch size: docs/performance.md,
 "Model" (one session on every core) and "What was done to get here" (single-threaded sessions).
 
 I/O goes through DLPack only. The stub bundled with the ``nvidia-pytriton`` wheel was built against
@@ -39,10 +44,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "detections"
-TILE_SHAPE = (3, 512, 512)
 
 # The stub renames a capsule it consumed to "used_dlpack"; numpy's capsule destructor only knows the
 # standard "used_dltensor" and otherwise prints a ValueError traceback for every tensor (the memory is
@@ -81,6 +82,8 @@ class TritonPythonModel:
     solo: Any = None
     lanes: _Lanes | None = None
     solo_max_tiles = 0
+    input_name = ""
+    tile_shape: tuple[int, ...] = ()
 
     def initialize(self, args: dict[str, str]) -> None:
         """Load ``<model dir>/<version>/<onnx_file>`` into an onnxruntime CPU session.
@@ -95,10 +98,19 @@ class TritonPythonModel:
         """
         self.model_config = config = json.loads(args["model_config"])
         self.logger = pb_utils.Logger
+        self.name = str(config.get("name") or args.get("model_name") or "model")
+        inputs, outputs = config.get("input", []), config.get("output", [])
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: the config must declare one input and one output, got "
+                f"{len(inputs)} and {len(outputs)}"
+            )
+        self.input_name = str(inputs[0]["name"])
+        self.tile_shape = tuple(int(d) for d in inputs[0]["dims"])
         onnx_file = _parameter(config, "onnx_file", "model.onnx")
         path = os.path.join(args["model_repository"], args["model_version"], onnx_file)
         if not os.path.isfile(path):
-            raise pb_utils.TritonModelException(f"palm: {path} does not exist")
+            raise pb_utils.TritonModelException(f"{self.name}: {path} does not exist")
 
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         cores = available_cores()
@@ -107,7 +119,7 @@ class TritonPythonModel:
             threads = max(1, cores // instances)
 
         self.session = _session(path, threads)
-        self.output_names = [OUTPUT_NAME]
+        self.output_names = [str(outputs[0]["name"])]
         self.solo_max_tiles = max(0, int(_parameter(config, "solo_max_tiles", "1")))
         self.solo = None
         self.lanes = None
@@ -116,7 +128,7 @@ class TritonPythonModel:
             if self.lanes is not None:
                 self.solo = _session(path, cores)
         self.logger.log_info(
-            f"palm: loaded {path} on onnxruntime {ort.__version__} with {threads} intra-op threads"
+            f"{self.name}: loaded {path} on onnxruntime {ort.__version__} with {threads} intra-op threads"
             + (f"; calls of <= {self.solo_max_tiles} tiles on an idle server use {cores}" if self.solo else "")
         )
 
@@ -130,14 +142,14 @@ class TritonPythonModel:
                 batch.append(self._decode(request))
                 owners.append(index)
             except Exception as exc:  # this request only: DLPack may raise TypeError/BufferError too
-                responses[index] = _error_response(f"palm: {exc}")
+                responses[index] = _error_response(f"{self.name}: {exc}")
 
         if batch:
             images = batch[0] if len(batch) == 1 else np.concatenate(batch, axis=0)
             try:
                 (detections,) = self._run(images)
             except Exception as exc:  # onnxruntime raises several unrelated types
-                message = f"palm: onnxruntime failed on a batch of {images.shape[0]} tiles: {exc}"
+                message = f"{self.name}: onnxruntime failed on a batch of {images.shape[0]} tiles: {exc}"
                 self.logger.log_error(message)
                 for index in owners:
                     responses[index] = _error_response(message)
@@ -148,9 +160,9 @@ class TritonPythonModel:
                     part = np.ascontiguousarray(detections[offset : offset + count])
                     offset += count
                     try:
-                        tensor = _output_tensor(OUTPUT_NAME, part)
+                        tensor = _output_tensor(self.output_names[0], part)
                     except Exception as exc:
-                        responses[index] = _error_response(f"palm: cannot return detections: {exc}")
+                        responses[index] = _error_response(f"{self.name}: cannot return detections: {exc}")
                     else:
                         responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor])
         return responses
@@ -158,12 +170,12 @@ class TritonPythonModel:
     def _run(self, images: np.ndarray) -> list[np.ndarray]:
         """One onnxruntime call, on every core when it is small and nobody else is computing."""
         if self.lanes is None:
-            return self.session.run(self.output_names, {INPUT_NAME: images})
+            return self.session.run(self.output_names, {self.input_name: images})
         self.lanes.enter()
         try:
             alone = images.shape[0] <= self.solo_max_tiles and not self.lanes.others_busy()
             session = self.solo if alone else self.session
-            return session.run(self.output_names, {INPUT_NAME: images})
+            return session.run(self.output_names, {self.input_name: images})
         finally:
             self.lanes.leave()
 
@@ -174,17 +186,18 @@ class TritonPythonModel:
             self.lanes.close()
             self.lanes = None
 
-    @staticmethod
-    def _decode(request: Any) -> np.ndarray:
-        """The request's ``images`` as a uint8 [n, 3, 512, 512] array (a view over Triton's memory)."""
-        tensor = pb_utils.get_input_tensor_by_name(request, INPUT_NAME)
+    def _decode(self, request: Any) -> np.ndarray:
+        """The request's input as a uint8 [n, *dims] array (a view over Triton's memory)."""
+        name = self.input_name
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is None:
-            raise ValueError(f"input {INPUT_NAME!r} is missing")
+            raise ValueError(f"input {name!r} is missing")
         array = np.from_dlpack(tensor)
         if array.dtype != np.uint8:
-            raise ValueError(f"input {INPUT_NAME!r} must be UINT8, got {array.dtype}")
-        if array.ndim != 4 or tuple(array.shape[1:]) != TILE_SHAPE or array.shape[0] < 1:
-            raise ValueError(f"input {INPUT_NAME!r} must be [N, 3, 512, 512], got {list(array.shape)}")
+            raise ValueError(f"input {name!r} must be UINT8, got {array.dtype}")
+        if array.ndim != 1 + len(self.tile_shape) or tuple(array.shape[1:]) != self.tile_shape or not len(array):
+            dims = ", ".join(map(str, self.tile_shape))
+            raise ValueError(f"input {name!r} must be [N, {dims}], got {list(array.shape)}")
         return array
 
 
