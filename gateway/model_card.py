@@ -1,5 +1,5 @@
 """What the gateway tells users about the model: Triton's name and version directory, and from the model
-card its release, sha256 and classes."""
+card its release, sha256, classes and the ground sample distances it was trained for."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from gateway.pipeline.resolution import GsdRange
 from gateway.pipeline.result import PALM_CATEGORIES, Category, ModelInfo
 from gateway.settings import TritonSettings
 
@@ -23,11 +24,14 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
 
     The sha256 identifies the exact weights; without a card it is computed from ``model.onnx`` when the
     repository is local, and left ``None`` when the gateway only knows a remote Triton. The card's
-    ``categories`` name the classes; without them the Palm model's table applies.
+    ``categories`` name the classes; without them the Palm model's table applies. Its ``resolution``
+    (:meth:`GsdRange.from_card`) says which ground sample distances the model was trained for; a card
+    without one (or with an unreadable one, logged) leaves every file read at its own resolution.
     """
     version_dir = Path(triton.model_repository) / triton.model_name / triton.model_version
     sha256: str | None = None
     categories = PALM_CATEGORIES
+    resolution: GsdRange | None = None
     release = triton.model_version
     card = version_dir / CARD_NAME
     try:
@@ -39,6 +43,7 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
                 Category(int(c["id"]), str(c["name"]), str(c.get("supercategory", "object")))
                 for c in content["categories"]
             )
+        resolution = _resolution(content.get("resolution"), card)
     except FileNotFoundError:
         onnx = version_dir / ONNX_NAME
         if onnx.is_file():
@@ -51,7 +56,20 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
         sha256=sha256,
         triton_version=triton.model_version,
         categories=categories,
+        resolution=resolution,
     )
+
+
+def _resolution(section: Any, card: Path) -> GsdRange | None:
+    if section is None:
+        return None
+    try:
+        return GsdRange.from_card(section)
+    except (KeyError, ValueError, TypeError) as exc:
+        logger.warning(
+            "model card %s: its resolution section is unreadable (%s); GSD is not checked", card, exc
+        )
+        return None
 
 
 def _file_sha256(path: Path) -> str:
