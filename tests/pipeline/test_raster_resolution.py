@@ -170,3 +170,15 @@ def test_a_file_without_crs_is_read_as_it_is_unless_its_gsd_is_stated(geotiff: G
     stated, _, _ = read(path, ReadOptions(resolution=ResolutionRequest(PALM, stated_gsd_m=0.1)))
     assert (stated.gsd_m, stated.gsd_source, stated.read_size) == (0.1, "caller", (300, 200))
     assert not any("ground sample distance" in w for w in stated.warnings)
+
+
+@pytest.mark.parametrize(
+    ("name", "gsd"),
+    [("rasterio/tests/data/RGB.byte.tif", 300.2), ("rio-tiler/tests/fixtures/cog_hirise_mars.tif", 5.0)],
+)
+def test_landsat_and_mars_from_the_corpus_are_refused_by_their_gsd(
+    corpus_dir: Path, name: str, gsd: float
+) -> None:
+    with pytest.raises(ResolutionOutOfRange) as refused:
+        read(corpus_dir / name)
+    assert refused.value.extensions["gsd_m"] == pytest.approx(gsd, rel=1e-3)
