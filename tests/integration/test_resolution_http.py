@@ -20,6 +20,8 @@ from export.synth import PalmAt, Scene, render_scene, write_geotiff
 from gateway.app import create_app
 from gateway.settings import DecodeSettings, JobSettings, Settings, TritonSettings
 from gateway.triton.launcher import EmbeddedTriton
+from palm_serve import Client
+from palm_serve.errors import ProblemError
 from tests.factories import make_geotiff, north_up
 from tests.integration.server import serve_in_thread
 from tests.integration.test_api import iou, write_plain, xyxy
@@ -279,3 +281,15 @@ def test_the_cli_takes_a_stated_gsd_and_checks_it(
     wrong = run_cli(triton_server, tmp_path, str(plain), "--gsd", "-2")
     assert wrong.returncode == 2
     assert "gsd must be the ground sample distance" in wrong.stderr
+
+
+def test_the_python_client_passes_resample_and_gsd(gateway: httpx.Client, landsat: Path) -> None:
+    with Client(str(gateway.base_url)) as client:
+        with pytest.raises(ProblemError) as refused:
+            client.predict(landsat)
+        assert refused.value.status == 422
+        assert refused.value.slug == "resolution-out-of-range"
+        assert client.predict(landsat, resample="off")["image"]["resample_factor"] == 1.0
+        job = client.jobs.create([landsat], resample="off", name="coarse on purpose")
+        job.wait(progress=False)
+        assert (job.progress.files_done, job.progress.files_failed) == (1, 0)
