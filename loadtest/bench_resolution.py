@@ -116,11 +116,15 @@ def measure(
     }
 
 
-def rows(native: list[float], fine: list[float], coarse: list[float], model: GsdRange) -> list[Row]:
+def rows(
+    native: list[float], fine: list[float], coarse: list[float], model: GsdRange, modes: list[str]
+) -> list[Row]:
     out = [Row(g, ResampleMode.AUTO, "native (in range)") for g in native]
     for g in fine:
-        out.append(Row(g, ResampleMode.AUTO, f"resampled to {model.resample_to_m:g} m"))
-        out.append(Row(g, ResampleMode.OFF, "as it is (resample=off)"))
+        if ResampleMode.AUTO in modes:
+            out.append(Row(g, ResampleMode.AUTO, f"resampled to {model.resample_to_m:g} m"))
+        if ResampleMode.OFF in modes:
+            out.append(Row(g, ResampleMode.OFF, "as it is (resample=off)"))
     out += [Row(g, ResampleMode.OFF, "as it is (coarser)") for g in coarse]
     return out
 
@@ -135,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", type=float, nargs="*", default=[0.3], help="GSDs inside the range")
     parser.add_argument("--gsd", type=float, nargs="*", default=[0.1, 0.25], help="finer GSDs")
     parser.add_argument("--coarse", type=float, nargs="*", default=[], help="coarser GSDs, read as they are")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("auto", "off"),
+        default=["auto", "off"],
+        help="how finer scenes are read",
+    )
     parser.add_argument(
         "--resample-to", type=float, help="resample finer scenes to this GSD instead of the card's choice"
     )
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{header} {'AP50':>6} {'AP':>6}")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-resolution-") as tmp:
-        for row in rows(args.native, args.gsd, args.coarse, model):
+        for row in rows(args.native, args.gsd, args.coarse, model, args.modes):
             figures = measure(row, seeds, args.extent, model, runner, Path(tmp))
             results.append(figures)
             print(
