@@ -43,7 +43,8 @@ from export.model import (
     fold_batchnorm,
     folded_skeleton,
 )
-from export.synth import PALM_CATEGORIES
+from export.synth import GSD_RANGE, PALM_CATEGORIES
+from gateway.pipeline.resolution import COARSER_FACTOR, GsdRange
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,21 @@ def contract(config: PalmNetConfig) -> dict[str, Any]:
     }
 
 
+def resolution(training: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's ``resolution`` section, which the gateway reads (:class:`GsdRange`).
+
+    The range is the one the training scenes were rendered at: the training record's ``gsd_range``
+    where it has one, else :data:`export.synth.GSD_RANGE`, which every training and validation scene
+    draws its GSD from. Finer imagery is resampled to the range's finest GSD (the measurement behind
+    that choice is in docs/model.md, "Resolution"), and imagery more than :data:`COARSER_FACTOR` times
+    coarser than its coarsest is refused.
+    """
+    low, high = (float(v) for v in (training or {}).get("gsd_range", GSD_RANGE))
+    card = GsdRange(low, high, resample_to_m=low, max_coarser_factor=COARSER_FACTOR).to_card()
+    source = "training record" if training and "gsd_range" in training else "export.synth.GSD_RANGE"
+    return {**card, "source": f"GSD of the training scenes ({source})"}
+
+
 def write_card(
     onnx_path: Path,
     model: PalmNet,
@@ -232,6 +248,7 @@ def write_card(
         "categories": [
             {"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in PALM_CATEGORIES
         ],
+        "resolution": resolution(training),
         "training": training,
         "reproduce": [
             "python -m export.train --out runs/palmnet  # flags from training (defaults = shipped run)",

@@ -1,7 +1,8 @@
 """Seeded synthetic aerial scenes with exact ground truth (numpy + rasterio only, no torch).
 
 A scene is an RGB ``uint8`` image of ``size x size`` pixels at a ground sample distance (GSD) of
-0.3 to 0.6 m, georeferenced in a UTM zone, with COCO ground truth for category 1 ``palm_tree`` and
+0.3 to 0.6 m (or any GSD a caller asks for, e.g. 0.1 m drone imagery for resolution checks),
+georeferenced in a UTM zone, with COCO ground truth for category 1 ``palm_tree`` and
 2 ``building``. It is drawn in layers, all in float32 and vectorised per object window:
 
 1. land cover: soil / grass / scrub blended by fractal value noise, with fine texture;
@@ -64,6 +65,9 @@ PALM_CATEGORIES: Final = (
     Category(BUILDING, "building", "structure"),
 )
 GSD_RANGE = (0.3, 0.6)
+"""The GSDs scenes are drawn at when none is asked for: what training and evaluation render."""
+RENDER_GSD_LIMITS = (0.05, 2.0)
+"""The GSDs a caller may ask for: finer and coarser than training, for resolution checks."""
 TRAIN_SEEDS = range(0, 900_000)
 VAL_SEEDS = range(900_000, 1_000_000)
 HELDOUT_MIN_SEED = 1_000_000
@@ -797,7 +801,9 @@ def render_scene(
     Args:
         seed: scene seed; the same seed (and arguments) gives the same scene, byte for byte.
         size: width and height in pixels.
-        gsd: metres per pixel in ``[0.3, 0.6]``; drawn from that range when None.
+        gsd: metres per pixel, within :data:`RENDER_GSD_LIMITS`; drawn from :data:`GSD_RANGE` (what
+            training and evaluation render) when None, and only then does the draw consume the seed's
+            first random number.
         palms: extra palms at known pixel positions (drawn last, on top, and recorded as ground truth).
         populate: False renders only land cover plus ``palms`` (for tests that need a known layout).
         shadows: False leaves out every cast shadow (for tests that compare drawn pixels with boxes).
@@ -806,14 +812,14 @@ def render_scene(
         The scene with its ground truth.
 
     Raises:
-        ValueError: if ``size`` is not positive or ``gsd`` is outside ``[0.3, 0.6]``.
+        ValueError: if ``size`` is not positive or ``gsd`` is outside :data:`RENDER_GSD_LIMITS`.
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     rng = np.random.default_rng(seed)
     g = float(rng.uniform(*GSD_RANGE)) if gsd is None else float(gsd)
-    if not GSD_RANGE[0] - 1e-9 <= g <= GSD_RANGE[1] + 1e-9:
-        raise ValueError(f"gsd must be in {GSD_RANGE}, got {g}")
+    if not RENDER_GSD_LIMITS[0] - 1e-9 <= g <= RENDER_GSD_LIMITS[1] + 1e-9:
+        raise ValueError(f"gsd must be in {RENDER_GSD_LIMITS}, got {g}")
     azimuth = rng.uniform(0, 2 * math.pi)
     elevation = math.radians(rng.uniform(35.0, 72.0))
     cv = _Canvas(

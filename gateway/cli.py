@@ -45,6 +45,10 @@ without the pixel limit of a direct request. A directory stands for every *.tif 
 One output per file goes to the output folder, plus, for coco and geojson with several files, a
 combined predictions.coco.json or predictions.geojson.
 
+Files finer than the model's ground sample distance range are resampled to it while they are read
+(boxes come back in the file's own pixels); files far coarser fail with resolution-out-of-range unless
+--allow-any-resolution is given. --gsd states the GSD of files without georeferencing.
+
 Exit status: 0 every file succeeded, 1 some file failed, 2 the command line was wrong (or the model's
 card and Triton disagree on its tensors). Unless PALM_TRITON_URL names a running server, an embedded
 tritonserver runs for the duration; its files go to PALM_DATA_DIR (default: ~/.cache/palm-serve).
@@ -80,6 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="drop detections scoring below this, 0 to 1 (default: PALM_TILING__SCORE_THRESHOLD or 0.3)",
     )
     predict.add_argument("--bands", default=None, help="source bands for R,G,B (1-based), e.g. 3,2,1")
+    predict.add_argument(
+        "--gsd",
+        type=float,
+        default=None,
+        help="ground sample distance in metres per pixel of files without georeferencing",
+    )
+    predict.add_argument(
+        "--allow-any-resolution",
+        action="store_true",
+        help="read every file as it is: no resampling of fine imagery and no refusal of coarse imagery "
+        "(a warning instead)",
+    )
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     from gateway.auth import commands as keys_commands
 
@@ -180,6 +196,8 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
             bands=args.bands,
             default_score_threshold=settings.tiling.score_threshold,
             max_pixels=None,
+            resample="off" if args.allow_any_resolution else None,
+            gsd=args.gsd,
         )
     except GatewayError as exc:
         print(f"palm-serve: {exc.detail}", file=sys.stderr)

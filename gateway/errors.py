@@ -9,6 +9,7 @@
     │   ├── CorruptRaster                422  the container is right but its content cannot be decoded
     │   ├── UnsupportedRaster            422  decodable, but not a layout we can turn into RGB
     │   ├── RasterTooLarge               413  a budget (pixels, bands, decoded bytes) is exceeded
+    │   ├── ResolutionOutOfRange         422  the file's pixels are far coarser than the model can see
     │   ├── UploadTooLarge               413  the upload's byte size is over the cap
     │   ├── RequestTimeout               408  the client sent its body too slowly
     │   └── DecoderFailed                422  the decoder crashed, ran out of memory or time on this file
@@ -90,6 +91,15 @@ class RasterTooLarge(InputError):
     status = 413
     slug = "raster-too-large"
     title = "Raster exceeds a size budget"
+
+
+class ResolutionOutOfRange(InputError):
+    """The file's ground sample distance is beyond what the model can see (see
+    :mod:`gateway.pipeline.resolution`); ``resample=off`` runs it anyway."""
+
+    status = 422
+    slug = "resolution-out-of-range"
+    title = "Ground sample distance outside the model's range"
 
 
 class UploadTooLarge(InputError):

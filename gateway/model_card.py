@@ -1,5 +1,6 @@
 """What the gateway knows about the served model: Triton's name and version directory, and from the model
-card its release, sha256, classes and tensor contract (docs/bring-your-own-model.md lists the fields).
+card its release, sha256, classes, tensor contract and the ground sample distances it was trained for
+(docs/bring-your-own-model.md lists the fields).
 
 The contract (tile side, ``K``, tensor names) is the card's ``contract`` section, checked against what
 Triton's model metadata states whenever the server can be asked; a model without a card (or whose card
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.pipeline.contract import ContractError, ContractMismatch, ModelContract
+from gateway.pipeline.resolution import GsdRange
 from gateway.pipeline.result import Category, ModelInfo
 from gateway.settings import TritonSettings
 
@@ -46,7 +48,10 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
 
     The sha256 identifies the exact weights; without a card it is computed from ``model.onnx`` when the
     repository is local, and left ``None`` when the gateway only knows a remote Triton. The card's
-    ``categories`` name the classes; without them every class is reported as ``class_<id>``.
+    ``categories`` name the classes; without them every class is reported as ``class_<id>``. Its
+    ``resolution`` (:meth:`GsdRange.from_card`) says which ground sample distances the model was trained
+    for; a card without one (or with an unreadable one, logged) leaves every file read at its own
+    resolution.
 
     Args:
         triton: where the model repository is and which model and version are served.
@@ -59,6 +64,7 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
     version_dir = Path(triton.model_repository) / triton.model_name / triton.model_version
     sha256: str | None = None
     categories: tuple[Category, ...] = ()
+    resolution: GsdRange | None = None
     release = triton.model_version
     card = version_dir / CARD_NAME
     content = _read_card(card)
@@ -75,6 +81,7 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
                     Category(int(c["id"]), str(c["name"]), str(c.get("supercategory", "object")))
                     for c in content["categories"]
                 )
+            resolution = _resolution(content.get("resolution"), card)
         except (KeyError, ValueError, TypeError) as exc:
             logger.warning("model card %s is unreadable: %s", card, exc)
     if not categories:
@@ -90,6 +97,7 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
         triton_version=triton.model_version,
         categories=categories,
         contract=_agreed_contract(triton, card, served),
+        resolution=resolution,
     )
 
 
@@ -131,6 +139,18 @@ def _read_card(card: Path) -> dict[str, Any] | None:
         logger.warning("model card %s is not a JSON object", card)
         return None
     return content
+
+
+def _resolution(section: Any, card: Path) -> GsdRange | None:
+    if section is None:
+        return None
+    try:
+        return GsdRange.from_card(section)
+    except (KeyError, ValueError, TypeError) as exc:
+        logger.warning(
+            "model card %s: its resolution section is unreadable (%s); GSD is not checked", card, exc
+        )
+        return None
 
 
 def _file_sha256(path: Path) -> str:

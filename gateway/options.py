@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.errors import InvalidParameter
+from gateway.pipeline.resolution import ResampleMode, check_stated_gsd
 
 _ASCII_NUMBER = re.compile(r"[0-9]{1,6}")
 
@@ -24,11 +25,18 @@ class PredictOptions:
         bands: 1-based source bands for red, green, blue, or one band read as grey; ``None`` applies the
             reading policy.
         max_pixels: refuse images with more pixels than this; ``None`` for no limit.
+        resample: ``auto`` resamples imagery finer than the model's GSD range and refuses imagery far
+            coarser; ``off`` reads every file as it is, with a warning when it is outside the range
+            (:mod:`gateway.pipeline.resolution`).
+        gsd_m: the caller's ground sample distance (metres per pixel) for files without one of their
+            own.
     """
 
     score_threshold: float
     bands: tuple[int, ...] | None = None
     max_pixels: int | None = None
+    resample: ResampleMode = ResampleMode.AUTO
+    gsd_m: float | None = None
 
     @classmethod
     def parse(
@@ -38,6 +46,8 @@ class PredictOptions:
         bands: str | None,
         default_score_threshold: float,
         max_pixels: int | None,
+        resample: str | None = None,
+        gsd: float | None = None,
     ) -> PredictOptions:
         """Options from the values a user typed.
 
@@ -46,7 +56,11 @@ class PredictOptions:
         """
         threshold = default_score_threshold if score_threshold is None else score_threshold
         return cls(
-            score_threshold=check_score_threshold(threshold), bands=parse_bands(bands), max_pixels=max_pixels
+            score_threshold=check_score_threshold(threshold),
+            bands=parse_bands(bands),
+            max_pixels=max_pixels,
+            resample=parse_resample(resample),
+            gsd_m=check_stated_gsd(gsd),
         )
 
 
@@ -61,6 +75,20 @@ def check_score_threshold(value: float) -> float:
             f"score_threshold must be a number from 0 to 1, got {value!r}", parameter="score_threshold"
         )
     return value
+
+
+def parse_resample(raw: str | None) -> ResampleMode:
+    """``"auto"`` (the default, also for ``None``) or ``"off"``.
+
+    Raises:
+        InvalidParameter: any other value.
+    """
+    if raw is None:
+        return ResampleMode.AUTO
+    try:
+        return ResampleMode(raw.strip().lower())
+    except ValueError:
+        raise InvalidParameter(f"resample must be auto or off, got {raw!r}", parameter="resample") from None
 
 
 def parse_bands(raw: str | None) -> tuple[int, ...] | None:

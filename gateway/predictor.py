@@ -33,8 +33,9 @@ from gateway.errors import DecoderFailed, DecoderLost
 from gateway.metrics import Metrics
 from gateway.options import PredictOptions
 from gateway.pipeline import geo
-from gateway.pipeline.merge import Candidates, merge_candidates, tile_candidates
+from gateway.pipeline.merge import Candidates, Detections, merge_candidates, tile_candidates
 from gateway.pipeline.raster import ReadOptions, drivers_for_name
+from gateway.pipeline.resolution import ResolutionRequest, to_source_boxes
 from gateway.pipeline.result import ImageMeta, ImageResult, ModelInfo, TilingInfo
 from gateway.pipeline.tiling import choose_overlap, tile_count
 from gateway.scheduling import Priority, PriorityLimiter
@@ -149,7 +150,7 @@ class Predictor:
         Args:
             path: the raster, a local file.
             file_name: the name the client gave it (picks the formats allowed; reported in results).
-            options: the caller's choices (threshold, bands, pixel limit).
+            options: the caller's choices (threshold, bands, pixel limit, resampling, stated GSD).
             sha256: the file's digest, reported in COCO results.
             progress: called with (tiles done, tiles total) as batches complete.
             priority: :attr:`Priority.ONLINE` for a caller waiting on the answer,
@@ -209,7 +210,10 @@ class Predictor:
         triton = self.triton
         started = time.perf_counter()
         read = ReadOptions(
-            bands=options.bands, max_pixels=options.max_pixels, drivers=drivers_for_name(file_name)
+            bands=options.bands,
+            max_pixels=options.max_pixels,
+            drivers=drivers_for_name(file_name),
+            resolution=ResolutionRequest(self.model.resolution, options.resample, options.gsd_m),
         )
         # The decoder starts on the tiles right after opening (no round trip). If the model is idle, a
         # small first batch starts inference while the rest of the image decodes; if other requests keep
@@ -243,7 +247,7 @@ class Predictor:
             async with self.decode.open(path, read, plan=plan, priority=priority) as session:
                 opened = time.perf_counter()
                 info = session.info
-                total = tile_count(info.width, info.height, self.tile_size, self.overlap)
+                total = tile_count(info.read_width, info.read_height, self.tile_size, self.overlap)
 
                 def report(done: int) -> None:
                     if progress is not None:
@@ -269,6 +273,9 @@ class Predictor:
         # Small results merge inline: a thread hop costs more than the work. Large ones leave the loop.
         offload = sum(len(c.detections) for c in candidates) > OFFLOAD_BOXES
         merged = await _maybe_thread(offload, merge_candidates, candidates, tiling.nms_iou)
+        # Tiles of a resampled file are cut from the image at its read size; boxes go back to the file's.
+        size, read_size = (info.width, info.height), info.read_size
+        merged = Detections(to_source_boxes(merged.boxes, size, read_size), merged.scores, merged.class_ids)
         merged_at = time.perf_counter()
         geometries = await _maybe_thread(offload, geo.box_polygons, merged.boxes, info)
         finished_at = time.perf_counter()
@@ -292,6 +299,9 @@ class Predictor:
                 transform=info.transform,
                 warnings=tuple(info.warnings) + _saturation_warning(saturated),
                 gsd_m=info.gsd_m,
+                gsd_source=None if info.gsd_source is None else str(info.gsd_source),
+                inference_gsd_m=info.inference_gsd_m,
+                resample_factor=info.resample_factor,
             ),
             detections=merged,
             inputs=inputs,

@@ -25,7 +25,16 @@ from palm_serve.errors import PROBLEM_TYPE_BASE, ProblemError, problem_class
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """What a directory stands for: its files with these suffixes, recursively."""
 RETRY_STATUSES = frozenset({429, 503})
-JOB_FIELDS = ("name", "priority", "score_threshold", "bands", "webhook_url", "webhook_secret")
+JOB_FIELDS = (
+    "name",
+    "priority",
+    "score_threshold",
+    "bands",
+    "resample",
+    "gsd",
+    "webhook_url",
+    "webhook_secret",
+)
 
 PathArg = str | PathLike[str]
 PathsArg = PathArg | Iterable[PathArg]

@@ -70,6 +70,14 @@ def add_parser(sub: Any) -> None:
     submit.add_argument("--priority", choices=("low", "normal", "high"))
     submit.add_argument("--score-threshold", type=float, help="drop detections scoring below this (0-1)")
     submit.add_argument("--bands", help="source bands for R,G,B (1-based), e.g. 3,2,1")
+    submit.add_argument(
+        "--gsd", type=float, help="ground sample distance (m/px) of files without georeferencing"
+    )
+    submit.add_argument(
+        "--allow-any-resolution",
+        action="store_true",
+        help="read every file as it is, whatever its ground sample distance (a warning instead of a refusal)",
+    )
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
     submit.add_argument("--out", type=Path, help="write the COCO results here (implies --wait)")
     submit.add_argument("--geojson", type=Path, help="write the GeoJSON results here (implies --wait)")
@@ -154,6 +162,8 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         priority=args.priority,
         score_threshold=args.score_threshold,
         bands=args.bands,
+        resample="off" if args.allow_any_resolution else None,
+        gsd=args.gsd,
     )
     if bar is not None:
         bar.close()

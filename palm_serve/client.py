@@ -212,9 +212,21 @@ class Client:
         *,
         score_threshold: float | None = None,
         bands: str | None = None,
+        resample: str | None = None,
+        gsd: float | None = None,
     ) -> dict[str, Any]:
-        """Detections in one image (``POST /v1/predict``), as the JSON document of ``format``."""
-        params = {"format": format, "score_threshold": score_threshold, "bands": bands}
+        """Detections in one image (``POST /v1/predict``), as the JSON document of ``format``.
+
+        ``resample="off"`` reads the image as it is whatever its ground sample distance; ``gsd`` states
+        the GSD (metres per pixel) of an image without georeferencing.
+        """
+        params = {
+            "format": format,
+            "score_threshold": score_threshold,
+            "bands": bands,
+            "resample": resample,
+            "gsd": gsd,
+        }
         local = Path(path)
         with local.open("rb") as handle:
             response = self.request(
@@ -252,8 +264,8 @@ class Jobs:
             batch_files: files per upload request of a staged job.
             batch_bytes: bytes per upload request of a staged job (a larger file goes alone).
             on_upload: called after each upload request with (files the job has, files in all).
-            **params: ``name``, ``priority``, ``score_threshold``, ``bands``, ``webhook_url``,
-                ``webhook_secret``.
+            **params: ``name``, ``priority``, ``score_threshold``, ``bands``, ``resample``, ``gsd``,
+                ``webhook_url``, ``webhook_secret``.
 
         Returns:
             The job; submitting the same files with the same parameters again returns the same job,
@@ -561,8 +573,16 @@ class AsyncClient:
         *,
         score_threshold: float | None = None,
         bands: str | None = None,
+        resample: str | None = None,
+        gsd: float | None = None,
     ) -> dict[str, Any]:
-        params = {"format": format, "score_threshold": score_threshold, "bands": bands}
+        params = {
+            "format": format,
+            "score_threshold": score_threshold,
+            "bands": bands,
+            "resample": resample,
+            "gsd": gsd,
+        }
         local = Path(path)
         with local.open("rb") as handle:
             response = await self.request(

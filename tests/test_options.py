@@ -8,6 +8,7 @@ import pytest
 
 from gateway.errors import InvalidParameter
 from gateway.options import PredictOptions, parse_bands
+from gateway.pipeline.resolution import ResampleMode
 
 
 def parse(score_threshold: float | None = None, bands: str | None = None) -> PredictOptions:
@@ -40,3 +41,26 @@ def test_bands_are_read(raw: str | None, bands: tuple[int, ...] | None) -> None:
 def test_bands_take_one_or_three_ascii_numbers(raw: str) -> None:
     with pytest.raises(InvalidParameter, match="bands"):
         parse(bands=raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode"), [(None, ResampleMode.AUTO), ("auto", ResampleMode.AUTO), ("OFF", ResampleMode.OFF)]
+)
+def test_resample_is_auto_or_off(raw: str | None, mode: ResampleMode) -> None:
+    options = PredictOptions.parse(
+        score_threshold=None, bands=None, default_score_threshold=0.3, max_pixels=None, resample=raw, gsd=0.1
+    )
+    assert (options.resample, options.gsd_m) == (mode, 0.1)
+
+
+def test_resample_and_gsd_are_refused_by_name() -> None:
+    with pytest.raises(InvalidParameter, match="resample must be auto or off, got 'never'") as refused:
+        PredictOptions.parse(
+            score_threshold=None, bands=None, default_score_threshold=0.3, max_pixels=None, resample="never"
+        )
+    assert refused.value.extensions == {"parameter": "resample"}
+    with pytest.raises(InvalidParameter, match="gsd must be") as refused:
+        PredictOptions.parse(
+            score_threshold=None, bands=None, default_score_threshold=0.3, max_pixels=None, gsd=-1.0
+        )
+    assert refused.value.extensions == {"parameter": "gsd"}

@@ -56,6 +56,8 @@ CREATE_BODY: dict[str, Any] = {
                         "priority": {"type": "string", "enum": ["low", "normal", "high"]},
                         "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
                         "bands": {"type": "string", "example": "3,2,1"},
+                        "resample": {"type": "string", "enum": ["auto", "off"]},
+                        "gsd": {"type": "number", "exclusiveMinimum": 0, "description": "metres per pixel"},
                         "webhook_url": {"type": "string", "format": "uri"},
                         "webhook_secret": {"type": "string", "description": "whsec_<base64>; never shown"},
                         "webhook_events": {
@@ -73,6 +75,8 @@ CREATE_BODY: dict[str, Any] = {
                         "priority": {"type": "string", "enum": ["low", "normal", "high"]},
                         "score_threshold": {"type": "number"},
                         "bands": {"type": "string"},
+                        "resample": {"type": "string", "enum": ["auto", "off"]},
+                        "gsd": {"type": "number"},
                         "webhook_url": {"type": "string"},
                         "webhook_secret": {"type": "string"},
                         "webhook_events": {"type": "array", "items": {"type": "string"}},

@@ -42,6 +42,24 @@ UPLOAD_BODY: dict[str, Any] = {
 }
 
 
+RESAMPLE_QUERY = Query(
+    description=(
+        "`auto`: imagery finer than the model's ground sample distance range is resampled to it, imagery "
+        "far coarser is refused (422 resolution-out-of-range); `off`: every image is read as it is, "
+        "with a warning when it is outside the range"
+    ),
+    json_schema_extra={"enum": ["auto", "off"], "default": "auto"},
+    max_length=16,
+)
+GSD_QUERY = Query(
+    description=(
+        "Ground sample distance in metres per pixel for an image without georeferencing (a PNG, a "
+        "GeoTIFF without CRS); it is then checked and resampled like a georeferenced one"
+    ),
+    json_schema_extra={"exclusiveMinimum": 0.0, "maximum": 100000.0},
+)
+
+
 @router.post(
     "/v1/predict",
     summary="Detect palm trees and buildings in one image",
@@ -49,7 +67,10 @@ UPLOAD_BODY: dict[str, Any] = {
         "Upload one image as multipart field `file`. Images larger than one of the model's tiles (512x512 "
         "for palm) are tiled with overlap, batched to Triton, and detections are merged across seams. "
         "Images above the pixel limit get 413; send those through `palm-serve predict`, which has no pixel "
-        "limit."
+        "limit. Images finer "
+        "than the model's ground sample distance range are resampled to it while they are read (boxes "
+        "come back in the file's pixels); images far coarser get 422 `resolution-out-of-range` unless "
+        "`resample=off`."
     ),
     response_model=PredictResponse,
     responses={
@@ -73,6 +94,8 @@ async def predict(
         str | None,
         Query(description="Source bands for R,G,B (1-based), e.g. 3,2,1 for multispectral", max_length=64),
     ] = None,
+    resample: Annotated[str | None, RESAMPLE_QUERY] = None,
+    gsd: Annotated[float | None, GSD_QUERY] = None,
 ) -> Response:
     settings = services.settings
     options = PredictOptions.parse(
@@ -80,6 +103,8 @@ async def predict(
         bands=bands,
         default_score_threshold=settings.tiling.score_threshold,
         max_pixels=settings.limits.max_predict_pixels,
+        resample=resample,
+        gsd=gsd,
     )
     received = time.perf_counter()
     async with services.uploads.slot():

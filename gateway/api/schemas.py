@@ -39,6 +39,16 @@ class ImageOut(BaseModel):
     height: int
     crs: str | None = Field(description='"EPSG:32633"-style, or WKT; null without a CRS')
     transform: list[float] | None = Field(description="[a, b, c, d, e, f] in rasterio's affine order")
+    gsd_m: float | None = Field(
+        description="ground sample distance in metres per pixel at the image's centre; null when unknown"
+    )
+    gsd_source: Literal["file", "caller"] | None = Field(
+        description="file: from its georeferencing; caller: the gsd= parameter; null when unknown"
+    )
+    inference_gsd_m: float | None = Field(
+        description="the ground sample distance the model saw (the file was resampled when it differs)"
+    )
+    resample_factor: float = Field(description="source pixels per model pixel along each axis; 1 as read")
 
 
 class DetectionOut(BaseModel):
@@ -70,7 +80,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         403: "The API key lacks the scope this route needs",
         413: "Upload or raster over a size budget",
         415: "Not an image format we read",
-        422: "Invalid parameter, corrupt or undecodable raster",
+        422: "Invalid parameter, corrupt or undecodable raster, ground sample distance out of range",
         503: "Inference unavailable (see Retry-After)",
     }.items()
 }
@@ -167,6 +177,10 @@ class JobFile(BaseModel):
     tiles_skipped: int
     detections: int
     warnings: list[str]
+    gsd_m: float | None = Field(description="ground sample distance in metres per pixel; null when unknown")
+    gsd_source: Literal["file", "caller"] | None
+    inference_gsd_m: float | None = Field(description="the ground sample distance the model saw")
+    resample_factor: float | None = Field(description="source pixels per model pixel; null until read")
     error: FileError | None
     footprint: list[list[float]] | None = Field(
         description="the image's corners as [lon, lat] in WGS 84: top-left, top-right, bottom-right, "

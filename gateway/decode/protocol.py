@@ -5,7 +5,8 @@ Requests (gateway → worker, stdin): one JSON object per line, ``{"op": ...}``:
 * ``open``: ``path``, ``options`` (:class:`ReadOptions` fields), ``limits`` (:class:`LimitSettings`).
 * ``tiles``: ``specs`` (lists of :class:`TileSpec` fields, the tile side among them), ``batch_size``,
   optional ``first_batch``; or, instead of ``specs``, ``grid`` (``[tile, overlap]``): the worker cuts
-  :func:`~gateway.pipeline.tiling.tile_grid` of the opened raster itself and balances the batch size
+  :func:`~gateway.pipeline.tiling.tile_grid` of the opened raster itself (at its ``read_width`` x
+  ``read_height``: resampled when its GSD is finer than the model's) and balances the batch size
   (:func:`~gateway.pipeline.tiling.balanced_batch`). A ``grid`` request may be sent right behind
   ``open`` without waiting for ``info`` (one round trip less); if that ``open`` failed, it is ignored.
 * ``cancel``: stop the current ``tiles`` stream after the batch in flight.
@@ -46,10 +47,12 @@ from gateway.errors import (
     GatewayError,
     InvalidParameter,
     RasterTooLarge,
+    ResolutionOutOfRange,
     UnsupportedMediaType,
     UnsupportedRaster,
 )
 from gateway.pipeline.raster import RasterInfo, ReadOptions
+from gateway.pipeline.resolution import ResolutionRequest
 from gateway.pipeline.tiling import TileSpec
 
 HEADER: Final = struct.Struct("<IQ")
@@ -63,6 +66,7 @@ ERRORS: Final[dict[str, type[GatewayError]]] = {
         UnsupportedRaster,
         RasterTooLarge,
         InvalidParameter,
+        ResolutionOutOfRange,
         DecoderFailed,
     )
 }
@@ -97,16 +101,19 @@ def spec_from_wire(values: list[Any]) -> TileSpec:
 
 
 def options_to_wire(options: ReadOptions) -> dict[str, Any]:
-    return asdict(options)
+    resolution = options.resolution
+    return {**asdict(options), "resolution": None if resolution is None else resolution.to_wire()}
 
 
 def options_from_wire(values: dict[str, Any]) -> ReadOptions:
     bands = values.get("bands")
     drivers = values.get("drivers")
+    resolution = values.get("resolution")
     return ReadOptions(
         bands=tuple(int(b) for b in bands) if bands is not None else None,
         max_pixels=values.get("max_pixels"),
         drivers=tuple(str(d) for d in drivers) if drivers is not None else None,
+        resolution=ResolutionRequest.from_wire(resolution) if resolution is not None else None,
     )
 
 

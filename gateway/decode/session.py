@@ -280,7 +280,7 @@ class DecodeSession:
             if specs is not None:
                 raise RuntimeError("this session streams its plan's grid; call batches() without specs")
             assert self._plan is not None
-            grid = tile_grid(self.info.width, self.info.height, self._plan.tile, self._plan.overlap)
+            grid = tile_grid(*self.info.read_size, self._plan.tile, self._plan.overlap)
             return self._stream(grid, self._batch_limit(self._plan.batch_size), zero_copy, requested=True)
         if self._state is not SessionState.OPEN:
             raise RuntimeError(f"batches() needs an open session, not a {self._state} one")

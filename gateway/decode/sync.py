@@ -4,7 +4,7 @@ The pool runs on a private event loop in a background thread; calls block until 
 
     with SyncDecodePool(settings.decode, settings.limits, tile_size=512) as pool:
         with pool.open(path, ReadOptions(bands=(3, 2, 1))) as session:
-            for batch in session.batches(tile_grid(session.info.width, session.info.height, 512, 128)):
+            for batch in session.batches(tile_grid(*session.info.read_size, 512, 128)):
                 ...
 """
 

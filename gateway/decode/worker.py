@@ -175,7 +175,7 @@ def _serve(channel: _Channel, region: TileRegion, opener: Opener, memory_limit: 
                     raise RuntimeError("tiles requested before open")
                 batch_size = min(max(1, int(message["batch_size"])), region.slot_tiles)
                 if grid is not None:
-                    specs = tile_grid(reader.info.width, reader.info.height, int(grid[0]), int(grid[1]))
+                    specs = tile_grid(*reader.info.read_size, int(grid[0]), int(grid[1]))
                     batch_size = balanced_batch(len(specs), batch_size)
                 else:
                     specs = [protocol.spec_from_wire(s) for s in message["specs"]]

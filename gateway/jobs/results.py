@@ -144,6 +144,10 @@ class ResultWriter:
                 crs=row.crs,
                 transform=tuple(row.transform) if row.transform is not None else None,
                 warnings=tuple(row.warnings or ()),
+                gsd_m=row.gsd_m,
+                gsd_source=row.gsd_source,
+                inference_gsd_m=row.inference_gsd_m,
+                resample_factor=1.0 if row.resample_factor is None else row.resample_factor,
             )
 
     def _detections(self, job_id: str) -> Iterator[DetectionRecord]:

@@ -43,7 +43,17 @@ from gateway.webhooks.ssrf import UrlGuard
 logger = logging.getLogger(__name__)
 
 FILES_FIELD = "files"
-FIELDS = ("score_threshold", "bands", "webhook_url", "webhook_secret", "webhook_events", "name", "priority")
+FIELDS = (
+    "score_threshold",
+    "bands",
+    "resample",
+    "gsd",
+    "webhook_url",
+    "webhook_secret",
+    "webhook_events",
+    "name",
+    "priority",
+)
 _HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
@@ -70,6 +80,8 @@ class JobParameters:
     webhook_url: str | None
     webhook_secret: str | None
     webhook_events: tuple[str, ...] = ()
+    resample: str | None = None
+    gsd: float | None = None
 
     @classmethod
     def parse(cls, fields: dict[str, Any], settings: Settings) -> JobParameters:
@@ -86,11 +98,15 @@ class JobParameters:
             )
         threshold = _number(fields.get("score_threshold"), "score_threshold")
         bands = _text(fields.get("bands"))
-        PredictOptions.parse(
+        resample = _text(fields.get("resample"))
+        gsd = _number(fields.get("gsd"), "gsd")
+        options = PredictOptions.parse(
             score_threshold=threshold,
             bands=bands,
             default_score_threshold=settings.tiling.score_threshold,
             max_pixels=None,
+            resample=resample,
+            gsd=gsd,
         )
         raw_priority = _text(fields.get("priority")) or JobPriority.normal.value
         try:
@@ -120,7 +136,17 @@ class JobParameters:
                 "server has no signing secret of its own (PALM_WEBHOOK__SECRETS)",
                 parameter="webhook_secret",
             )
-        return cls(name, priority, threshold, bands, url, secret, tuple(subscribed))
+        return cls(
+            name,
+            priority,
+            threshold,
+            bands,
+            url,
+            secret,
+            tuple(subscribed),
+            resample=options.resample.value,
+            gsd=options.gsd_m,
+        )
 
     def stored(self, settings: Settings, contract: ModelContract) -> dict[str, Any]:
         """The parameters recorded with the job (and reported in its resource); the tile side is the
@@ -130,6 +156,8 @@ class JobParameters:
             if self.score_threshold is not None
             else settings.tiling.score_threshold,
             "bands": self.bands,
+            "resample": self.resample,
+            "gsd": self.gsd,
             "tile_size": contract.tile_size,
             "overlap": choose_overlap(contract.tile_size, settings.tiling.overlap),
             "nms_iou": settings.tiling.nms_iou,

@@ -101,6 +101,10 @@ class FileResult:
     tiles_skipped: int
     rows: list[dict[str, Any]]
     """One per detection: ``category_id, x, y, w, h, score, geometry`` (GeoJSON text or None)."""
+    gsd_m: float | None = None
+    gsd_source: str | None = None
+    inference_gsd_m: float | None = None
+    resample_factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,6 +571,10 @@ class JobStore:
                     crs=result.crs,
                     transform=result.transform,
                     warnings=result.warnings,
+                    gsd_m=result.gsd_m,
+                    gsd_source=result.gsd_source,
+                    inference_gsd_m=result.inference_gsd_m,
+                    resample_factor=result.resample_factor,
                     tiles_total=result.tiles_total,
                     tiles_done=result.tiles_total,
                     tiles_skipped=result.tiles_skipped,

@@ -235,6 +235,8 @@ class JobWorker:
             bands=parameters.get("bands"),
             default_score_threshold=self.settings.tiling.score_threshold,
             max_pixels=None,
+            resample=parameters.get("resample"),
+            gsd=parameters.get("gsd"),
         )
         path = await self.db.run(self.storage.local_path, claim.storage_key)
 
@@ -375,4 +377,8 @@ def _file_result(result: ImageResult) -> FileResult:
         tiles_total=result.tiles_total,
         tiles_skipped=result.tiles_skipped,
         rows=rows,
+        gsd_m=image.gsd_m,
+        gsd_source=image.gsd_source,
+        inference_gsd_m=image.inference_gsd_m,
+        resample_factor=image.resample_factor,
     )

@@ -159,7 +159,9 @@ def ground_sample_distance(crs: str, transform: Sequence[float], width: int, hei
 
     Measured, whatever the CRS (projected in metres or feet, geographic in degrees, rotated, fitted to
     GCPs), as ``sqrt(dx * dy)`` where ``dx`` and ``dy`` are the great-circle lengths of the centre
-    pixel's two edges in WGS 84; ``None`` when the centre has no WGS 84 position.
+    pixel's two edges in WGS 84. Where the centre has no WGS 84 position (another planet's CRS), a
+    projected CRS still gives the pixel's size in its linear unit, ``sqrt(|a e - b d|)`` in metres (on
+    that body's surface, at the projection's true scale); otherwise ``None``.
     """
     ref = Georef.of(_Plain(crs, transform))
     if ref is None:
@@ -170,10 +172,29 @@ def ground_sample_distance(crs: str, transform: Sequence[float], width: int, hei
     except ValueError:
         return None
     if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))):
-        return None
+        return _projected_pixel_size(ref)
     dx = _great_circle(lon[0], lat[0], lon[1], lat[1])
     dy = _great_circle(lon[0], lat[0], lon[2], lat[2])
     size = math.sqrt(dx * dy)
+    return size if size > 0 and math.isfinite(size) else None
+
+
+def _projected_pixel_size(ref: Georef) -> float | None:
+    """A pixel's side in metres from the transform of a projected CRS; ``None`` for any other CRS."""
+    try:
+        crs = _crs(ref.crs)
+        if not crs.is_projected:
+            return None
+        _, metres_per_unit = crs.linear_units_factor
+    except (ValueError, CRSError):
+        return None
+    a, b, _, d, e, _ = ref.transform
+    with np.errstate(all="ignore"):
+        size = (
+            math.sqrt(abs(a * e - b * d)) * float(metres_per_unit)
+            if math.isfinite(a * e - b * d)
+            else math.inf
+        )
     return size if size > 0 and math.isfinite(size) else None
 
 

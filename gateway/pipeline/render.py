@@ -6,14 +6,14 @@ Pure: the writers put bytes into a sink the caller hands them (a ``BytesIO`` for
 One code path writes COCO and GeoJSON whoever asks: :func:`render` gives the bytes of one request's
 images, :func:`write_coco` and :func:`write_geojson` stream any number of images from two iterables,
 :class:`ImageRecord` per image and :class:`DetectionBatch` per run of one image's detections, with
-memory bounded by the number of images (their ids, file names and warnings), never by the number of
-detections. Nothing inside reads a clock: the same input gives the same bytes, so a resumed job
+memory bounded by the number of images (their ids, file names, warnings and resolution), never by the
+number of detections. Nothing inside reads a clock: the same input gives the same bytes, so a resumed job
 rebuilds its documents exactly.
 
 The COCO document is the same shape for one image (``/v1/predict?format=coco``) and for many:
 ``info`` records the model and the tiling/merge parameters that produced it, ``images`` carry size,
-sha256 and georeferencing, ``annotations`` carry ``score`` so the file loads both with
-``pycocotools.coco.COCO`` and, as a result list, with ``COCO.loadRes``.
+sha256, georeferencing and resolution (:func:`resolution_record`), ``annotations`` carry ``score`` so
+the file loads both with ``pycocotools.coco.COCO`` and, as a result list, with ``COCO.loadRes``.
 
 Boxes follow the COCO convention: ``[x, y, width, height]`` in pixels of the original image, ``x, y`` the
 top-left corner, rounded to 0.01 px; scores are rounded to 1e-4 and ``area`` is
@@ -81,6 +81,10 @@ class ImageRecord:
         crs: the file's coordinate reference system, ``None`` without one.
         transform: the file's affine pixel-to-CRS transform (GDAL order), ``None`` without one.
         warnings: what the reader said about the file (GeoJSON's ``warnings`` member).
+        gsd_m: the file's ground sample distance in metres, ``None`` when unknown.
+        gsd_source: where ``gsd_m`` comes from (``"file"`` or ``"caller"``).
+        inference_gsd_m: the ground sample distance the model saw.
+        resample_factor: source pixels per model pixel along each axis (1.0: read as it is).
     """
 
     id: int
@@ -91,6 +95,10 @@ class ImageRecord:
     crs: str | None
     transform: tuple[float, ...] | None
     warnings: tuple[str, ...] = ()
+    gsd_m: float | None = None
+    gsd_source: str | None = None
+    inference_gsd_m: float | None = None
+    resample_factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +168,30 @@ def image_record(image_id: int, image: ImageMeta) -> ImageRecord:
         crs=image.crs,
         transform=image.transform,
         warnings=image.warnings,
+        gsd_m=image.gsd_m,
+        gsd_source=image.gsd_source,
+        inference_gsd_m=image.inference_gsd_m,
+        resample_factor=image.resample_factor,
     )
+
+
+def resolution_record(
+    gsd_m: float | None, gsd_source: str | None, inference_gsd_m: float | None, resample_factor: float
+) -> dict[str, Any]:
+    """The resolution members of an image in every document: ``gsd_m`` (the file's ground sample
+    distance, ``null`` when unknown), ``gsd_source`` (``"file"``, ``"caller"`` or ``null``),
+    ``inference_gsd_m`` (what the model saw) and ``resample_factor`` (source pixels per model pixel
+    along each axis; 1 when read as it is), GSDs in metres rounded to 0.1 mm."""
+    return {
+        "gsd_m": _round_or_none(gsd_m, 4),
+        "gsd_source": gsd_source,
+        "inference_gsd_m": _round_or_none(inference_gsd_m, 4),
+        "resample_factor": round(resample_factor, 4),
+    }
+
+
+def _round_or_none(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def detection_batch(image_id: int, result: ImageResult) -> DetectionBatch:
@@ -295,6 +326,7 @@ def to_json(result: ImageResult, model: ModelInfo) -> dict[str, Any]:
             "height": image.height,
             "crs": image.crs,
             "transform": list(image.transform) if image.transform is not None else None,
+            **resolution_record(image.gsd_m, image.gsd_source, image.inference_gsd_m, image.resample_factor),
         },
         "detections": detection_records(result, model),
         "tiles": {"total": result.tiles_total, "skipped": result.tiles_skipped},
@@ -392,6 +424,7 @@ def write_coco(
                     "sha256": image.sha256,
                     "crs": image.crs,
                     "transform": image.transform,
+                    **_image_resolution(image),
                 }
             )
         )
@@ -435,9 +468,10 @@ def write_geojson(
 
     A feature's ``geometry`` is ``null`` when its image has no CRS; its ``properties`` are
     ``category_id``, ``category``, ``score``, ``bbox_px`` (rounded like COCO's ``bbox``), ``file_name`` and
-    ``model`` (``name/version``). Two foreign members (RFC 7946 section 6.1) come before the features:
-    ``model``, and ``warnings``, what the reader said about each file (``{"file_name", "message"}``),
-    such as why it has no geometry. ``images`` are read in full first (for those two), then
+    ``model`` (``name/version``). Three foreign members (RFC 7946 section 6.1) come before the features:
+    ``model``; ``warnings``, what the reader said about each file (``{"file_name", "message"}``),
+    such as why it has no geometry; and ``images``, each file's name and resolution
+    (:func:`resolution_record`). ``images`` are read in full first (for those three), then
     ``detections`` stream.
 
     Args:
@@ -451,10 +485,17 @@ def write_geojson(
     """
     file_names: dict[int, bytes] = {}
     warnings: list[dict[str, str]] = []
+    resolutions: list[dict[str, Any]] = []
     for image in _increasing(images):
         file_names[image.id] = orjson.dumps(image.file_name)
         warnings.extend({"file_name": image.file_name, "message": w} for w in image.warnings)
-    head = {"type": "FeatureCollection", "model": model_record(model), "warnings": warnings}
+        resolutions.append({"file_name": image.file_name, **_image_resolution(image)})
+    head = {
+        "type": "FeatureCollection",
+        "model": model_record(model),
+        "warnings": warnings,
+        "images": resolutions,
+    }
     out.write(orjson.dumps(head)[:-1] + b',"features":[')
     model_name = orjson.dumps(f"{model.name}/{model.version}")
     names = {c.id: orjson.dumps(c.name) for c in model.categories}
@@ -484,6 +525,10 @@ def write_geojson(
         out.write(text[1:] if first else text)
         first = False
     out.write(b"]}")
+
+
+def _image_resolution(image: ImageRecord) -> dict[str, Any]:
+    return resolution_record(image.gsd_m, image.gsd_source, image.inference_gsd_m, image.resample_factor)
 
 
 def _increasing(images: Iterable[ImageRecord]) -> Iterator[ImageRecord]:

@@ -9,6 +9,7 @@ from typing import Any
 from gateway.pipeline.contract import ModelContract
 from gateway.pipeline.inputs import InputSummary
 from gateway.pipeline.merge import Detections
+from gateway.pipeline.resolution import GsdRange
 
 GeoJSONGeometry = dict[str, Any]
 
@@ -35,6 +36,8 @@ class ModelInfo:
         categories: the classes, as the card lists them; empty without a card (ids are then
             reported as ``class_<id>``).
         contract: the tensors the model takes and returns (tile size, ``K``, names).
+        resolution: the ground sample distances the model was trained for (its card's ``resolution``);
+            ``None`` when the card states none, and then no file is resampled or refused for its GSD.
     """
 
     name: str
@@ -43,6 +46,7 @@ class ModelInfo:
     triton_version: str = "1"
     categories: tuple[Category, ...] = ()
     contract: ModelContract = field(kw_only=True)
+    resolution: GsdRange | None = None
 
     def category_name(self, category_id: int) -> str:
         """The name of ``category_id``; ``class_<id>`` for an id the model's table lacks."""
@@ -74,7 +78,15 @@ class ImageMeta:
     transform: tuple[float, ...] | None = None
     warnings: tuple[str, ...] = ()
     gsd_m: float | None = None
-    """Ground sample distance at the image's centre in metres; ``None`` without georeferencing."""
+    """Ground sample distance at the image's centre in metres (from its georeferencing, or the caller's
+    ``gsd=`` for a file without one); ``None`` when unknown."""
+    gsd_source: str | None = None
+    """Where ``gsd_m`` comes from: ``"file"`` or ``"caller"``; ``None`` when unknown."""
+    inference_gsd_m: float | None = None
+    """The ground sample distance the model saw: ``gsd_m`` unless the file was resampled."""
+    resample_factor: float = 1.0
+    """Source pixels per model pixel along each axis (:mod:`gateway.pipeline.resolution`); 1.0 when the
+    file was read at its own resolution."""
 
 
 @dataclass(frozen=True, slots=True)

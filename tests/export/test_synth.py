@@ -106,7 +106,9 @@ def test_lonlat_round_trip_places_a_palm_at_a_known_position() -> None:
 
 def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="gsd"):
-        render_scene(0, 64, 1.0)
+        render_scene(0, 64, 2.5)
+    with pytest.raises(ValueError, match="gsd"):
+        render_scene(0, 64, 0.01)
     with pytest.raises(ValueError, match="size"):
         render_scene(0, 0)
 

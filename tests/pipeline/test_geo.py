@@ -166,3 +166,23 @@ def test_ground_sample_distance_in_metres_whatever_the_crs(
 
 def test_no_ground_sample_distance_off_the_earth() -> None:
     assert ground_sample_distance("EPSG:32633", (float("inf"), 0, 0, 0, -1, 0), 10, 10) is None
+
+
+MARS_GEOGRAPHIC = (
+    'GEOGCS["GCS_MARS",DATUM["D_MARS",SPHEROID["MARS",3396190,0]],PRIMEM["Reference_Meridian",0],'
+    'UNIT["degree",0.0174532925199433]]'
+)
+MARS_EQUIRECTANGULAR = (
+    f'PROJCS["Equirectangular MARS",{MARS_GEOGRAPHIC},PROJECTION["Equirectangular"],'
+    'PARAMETER["standard_parallel_1",0],PARAMETER["central_meridian",180],PARAMETER["false_easting",0],'
+    'PARAMETER["false_northing",0],UNIT["metre",1]]'
+)
+
+
+def test_a_projected_crs_of_another_planet_still_gives_its_pixel_size() -> None:
+    # No WGS 84 position, but the transform says how big a pixel is on Mars: what the model would see.
+    transform = (5.0, 0.0, 7_376_380.5, 0.0, -5.0, -860_015.5)
+    assert ground_sample_distance(MARS_EQUIRECTANGULAR, transform, 1118, 1683) == pytest.approx(5.0)
+    rotated = (3.0, -4.0, 7_376_380.5, -4.0, -3.0, -860_015.5)  # |det| = 25: 5 m pixels, turned
+    assert ground_sample_distance(MARS_EQUIRECTANGULAR, rotated, 1118, 1683) == pytest.approx(5.0)
+    assert ground_sample_distance(MARS_GEOGRAPHIC, (0.001, 0.0, 10.0, 0.0, -0.001, 5.0), 100, 100) is None

@@ -51,6 +51,9 @@ def result(name: str, n: int, georef: bool = True) -> ImageResult:
             sha256="cd" * 32,
             crs="EPSG:32633" if georef else None,
             transform=(0.3, 0.0, 500000.0, 0.0, -0.3, 4000000.0) if georef else None,
+            gsd_m=0.3 if georef else None,
+            gsd_source="file" if georef else None,
+            inference_gsd_m=0.3 if georef else None,
         ),
         detections=Detections(
             boxes.reshape(n, 4),
@@ -128,6 +131,10 @@ def test_one_image_coco_is_compact_json_with_fields_in_the_documented_order() ->
                 "sha256": "cd" * 32,
                 "crs": "EPSG:32633",
                 "transform": [0.3, 0.0, 500000.0, 0.0, -0.3, 4000000.0],
+                "gsd_m": 0.3,
+                "gsd_source": "file",
+                "inference_gsd_m": 0.3,
+                "resample_factor": 1.0,
             }
         ],
         "annotations": [
@@ -184,6 +191,27 @@ def test_geojson_is_a_feature_collection_with_null_geometry_without_crs_and_says
     assert doc["features"][0]["properties"]["category"] == "palm_tree"
     assert doc["warnings"] == [{"file_name": "b.png", "message": no_crs}]
     assert doc["model"]["version"] == "1.1.0"
+
+
+def test_every_format_reports_the_files_gsd_and_the_gsd_the_model_saw() -> None:
+    drone = result("drone.tif", 1)
+    drone = replace(
+        drone,
+        image=replace(
+            drone.image, gsd_m=0.05, gsd_source="file", inference_gsd_m=0.3, resample_factor=6.000000001
+        ),
+    )
+    photo = result("photo.png", 1, georef=False)
+    expected = [
+        {"gsd_m": 0.05, "gsd_source": "file", "inference_gsd_m": 0.3, "resample_factor": 6.0},
+        {"gsd_m": None, "gsd_source": None, "inference_gsd_m": None, "resample_factor": 1.0},
+    ]
+    image = to_json(drone, MODEL)["image"]
+    assert {key: image[key] for key in expected[0]} == expected[0]
+    coco = rendered(OutputFormat.coco, [drone, photo])["images"]
+    assert [{key: entry[key] for key in expected[0]} for entry in coco] == expected
+    geojson = rendered(OutputFormat.geojson, [drone, photo])["images"]
+    assert geojson == [{"file_name": "drone.tif", **expected[0]}, {"file_name": "photo.png", **expected[1]}]
 
 
 def test_json_and_geojson_agree_and_name_unknown_classes() -> None:
@@ -375,7 +403,7 @@ def test_same_input_gives_the_same_bytes_however_it_is_batched() -> None:
 def test_job_geojson_carries_each_files_name_geometry_and_warnings() -> None:
     rows = list(job_rows(PER_IMAGE))
     doc = json.loads(job_geojson(batch_records(iter(rows))))
-    assert list(doc) == ["type", "model", "warnings", "features"]
+    assert list(doc) == ["type", "model", "warnings", "images", "features"]
     assert doc["type"] == "FeatureCollection"
     assert doc["model"] == {"name": "palm", "version": "1.1.0", "triton_version": "1", "sha256": "ab" * 32}
     assert doc["warnings"] == [{"file_name": "scene-2.tif", "message": "The file has no CRS."}]

@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.errors import InvalidParameter, RasterTooLarge, UnsupportedRaster
+from gateway.pipeline.resolution import GsdSource, ResolutionRequest, scaled_size
 from gateway.settings import LimitSettings
 
 UInt8Array = npt.NDArray[np.uint8]
@@ -109,11 +110,14 @@ class ReadOptions:
         drivers: the formats this upload may be (``("GTiff",)`` for a file named ``.tif``, see
             :func:`~gateway.pipeline.raster.sniff.drivers_for_name`); ``None`` accepts GeoTIFF, PNG and
             JPEG by content.
+        resolution: the model's GSD range and the caller's choices (:mod:`gateway.pipeline.resolution`);
+            ``None`` reads the file at its own resolution whatever its GSD.
     """
 
     bands: tuple[int, ...] | None = None
     max_pixels: int | None = None
     drivers: tuple[str, ...] | None = None
+    resolution: ResolutionRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +153,13 @@ class RasterInfo:
         compression: the TIFF compression, if known.
         warnings: things the user should know about how the file was read.
         gsd_m: the ground sample distance at the image's centre in metres
-            (:func:`gateway.pipeline.geo.ground_sample_distance`); ``None`` without georeferencing.
+            (:func:`gateway.pipeline.geo.ground_sample_distance`), or the caller's for a file without
+            georeferencing; ``None`` when unknown.
+        gsd_source: where ``gsd_m`` comes from (``"file"`` or ``"caller"``).
+        inference_gsd_m: the GSD the tiles are cut at: ``gsd_m`` unless the file is resampled.
+        resample_factor: source pixels per tile pixel along each axis; above 1 the tiles are cut from
+            the image resampled to :attr:`read_width` x :attr:`read_height`
+            (:mod:`gateway.pipeline.resolution`).
     """
 
     driver: str
@@ -172,13 +182,33 @@ class RasterInfo:
     compression: str | None
     warnings: tuple[str, ...] = ()
     gsd_m: float | None = None
+    gsd_source: GsdSource | None = None
+    inference_gsd_m: float | None = None
+    resample_factor: float = 1.0
 
     def __post_init__(self) -> None:
         # Plain strings (from JSON) become enum members; members stay as they are.
         object.__setattr__(self, "georef", GeorefSource(self.georef))
+        if self.gsd_source is not None:
+            object.__setattr__(self, "gsd_source", GsdSource(self.gsd_source))
         object.__setattr__(self, "colour", Colour(self.colour))
         object.__setattr__(self, "scaling", Scaling(self.scaling))
         object.__setattr__(self, "masking", tuple(MaskSource(m) for m in self.masking))
+
+    @property
+    def read_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the image the tiles are cut from: the file's own, or resampled."""
+        return scaled_size(self.width, self.height, self.resample_factor)
+
+    @property
+    def read_width(self) -> int:
+        """Pixels per row of the image the tiles are cut from."""
+        return self.read_size[0]
+
+    @property
+    def read_height(self) -> int:
+        """Rows of the image the tiles are cut from."""
+        return self.read_size[1]
 
 
 @dataclass(frozen=True, slots=True)

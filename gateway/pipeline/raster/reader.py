@@ -21,6 +21,16 @@ The reader describes the file to the reading policy (:mod:`~gateway.pipeline.ras
 values, reads the pixels the policy's stretch sample asks for, and serves the windows the tile cutter
 (:mod:`~gateway.pipeline.raster.cutter`) reads.
 
+Resolution: the file's ground sample distance is measured from its georeferencing and judged against
+the model's range (:func:`~gateway.pipeline.resolution.plan_resolution`, from
+:attr:`ReadOptions.resolution`) right after open: a file far coarser than the model can see is refused
+there, before any pixel is decoded, and a finer one is read resampled (:class:`_Resampled`): each tile
+pixel is the average of the source area behind it (nearest neighbour for palette indices), read window
+by window with a fractional source window and ``out_shape``, so GDAL serves it from the most detailed
+internal overview not coarser than the read and never holds more than the rows it is resampling. A
+resampled pixel is valid when any pixel behind it is (GDAL's average skips nodata, alpha-0 and masked
+pixels; a NaN sample without a nodata value makes the pixel NaN, hence invalid).
+
 Georeferencing: ``crs`` is ``"EPSG:n"`` (or another ``AUTH:CODE``) when the CRS has an authority code,
 else WKT; ``transform`` is ``[a, b, c, d, e, f]`` in rasterio's affine order, ``None`` without
 georeferencing. Rotated and sheared transforms are kept as they are. A file georeferenced only by GCPs
@@ -49,10 +59,11 @@ from rasterio.transform import from_gcps
 from rasterio.windows import Window as RasterioWindow
 
 from gateway.errors import CorruptRaster, GatewayError, UnsupportedRaster
-from gateway.pipeline.raster.cutter import Tile, TileCutter, read_step
+from gateway.pipeline.raster.cutter import BlockSource, Tile, TileCutter, read_step
 from gateway.pipeline.raster.policy import (
     BandLayout,
     BandPlan,
+    Colour,
     GeorefSource,
     RasterInfo,
     ReadOptions,
@@ -68,6 +79,7 @@ from gateway.pipeline.raster.policy import (
     stretch_sample,
 )
 from gateway.pipeline.raster.sniff import SNIFF_BYTES, Driver, allowed_driver
+from gateway.pipeline.resolution import SourceArea, plan_resolution, source_area
 from gateway.pipeline.tiling import TileSpec
 from gateway.settings import LimitSettings
 
@@ -117,7 +129,7 @@ def open_raster(path: Path, limits: LimitSettings, options: ReadOptions | None =
     Args:
         path: a local regular file (never a URL or GDAL ``/vsi`` path).
         limits: width/height/band/decoded-byte budgets, checked before any pixel is decoded.
-        options: band mapping and pixel limit.
+        options: band mapping, pixel limit, and the model's GSD range with the caller's choices.
 
     Returns:
         A reader whose :attr:`~RasterReader.info` describes the file and how it will be read.
@@ -129,6 +141,8 @@ def open_raster(path: Path, limits: LimitSettings, options: ReadOptions | None =
             giant single block).
         RasterTooLarge: a budget is exceeded.
         InvalidParameter: ``options.bands`` names a band the file does not have.
+        ResolutionOutOfRange: the file's GSD is far coarser than the model's range (and the caller did
+            not turn resampling off).
         ValueError: ``path`` is not a local regular file (a programming error, not user input).
     """
     return RasterReader(path, limits, options or ReadOptions())
@@ -173,7 +187,7 @@ class RasterReader:
                         rasterio.Env(GDAL_CACHEMAX=BASE_CACHE_BYTES + layout.block_bytes)
                     )
                 self.plan = BandPlan(layout, self._stretch(layout))
-                self.info = self._describe(driver)
+                self.info = self._describe(driver, options)
                 logger.debug(
                     "opened %s %dx%dx%d %s as %s, scaling %s, masking %s",
                     driver,
@@ -214,7 +228,9 @@ class RasterReader:
         """Cut the tiles ``specs`` (from :func:`~gateway.pipeline.tiling.tile_grid`) out of the image.
 
         Tiles come in row-major order of their windows (by ``y``, then ``x``), whatever the order of
-        ``specs``; tiles without any valid pixel are skipped and counted in :attr:`skipped`.
+        ``specs``; tiles without any valid pixel are skipped and counted in :attr:`skipped`. Windows are
+        in pixels of the image as it is read: ``info.read_width`` x ``info.read_height``, the file
+        resampled when ``info.resample_factor`` is above 1.
 
         Raises:
             ValueError: a window of ``specs`` is outside the image or larger than a tile.
@@ -224,7 +240,9 @@ class RasterReader:
         self._cutter = None
         if not specs:
             return
-        self._cutter = TileCutter(self, self.plan, self.info.width, self.info.height, specs)
+        info = self.info
+        source: BlockSource = self if info.read_size == (info.width, info.height) else _Resampled(self)
+        self._cutter = TileCutter(source, self.plan, info.read_width, info.read_height, specs)
         yield from self._cutter.tiles()
 
     def read(
@@ -248,18 +266,7 @@ class RasterReader:
             CorruptRaster: a block cannot be decoded (damaged or truncated data).
             UnsupportedRaster: the codec of a block is not available.
         """
-        out_shape = None if shape is None else (len(bands), *shape)
-        try:
-            data: npt.NDArray[Any] = self._src.read(
-                list(bands),
-                window=_rasterio_window(window),
-                out=out,
-                out_shape=out_shape,
-                resampling=Resampling.nearest,
-            )
-        except (RasterioError, CPLE_BaseError) as exc:
-            raise self._decode_error(exc, window) from exc
-        return data
+        return self._read_area(bands, _area(window), shape, out, Resampling.nearest)
 
     def read_mask(
         self, band: int, window: Window, *, shape: tuple[int, int] | None = None
@@ -275,15 +282,42 @@ class RasterReader:
             CorruptRaster: a block cannot be decoded (damaged or truncated data).
             UnsupportedRaster: the codec of a block is not available.
         """
-        try:
-            mask: npt.NDArray[Any] = self._src.read_masks(
-                band, window=_rasterio_window(window), out_shape=shape
-            )
-        except (RasterioError, CPLE_BaseError) as exc:
-            raise self._decode_error(exc, window) from exc
-        return mask
+        return self._read_mask_area(band, _area(window), shape, Resampling.nearest)
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _read_area(
+        self,
+        bands: Sequence[int],
+        area: SourceArea,
+        shape: tuple[int, int] | None,
+        out: npt.NDArray[Any] | None,
+        resampling: Resampling,
+    ) -> npt.NDArray[Any]:
+        """Samples of ``bands`` in a (fractional) source ``area``, at ``shape`` or its own size."""
+        out_shape = None if shape is None or out is not None else (len(bands), *shape)
+        try:
+            data: npt.NDArray[Any] = self._src.read(
+                list(bands),
+                window=_rasterio_window(area),
+                out=out,
+                out_shape=out_shape,
+                resampling=resampling,
+            )
+        except (RasterioError, CPLE_BaseError) as exc:
+            raise self._decode_error(exc, area) from exc
+        return data
+
+    def _read_mask_area(
+        self, band: int, area: SourceArea, shape: tuple[int, int] | None, resampling: Resampling
+    ) -> npt.NDArray[Any]:
+        try:
+            mask: npt.NDArray[Any] = self._src.read_masks(
+                band, window=_rasterio_window(area), out_shape=shape, resampling=resampling
+            )
+        except (RasterioError, CPLE_BaseError) as exc:
+            raise self._decode_error(exc, area) from exc
+        return mask
 
     def _open(self, driver: Driver) -> Any:
         try:
@@ -315,13 +349,13 @@ class RasterReader:
             text = text.replace(secret, "<file>")
         return text.strip()[:300]
 
-    def _decode_error(self, exc: BaseException, window: Window) -> GatewayError:
+    def _decode_error(self, exc: BaseException, area: SourceArea) -> GatewayError:
         reason = self._reason(exc)
         if "missing codec" in reason.lower():
             return UnsupportedRaster(f"A block uses a compression this server cannot decode ({reason}).")
         return CorruptRaster(
-            f"Pixel data cannot be decoded near rows {window.row_off}-"
-            f"{window.row_off + window.height} ({reason}); the file is damaged or truncated."
+            f"Pixel data cannot be decoded near rows {math.floor(area.row_off)}-"
+            f"{math.ceil(area.row_off + area.height)} ({reason}); the file is damaged or truncated."
         )
 
     def _describe_source(self) -> SourceDescription:
@@ -370,11 +404,13 @@ class RasterReader:
                 mask = self.read_mask(layout.colour_bands[0], window, shape=shape)
             yield samples, mask
 
-    def _describe(self, driver: Driver) -> RasterInfo:
+    def _describe(self, driver: Driver, options: ReadOptions) -> RasterInfo:
         src, plan = self._src, self.plan
         layout = plan.layout
         notes = list(plan.warnings)
         crs, transform, georef = self._georeference(notes)
+        resolution = plan_resolution(_gsd(crs, transform, src.width, src.height), options.resolution)
+        notes.extend(resolution.warnings)
         pages = len(src.subdatasets) if driver == "GTiff" else 0
         if pages:
             notes.append(f"The TIFF holds {pages + 1} images; only the first is read.")
@@ -399,7 +435,10 @@ class RasterReader:
             block_shape=layout.block_shape,
             compression=str(compression) if compression is not None else None,
             warnings=tuple(notes),
-            gsd_m=_gsd(crs, transform, src.width, src.height),
+            gsd_m=resolution.gsd_m,
+            gsd_source=resolution.gsd_source,
+            inference_gsd_m=resolution.inference_gsd_m,
+            resample_factor=resolution.factor,
         )
 
     def _georeference(
@@ -488,8 +527,41 @@ def _crs_string(crs: Any) -> str:
     return str(crs.to_wkt())
 
 
-def _rasterio_window(window: Window) -> RasterioWindow:
-    return RasterioWindow(window.col_off, window.row_off, window.width, window.height)
+class _Resampled:
+    """The open file as the tile cutter reads it when it is resampled: windows of the image at
+    ``info.read_width`` x ``info.read_height`` (see the module docstring)."""
+
+    def __init__(self, reader: RasterReader) -> None:
+        info = reader.info
+        self._reader = reader
+        self._source = (info.width, info.height)
+        self._read = info.read_size
+        # Averaging palette indices would invent colours; every other layout averages its samples.
+        palette = reader.plan.layout.colour is Colour.PALETTE
+        self._resampling = Resampling.nearest if palette else Resampling.average
+
+    def read(
+        self, bands: Sequence[int], window: Window, out: npt.NDArray[Any] | None = None
+    ) -> npt.NDArray[Any]:
+        shape = (window.height, window.width)
+        return self._reader._read_area(bands, self._area(window), shape, out, self._resampling)
+
+    def read_mask(self, band: int, window: Window) -> npt.NDArray[Any]:
+        shape = (window.height, window.width)
+        return self._reader._read_mask_area(band, self._area(window), shape, self._resampling)
+
+    def _area(self, window: Window) -> SourceArea:
+        return source_area(
+            window.col_off, window.row_off, window.width, window.height, self._source, self._read
+        )
+
+
+def _area(window: Window) -> SourceArea:
+    return SourceArea(window.col_off, window.row_off, window.width, window.height)
+
+
+def _rasterio_window(area: SourceArea) -> RasterioWindow:
+    return RasterioWindow(area.col_off, area.row_off, area.width, area.height)
 
 
 def _stored_mask(flags: set[MaskFlags]) -> bool:
