@@ -203,6 +203,17 @@ def test_upload_three_scenes_watch_the_job_and_filter_its_map(url: str, scenes: 
         assert 0 < some["yellow"] < every["yellow"], (every, some)
         assert 0 < some["blue"] < every["blue"], (every, some)
 
+        browser.execute_script("window.firstBoxes = palmMap.getLayer('detections').implementation")
+        browser.find_element(By.ID, "active-map").click()
+        wait.until(
+            lambda b: b.execute_script(
+                "const layer = palmMap.getLayer('detections');"
+                "return Boolean(layer) && layer.implementation !== window.firstBoxes"
+            )
+        )
+        assert rendered_detections(browser) == above
+        assert counter(browser)["shown"] == above
+
         resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert all(name.startswith(url) or name.startswith("blob:") for name in resources), resources
 

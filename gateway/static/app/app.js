@@ -490,8 +490,9 @@
   $("basemap").value = localStorage.getItem(BASEMAP) || "";
 
   function clearMap() {
+    if (map.getLayer("detections")) map.removeLayer("detections"); // custom layers are not in getStyle()
     for (const layer of map.getStyle().layers) {
-      if (layer.id.startsWith("image-") || layer.id === "detections") map.removeLayer(layer.id);
+      if (layer.id.startsWith("image-")) map.removeLayer(layer.id);
     }
     for (const source of Object.keys(map.getStyle().sources)) {
       if (source.startsWith("image-")) map.removeSource(source);
