@@ -18,7 +18,7 @@
 
 window.PalmBoxes = (() => {
   const MIN_PX = 2.5;
-  const LINE_PX = 1;
+  const LINE_PX = 1.5;
   const FILL_ALPHA = 0.18;
 
   const VERTEX = `#version 300 es
