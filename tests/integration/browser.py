@@ -1,4 +1,5 @@
-"""Headless Chromium (Debian's ``chromium`` and ``chromium-driver``) for tests of the pages we serve.
+"""Headless Chromium (Debian's ``chromium`` and ``chromium-driver``) for tests and benchmarks of the pages we
+serve (``loadtest/bench_map.py`` starts it too, hence no pytest here).
 
 The browser resolves no host but 127.0.0.1, so a page that needs anything from the internet (a CDN
 script, a web font) fails to render in these tests just as it would on an air-gapped machine.
@@ -11,7 +12,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
@@ -29,7 +29,9 @@ def offline_chromium(
     with it); without it the GPU is off.
     """
     if shutil.which(CHROMIUM) is None or shutil.which(CHROMEDRIVER) is None:
-        pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed (apt-get install chromium chromium-driver)")
+        raise RuntimeError(
+            f"{CHROMIUM} and {CHROMEDRIVER} are needed (apt-get install chromium chromium-driver)"
+        )
     with tempfile.TemporaryDirectory(prefix="palm-chromium-") as profile:
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM

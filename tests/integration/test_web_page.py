@@ -9,6 +9,7 @@ With ``PALM_SCREENSHOT_DIR`` set, the screenshots of the README are written ther
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -89,17 +93,47 @@ def screenshot(browser: WebDriver, name: str, element: str | None = None) -> Non
 
 
 def rendered_detections(browser: WebDriver) -> int:
-    """Distinct detections the map has drawn in view, once it has finished rendering."""
+    """Detections the map's detections layer draws in view, once it has finished rendering."""
     count: int = browser.execute_async_script(
         """
         const done = arguments[arguments.length - 1];
-        const count = () => new Set(
-          palmMap.queryRenderedFeatures({layers: ["detections-fill"]}).map((f) => f.id)).size;
+        const layer = palmMap.getLayer("detections").implementation;
         palmMap.triggerRepaint();
-        palmMap.once("idle", () => done(count()));
+        palmMap.once("idle", () => done(layer.drawnIn(palmMap.getBounds())));
         """
     )
     return count
+
+
+def outline_pixels(browser: WebDriver) -> dict[str, int]:
+    """Pixels of the map's canvas in each category's colour (the boxes' opaque outlines: yellow for
+    category 1, blue for category 2), from a screenshot."""
+    with warnings.catch_warnings(), MemoryFile(browser.find_element(By.ID, "map").screenshot_as_png) as png:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with png.open() as image:
+            rgb = image.read()[:3].astype(np.int16)
+    colours = {"yellow": (0xFF, 0xD2, 0x3F), "blue": (0x3F, 0xB8, 0xFF)}
+    return {
+        name: int((np.abs(rgb - np.array(c, np.int16)[:, None, None]).max(axis=0) <= 2).sum())
+        for name, c in colours.items()
+    }
+
+
+def hover(browser: WebDriver, feature: dict[str, Any]) -> str:
+    """The popup's text with the mouse over the middle of ``feature`` (a GeoJSON box) on the map."""
+    ring = feature["geometry"]["coordinates"][0]
+    lng = sum(p[0] for p in ring[:4]) / 4
+    lat = sum(p[1] for p in ring[:4]) / 4
+    canvas = browser.find_element(By.CSS_SELECTOR, "#map canvas")
+    x, y = browser.execute_script(
+        "const p = palmMap.project([arguments[0], arguments[1]]); return [p.x, p.y]", lng, lat
+    )
+    size = canvas.size
+    ActionChains(browser).move_to_element_with_offset(
+        canvas, round(x - size["width"] / 2), round(y - size["height"] / 2)
+    ).perform()
+    popup = WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".maplibregl-popup"))
+    return str(popup[0].text)
 
 
 def counter(browser: WebDriver) -> dict[str, Any]:
@@ -148,6 +182,12 @@ def test_upload_three_scenes_watch_the_job_and_filter_its_map(url: str, scenes: 
         )
         assert images == 3
         screenshot(browser, "web-map.png", "results")
+        every = outline_pixels(browser)
+        assert every["yellow"] > 0, every
+        assert every["blue"] > 0, every
+        best = max(features, key=lambda f: f["properties"]["score"])
+        props = best["properties"]
+        assert hover(browser, best) == f"{props['category']} {props['score']:.2f} ({props['file_name']})"
 
         slider = browser.find_element(By.ID, "score")
         browser.execute_script(
@@ -159,6 +199,20 @@ def test_upload_three_scenes_watch_the_job_and_filter_its_map(url: str, scenes: 
         assert f"{above} of {total}" in counter(browser)["text"].replace(",", "")
         assert rendered_detections(browser) == above
         assert browser.find_element(By.ID, "score-value").text == "0.60"
+        some = outline_pixels(browser)
+        assert 0 < some["yellow"] < every["yellow"], (every, some)
+        assert 0 < some["blue"] < every["blue"], (every, some)
+
+        browser.execute_script("window.firstBoxes = palmMap.getLayer('detections').implementation")
+        browser.find_element(By.ID, "active-map").click()
+        wait.until(
+            lambda b: b.execute_script(
+                "const layer = palmMap.getLayer('detections');"
+                "return Boolean(layer) && layer.implementation !== window.firstBoxes"
+            )
+        )
+        assert rendered_detections(browser) == above
+        assert counter(browser)["shown"] == above
 
         resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert all(name.startswith(url) or name.startswith("blob:") for name in resources), resources

@@ -429,7 +429,9 @@
   // -- the map -----------------------------------------------------------------------------------
 
   let map = null;
-  let shown = { images: [], scores: new Float64Array(0), boxes: [] };
+  // The job on the map: its images, its drawn detections in increasing score order (scores[i] is the
+  // score of features[i]) and their layer (PalmBoxes, boxes.js).
+  let shown = { images: [], scores: new Float64Array(0), features: [], boxes: null };
 
   function loaded(target) {
     return target.loaded() ? Promise.resolve() : new Promise((ok) => target.once("load", ok));
@@ -452,15 +454,17 @@
     map.addControl(new maplibregl.NavigationControl({ visualizePitch: false }), "top-right");
     map.addControl(new maplibregl.ScaleControl(), "bottom-left");
     const popup = new maplibregl.Popup({ closeButton: false, closeOnClick: false });
-    map.on("mousemove", "detections-fill", (event) => {
-      const feature = event.features[0];
-      const props = feature.properties;
+    const leave = () => { map.getCanvas().style.cursor = ""; popup.remove(); };
+    map.on("mousemove", (event) => {
+      const index = shown.boxes ? shown.boxes.at(event.lngLat, map.getZoom()) : -1;
+      if (index < 0) return leave();
+      const props = shown.features[index].properties;
       map.getCanvas().style.cursor = "pointer";
       popup.setLngLat(event.lngLat)
         .setText(`${props.category} ${Number(props.score).toFixed(2)} (${props.file_name})`)
         .addTo(map);
     });
-    map.on("mouseleave", "detections-fill", () => { map.getCanvas().style.cursor = ""; popup.remove(); });
+    map.on("mouseout", leave);
     window.palmMap = map; // for tests and the browser console
     applyBasemap(localStorage.getItem(BASEMAP) || "");
     return map;
@@ -486,12 +490,14 @@
   $("basemap").value = localStorage.getItem(BASEMAP) || "";
 
   function clearMap() {
+    if (map.getLayer("detections")) map.removeLayer("detections"); // custom layers are not in getStyle()
     for (const layer of map.getStyle().layers) {
-      if (layer.id.startsWith("image-") || layer.id.startsWith("detections-")) map.removeLayer(layer.id);
+      if (layer.id.startsWith("image-")) map.removeLayer(layer.id);
     }
     for (const source of Object.keys(map.getStyle().sources)) {
-      if (source.startsWith("image-") || source === "detections") map.removeSource(source);
+      if (source.startsWith("image-")) map.removeSource(source);
     }
+    shown.boxes = null;
   }
 
   async function openMap(jobId) {
@@ -520,19 +526,10 @@
     }
     const drawn = collection.features.filter((f) => f.geometry);
     const categories = Array.from(new Set(drawn.map((f) => f.properties.category_id))).sort((a, b) => a - b);
-    const colour = categories.length
-      ? ["match", ["get", "category_id"], ...categories.flatMap((c) => [c, colourOf(c)]), "#ffffff"]
-      : "#ffffff";
-    map.addSource("detections", {
-      type: "geojson", data: { type: "FeatureCollection", features: drawn }, generateId: true,
-    });
-    map.addLayer({ id: "detections-fill", type: "fill", source: "detections", paint: { "fill-color": colour, "fill-opacity": 0.18 } });
-    map.addLayer({ id: "detections-line", type: "line", source: "detections", paint: { "line-color": colour, "line-width": 1.5 } });
-    shown = {
-      images,
-      scores: Float64Array.from(drawn.map((f) => f.properties.score)).sort(),
-      boxes: drawn,
-    };
+    drawn.sort((a, b) => a.properties.score - b.properties.score);
+    const boxes = PalmBoxes.create("detections", drawn, (f) => colourOf(f.properties.category_id));
+    shown = { images, scores: Float64Array.from(drawn, (f) => f.properties.score), features: drawn, boxes };
+    map.addLayer(boxes);
     const pixelOnly = files.filter((f) => f.status === "succeeded" && !f.footprint).length;
     const notDrawn = collection.features.length - drawn.length;
     $("map-note").textContent = [
@@ -573,12 +570,11 @@
   function filterScore() {
     const threshold = Number($("score").value);
     $("score-value").textContent = threshold.toFixed(2);
-    const filter = [">=", ["get", "score"], threshold];
-    if (map && map.getLayer("detections-fill")) {
-      map.setFilter("detections-fill", filter);
-      map.setFilter("detections-line", filter);
-    }
     const count = countAtLeast(threshold);
+    if (shown.boxes) {
+      shown.boxes.hide(shown.scores.length - count);
+      map.triggerRepaint();
+    }
     const counter = $("det-count");
     counter.dataset.shown = String(count);
     counter.dataset.total = String(shown.scores.length);
