@@ -6,7 +6,9 @@
 and a random photometric change (:func:`_photometric`: with probability ``grey_prob`` the crop becomes
 grey, ``Y = 0.299 R + 0.587 G + 0.114 B`` in all three channels, as the gateway reads a 1-band image;
 otherwise each channel is scaled by a factor in ``1 +- jitter``), and minimises the CenterNet
-objective at stride ``S = 4``:
+objective at stride ``S = 4``. With ``distractors`` the training scenes also carry the generator's
+round non-palm objects (``render_scene(..., distractors=True)``: orchards, bushes, tanks, parasols,
+roundabout islands) as hard negatives; their other content and ground truth are unchanged.
 
 * heatmap: penalty-reduced focal loss (alpha 2, beta 4) against a Gaussian per object centred on the
   integer cell ``floor(c / S)`` of its box centre ``c``, with ``sigma = max(0.54 * size / (6 S), 0.5)``
@@ -25,6 +27,7 @@ validation AP as it goes) and ``checkpoint.pt`` (weights, model config, training
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -71,6 +74,7 @@ class TrainConfig:
     giou_weight: float = 1.0
     grey_prob: float = 0.2
     jitter: float = 0.12
+    distractors: bool = False
     eval_every: int = 500
     log_every: int = 50
     threads: int = 2
@@ -100,12 +104,13 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------- data
 
 
-def render_pool(seeds: Sequence[int], size: int, workers: int) -> list[Scene]:
+def render_pool(seeds: Sequence[int], size: int, workers: int, distractors: bool = False) -> list[Scene]:
     """Render scenes (in ``workers`` processes when > 1); the order follows ``seeds``."""
+    render = functools.partial(render_scene, size=size, distractors=distractors)
     if workers <= 1:
-        return [render_scene(s, size) for s in seeds]
+        return [render(s) for s in seeds]
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(render_scene, seeds, [size] * len(seeds), chunksize=4))
+        return list(pool.map(render, seeds, chunksize=4))
 
 
 def _dihedral(
@@ -338,7 +343,9 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
 
-    pool = render_pool(range(cfg.data_seed, cfg.data_seed + cfg.scenes), cfg.scene_size, cfg.render_workers)
+    pool = render_pool(
+        range(cfg.data_seed, cfg.data_seed + cfg.scenes), cfg.scene_size, cfg.render_workers, cfg.distractors
+    )
     val = (
         render_pool(range(cfg.val_seed, cfg.val_seed + cfg.val_scenes), cfg.val_size, cfg.render_workers)
         if cfg.val_scenes
@@ -422,7 +429,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in asdict(defaults).items():
         if name == "model":
             continue
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            parser.add_argument(
+                f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value
+            )
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     overrides = {k: getattr(args, k) for k in asdict(defaults) if k != "model"}
