@@ -11,6 +11,13 @@ precision/recall curve) and scores the rest with pycocotools' COCOeval.
 COCOeval's default limit of 100 detections per image would cap recall on plantation scenes with
 hundreds of palms, so the limit is raised to ``MAX_DETS``; AP is the mean precision over IoU
 thresholds 0.50:0.05:0.95 and 101 recall points, for all object areas (the only area range evaluated).
+
+The operating point is what a user gets at the gateway's default score threshold
+(``tiling.score_threshold``, :data:`OPERATING_THRESHOLD`): per class, of the detections scoring at least
+that, how many COCOeval matched to an object at IoU 0.5 (true positives) and how many it did not
+(false positives); precision ``TP / (TP + FP)``, recall ``TP / objects``, and the highest score of a false
+positive. ``--distractors`` renders the scenes with the generator's distractors (round things that are
+not palms; same objects and ground truth as without), where false positives on clutter show.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from export.synth import HELDOUT_MIN_SEED, Scene, coco_dataset, render_scene, to
 from gateway.pipeline.merge import Detections, merge_tiles
 from gateway.pipeline.result import PALM_CATEGORIES
 from gateway.pipeline.tiling import DEFAULT_OVERLAP, TILE_SIZE, tile_grid
+from gateway.settings import TilingSettings
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ log = logging.getLogger(__name__)
 TileRunner = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 DEFAULT_SCORE_THRESHOLD = 0.05
 MAX_DETS = 10_000
+OPERATING_THRESHOLD = TilingSettings().score_threshold
 
 
 class SeedOverlap(ValueError):
@@ -103,11 +112,16 @@ def coco_results(detections: Sequence[Detections]) -> list[dict[str, Any]]:
     return rows
 
 
-def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """AP, AP50, AP75 overall and per category from COCOeval (see the module docstring).
+def coco_metrics(
+    ground_truth: dict[str, Any], results: list[dict[str, Any]], operating: float = OPERATING_THRESHOLD
+) -> dict[str, Any]:
+    """AP, AP50, AP75 overall and per category from COCOeval, and the operating point at score
+    ``operating`` (see the module docstring).
 
     Returns:
-        ``{"AP", "AP50", "AP75", "per_class": {name: {"AP", "AP50", "AP75"}}, "num_gt", "num_dets"}``.
+        ``{"AP", "AP50", "AP75", "per_class": {name: {"AP", "AP50", "AP75"}}, "num_gt", "num_dets",
+        "at_threshold": {"score_threshold", "iou", "per_class": {name: {"precision", "recall", "tp",
+        "fp", "max_fp_score"}}}}``.
     """
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -152,7 +166,43 @@ def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]]) ->
     anns = ground_truth["annotations"]
     out["num_gt"] = {c.name: sum(a["category_id"] == c.id for a in anns) for c in PALM_CATEGORIES}
     out["num_dets"] = len(results)
+    out["at_threshold"] = _operating_point(ev, operating, ious.index(0.5))
     return out
+
+
+def _operating_point(ev: COCOeval, threshold: float, iou_index: int) -> dict[str, Any]:
+    """Precision and recall of the detections scoring at least ``threshold``, from COCOeval's matches.
+
+    COCOeval matches detections greedily by descending score, so a detection's match depends only on
+    the higher-scoring ones: matching everything above 0.05 matches those above ``threshold`` exactly as
+    matching them alone would.
+    """
+    names = {c.id: c.name for c in PALM_CATEGORIES}
+    per: dict[str, dict[str, float | int | None]] = {}
+    for cat_id in ev.params.catIds:
+        tp = fp = objects = 0
+        max_fp: float | None = None
+        for e in ev.evalImgs:
+            if e is None or e["category_id"] != cat_id:
+                continue
+            objects += int(np.count_nonzero(~np.asarray(e["gtIgnore"], bool)))
+            scores = np.asarray(e["dtScores"], np.float64)
+            matched = np.asarray(e["dtMatches"])[iou_index] > 0
+            ignored = np.asarray(e["dtIgnore"])[iou_index].astype(bool)
+            kept = (scores >= threshold) & ~ignored
+            tp += int(np.count_nonzero(kept & matched))
+            false = kept & ~matched
+            fp += int(np.count_nonzero(false))
+            if false.any():
+                max_fp = max(max_fp or 0.0, float(scores[false].max()))
+        per[names[cat_id]] = {
+            "precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "recall": tp / objects if objects else float("nan"),
+            "tp": tp,
+            "fp": fp,
+            "max_fp_score": None if max_fp is None else round(max_fp, 4),
+        }
+    return {"score_threshold": threshold, "iou": 0.5, "per_class": per}
 
 
 def evaluate_scenes(
@@ -186,6 +236,15 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     lines.append(f"{'overall':12s} {metrics['AP']:7.4f} {metrics['AP50']:7.4f} {metrics['AP75']:7.4f}")
     for name, m in metrics["per_class"].items():
         lines.append(f"{name:12s} {m['AP']:7.4f} {m['AP50']:7.4f} {m['AP75']:7.4f}")
+    op = metrics.get("at_threshold")
+    if op:
+        lines.append(f"at score >= {op['score_threshold']:g}, IoU 0.5:")
+        for name, m in op["per_class"].items():
+            top = "-" if m["max_fp_score"] is None else f"{m['max_fp_score']:.2f}"
+            lines.append(
+                f"{name:12s} precision {m['precision']:.4f} recall {m['recall']:.4f} "
+                f"(TP {m['tp']}, FP {m['fp']}, highest FP score {top})"
+            )
     return "\n".join(lines)
 
 
@@ -205,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--grey", action="store_true", help="score the grey (luma) version of each scene, as a 1-band sensor"
     )
+    parser.add_argument(
+        "--distractors", action="store_true", help="render the scenes with distractors (export.synth)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     seeds = range(args.seed, args.seed + args.scenes)
@@ -215,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     runner = onnx_runner(args.onnx, args.threads)
-    scenes = [render_scene(s, args.size) for s in seeds]
+    scenes = [render_scene(s, args.size, distractors=args.distractors) for s in seeds]
     if args.grey:
         scenes = [replace(s, pixels=to_grey(s.pixels)) for s in scenes]
     metrics = evaluate_scenes(scenes, runner, args.score_threshold)
@@ -228,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_dets_per_image": MAX_DETS,
         "iou_thresholds": "0.50:0.05:0.95",
         "colour": "grey (luma in all bands)" if args.grey else "rgb",
+        "distractors": args.distractors,
+        "operating_threshold": OPERATING_THRESHOLD,
     }
     print(format_metrics(metrics))
     objects = sum(metrics["num_gt"].values())
@@ -240,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gateway.model_card import update_card
 
         card = args.onnx.with_name("model_card.json")
-        update_card(card, **{"evaluation_grey" if args.grey else "evaluation": metrics})
+        section = "evaluation" + ("_distractors" if args.distractors else "") + ("_grey" if args.grey else "")
+        update_card(card, **{section: metrics})
         print(f"updated {card}")
     return 0
 

@@ -10,6 +10,10 @@ objective at stride ``S = 4``. With ``distractors`` the training scenes also car
 round non-palm objects (``render_scene(..., distractors=True)``: orchards, bushes, tanks, parasols,
 roundabout islands) as hard negatives; their other content and ground truth are unchanged.
 
+With ``init`` (an ONNX exported by ``export.onnx``) the run fine-tunes that model instead of starting
+from random weights: :func:`~export.model.unfold_batchnorm` rebuilds it with identity batch norms, which
+stay in eval mode throughout (their scale and shift still learn); the file's sha256 is recorded.
+
 * heatmap: penalty-reduced focal loss (alpha 2, beta 4) against a Gaussian per object centred on the
   integer cell ``floor(c / S)`` of its box centre ``c``, with ``sigma = max(0.54 * size / (6 S), 0.5)``
   cells along each axis, normalised by the number of objects;
@@ -48,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from export.evaluate import evaluate_scenes
-from export.model import STRIDE, PalmNet, PalmNetConfig, conv_flops
+from export.model import STRIDE, PalmNet, PalmNetConfig, conv_flops, freeze_batchnorm, unfold_batchnorm
 from export.synth import TRAIN_SEEDS, VAL_SEEDS, Scene, render_scene, to_grey
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,7 @@ class TrainConfig:
     grey_prob: float = 0.2
     jitter: float = 0.12
     distractors: bool = False
+    init: str = ""
     eval_every: int = 500
     log_every: int = 50
     threads: int = 2
@@ -355,7 +360,17 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
              time.perf_counter() - started)  # fmt: skip
     emit({"event": "data", "train_scenes": len(pool), "val_scenes": len(val)})
 
-    model = PalmNet(cfg.model)
+    init_sha256 = None
+    if cfg.init:
+        from export.onnx import load_torch_twin, sha256
+
+        model = unfold_batchnorm(load_torch_twin(Path(cfg.init)))
+        if model.config != cfg.model:
+            raise ValueError(f"{cfg.init} is a {model.config}, not the configured {cfg.model}")
+        init_sha256 = sha256(Path(cfg.init))
+        log.info("fine-tuning %s (sha256 %s) with frozen batch-norm statistics", cfg.init, init_sha256)
+    else:
+        model = PalmNet(cfg.model)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW(
@@ -365,6 +380,8 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
     running: dict[str, float] = {}
     for step in range(cfg.steps):
         model.train()
+        if cfg.init:
+            freeze_batchnorm(model)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = sample_batch(rng, pool, cfg.batch, cfg.crop, cfg.grey_prob, cfg.jitter)
@@ -411,6 +428,7 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
                     "cpu_s": round(cpu_seconds(), 1),
                     "train_scene_seeds": [cfg.data_seed, cfg.data_seed + cfg.scenes - 1],
                     "val_scene_seeds": [cfg.val_seed, cfg.val_seed + cfg.val_scenes - 1],
+                    "init_sha256": init_sha256,
                     "final_val": next((r["val"] for r in reversed(records) if "val" in r), None),
                     "torch": str(torch.__version__),
                     "gflop_per_tile": round(conv_flops(model) / 1e9, 3),

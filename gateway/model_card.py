@@ -1,5 +1,5 @@
 """What the gateway tells users about the model: Triton's name and version directory, and from the model
-card its release, sha256 and classes."""
+card its release, sha256, classes and input baseline (for the out-of-domain score)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from gateway.pipeline.domain import DomainBaseline
 from gateway.pipeline.result import PALM_CATEGORIES, Category, ModelInfo
 from gateway.settings import TritonSettings
 
@@ -23,12 +24,15 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
 
     The sha256 identifies the exact weights; without a card it is computed from ``model.onnx`` when the
     repository is local, and left ``None`` when the gateway only knows a remote Triton. The card's
-    ``categories`` name the classes; without them the Palm model's table applies.
+    ``categories`` name the classes; without them the Palm model's table applies. Its
+    ``input_baseline`` (and ``out_of_domain.threshold``) let the gateway score each file's inputs; a card
+    without one, or an unreadable one, scores none.
     """
     version_dir = Path(triton.model_repository) / triton.model_name / triton.model_version
     sha256: str | None = None
     categories = PALM_CATEGORIES
     release = triton.model_version
+    domain: DomainBaseline | None = None
     card = version_dir / CARD_NAME
     try:
         content = json.loads(card.read_text())
@@ -39,6 +43,10 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
                 Category(int(c["id"]), str(c["name"]), str(c.get("supercategory", "object")))
                 for c in content["categories"]
             )
+        try:
+            domain = DomainBaseline.from_card(content)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            logger.warning("model card %s has an unreadable input_baseline, no file is scored: %s", card, exc)
     except FileNotFoundError:
         onnx = version_dir / ONNX_NAME
         if onnx.is_file():
@@ -51,6 +59,7 @@ def load_model_info(triton: TritonSettings) -> ModelInfo:
         sha256=sha256,
         triton_version=triton.model_version,
         categories=categories,
+        domain=domain,
     )
 
 

@@ -98,6 +98,7 @@ files = sa.Table(
     sa.Column("crs", sa.Text),
     sa.Column("transform", sa.JSON),
     sa.Column("warnings", sa.JSON),
+    sa.Column("out_of_domain", sa.JSON),
     sa.Column("tiles_total", sa.Integer, nullable=False, server_default="0"),
     sa.Column("tiles_done", sa.Integer, nullable=False, server_default="0"),
     sa.Column("tiles_skipped", sa.Integer, nullable=False, server_default="0"),

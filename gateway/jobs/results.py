@@ -23,6 +23,7 @@ from gateway.errors import GatewayError
 from gateway.jobs.models import Assembly
 from gateway.jobs.store import JobStore, LeaseLost
 from gateway.pipeline.atomic import atomic_write
+from gateway.pipeline.domain import DomainCheck
 from gateway.pipeline.render import (
     DetectionRecord,
     ImageRecord,
@@ -142,6 +143,7 @@ class ResultWriter:
                 crs=row.crs,
                 transform=tuple(row.transform) if row.transform is not None else None,
                 warnings=tuple(row.warnings or ()),
+                out_of_domain=DomainCheck.from_json(row.out_of_domain) if row.out_of_domain else None,
             )
 
     def _detections(self, job_id: str) -> Iterator[DetectionRecord]:

@@ -101,6 +101,8 @@ class FileResult:
     tiles_skipped: int
     rows: list[dict[str, Any]]
     """One per detection: ``category_id, x, y, w, h, score, geometry`` (GeoJSON text or None)."""
+    out_of_domain: dict[str, Any] | None = None
+    """The file's out-of-domain check (:meth:`~gateway.pipeline.domain.DomainCheck.to_json`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +558,7 @@ class JobStore:
                     crs=result.crs,
                     transform=result.transform,
                     warnings=result.warnings,
+                    out_of_domain=result.out_of_domain,
                     tiles_total=result.tiles_total,
                     tiles_done=result.tiles_total,
                     tiles_skipped=result.tiles_skipped,

@@ -12,8 +12,9 @@ rebuilds its documents exactly.
 
 The COCO document is the same shape for one image (``/v1/predict?format=coco``) and for many:
 ``info`` records the model and the tiling/merge parameters that produced it, ``images`` carry size,
-sha256 and georeferencing, ``annotations`` carry ``score`` so the file loads both with
-``pycocotools.coco.COCO`` and, as a result list, with ``COCO.loadRes``.
+sha256, georeferencing, warnings and the out-of-domain check (:func:`domain_record`), ``annotations``
+carry ``score`` so the file loads both with ``pycocotools.coco.COCO`` and, as a result list, with
+``COCO.loadRes``.
 
 Boxes follow the COCO convention: ``[x, y, width, height]`` in pixels of the original image, ``x, y`` the
 top-left corner, rounded to 0.01 px; scores are rounded to 1e-4 and ``area`` is
@@ -33,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from gateway.pipeline.domain import DomainCheck
 from gateway.pipeline.merge import Detections
 from gateway.pipeline.result import Category, GeoJSONGeometry, ImageMeta, ImageResult, ModelInfo, TilingInfo
 
@@ -81,6 +83,7 @@ class ImageRecord:
         crs: the file's coordinate reference system, ``None`` without one.
         transform: the file's affine pixel-to-CRS transform (GDAL order), ``None`` without one.
         warnings: what the reader said about the file (GeoJSON's ``warnings`` member).
+        out_of_domain: the file's out-of-domain check, ``None`` when it was not scored.
     """
 
     id: int
@@ -91,6 +94,7 @@ class ImageRecord:
     crs: str | None
     transform: tuple[float, ...] | None
     warnings: tuple[str, ...] = ()
+    out_of_domain: DomainCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +164,17 @@ def image_record(image_id: int, image: ImageMeta) -> ImageRecord:
         crs=image.crs,
         transform=image.transform,
         warnings=image.warnings,
+        out_of_domain=image.out_of_domain,
     )
+
+
+def domain_record(check: DomainCheck | None) -> dict[str, Any] | None:
+    """An image's ``out_of_domain`` member in every document: ``score`` (the distance of its input
+    statistics from the model's validation imagery, in standard deviations), ``threshold``, ``flagged``
+    (``score > threshold``), the ``statistic`` that drove the score with its ``value`` and
+    ``baseline_mean``, and the nearest validated ``variant`` (``colour`` or ``grey``); ``null`` when the
+    model has no input baseline (see :mod:`gateway.pipeline.domain`)."""
+    return None if check is None else check.to_json()
 
 
 def detection_batch(image_id: int, result: ImageResult) -> DetectionBatch:
@@ -293,6 +307,7 @@ def to_json(result: ImageResult, model: ModelInfo) -> dict[str, Any]:
             "height": image.height,
             "crs": image.crs,
             "transform": list(image.transform) if image.transform is not None else None,
+            "out_of_domain": domain_record(image.out_of_domain),
         },
         "detections": detection_records(result, model),
         "tiles": {"total": result.tiles_total, "skipped": result.tiles_skipped},
@@ -382,6 +397,8 @@ def write_coco(
                     "sha256": image.sha256,
                     "crs": image.crs,
                     "transform": image.transform,
+                    "warnings": image.warnings,
+                    "out_of_domain": domain_record(image.out_of_domain),
                 }
             )
         )

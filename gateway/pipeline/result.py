@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.pipeline.domain import DomainBaseline, DomainCheck
 from gateway.pipeline.inputs import InputSummary
 from gateway.pipeline.merge import Detections
 
@@ -40,6 +41,8 @@ class ModelInfo:
         sha256: the digest of the weights' file.
         triton_version: the version directory Triton serves (``1``).
         categories: the classes, as the card lists them.
+        domain: the card's input baseline and out-of-domain threshold (:mod:`gateway.pipeline.domain`);
+            ``None`` when the card records no baseline (no file is scored then).
     """
 
     name: str
@@ -47,6 +50,7 @@ class ModelInfo:
     sha256: str | None
     triton_version: str = "1"
     categories: tuple[Category, ...] = PALM_CATEGORIES
+    domain: DomainBaseline | None = None
 
     def category_name(self, category_id: int) -> str:
         """The name of ``category_id``; ``class_<id>`` for an id the model's table lacks."""
@@ -79,6 +83,9 @@ class ImageMeta:
     warnings: tuple[str, ...] = ()
     gsd_m: float | None = None
     """Ground sample distance at the image's centre in metres; ``None`` without georeferencing."""
+    out_of_domain: DomainCheck | None = None
+    """How far the image's input statistics lie from the model's validation imagery; ``None`` when the
+    model has no baseline or no pixel was valid. Above its threshold, ``warnings`` says so too."""
 
 
 @dataclass(frozen=True, slots=True)
