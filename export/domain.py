@@ -49,7 +49,7 @@ from gateway.pipeline.tiling import tile_grid
 from gateway.settings import REPO_ROOT, DecodeSettings, LimitSettings
 
 CARD = REPO_ROOT / "model_repository" / "palm" / "1" / "model_card.json"
-SIZES: Final = (256, 384, 512, 768, 1024, 1536)
+SIZES: Final = (256, 384, 512, 768, 1024, 1280)
 MARGIN: Final = 1.25
 """The threshold is this much above the largest calibration score (rounded up to 0.5)."""
 
@@ -221,12 +221,13 @@ def _row(s: Scored) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m export.domain", description=__doc__.splitlines()[0])
-    parser.add_argument("--calibrate-scenes", type=int, default=300)
+    parser.add_argument("--calibrate-scenes", type=int, default=240)
     parser.add_argument("--calibrate-seed", type=int, default=1_100_000)
-    parser.add_argument("--scenes", type=int, default=600, help="in-domain files for the false-alarm rate")
+    parser.add_argument("--scenes", type=int, default=480, help="in-domain files for the false-alarm rate")
     parser.add_argument("--seed", type=int, default=1_200_000, help="first seed of the measured files")
     parser.add_argument("--corpus", type=Path, default=REPO_ROOT.parent / "shared" / "corpus")
     parser.add_argument("--threshold", type=float, help="use this threshold instead of calibrating one")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--card", action="store_true", help=f"store in {CARD.relative_to(REPO_ROOT)}")
     args = parser.parse_args(argv)
     for start in (args.calibrate_seed, args.seed):
@@ -317,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
     result["command"] = "python -m export.domain --card"
     log(f"{time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.card:
         update_card(CARD, out_of_domain=result)
         log(f"stored in {CARD}")
