@@ -21,6 +21,13 @@ pycocotools' COCOeval.
 COCOeval's default limit of 100 detections per image would cap recall on plantation scenes with
 hundreds of palms, so the limit is raised to ``MAX_DETS``; AP is the mean precision over IoU
 thresholds 0.50:0.05:0.95 and 101 recall points, for all object areas (the only area range evaluated).
+
+The operating point is what a user gets at the gateway's default score threshold
+(``tiling.score_threshold``, :data:`OPERATING_THRESHOLD`): per class, of the detections scoring at least
+that, how many COCOeval matched to an object at IoU 0.5 (true positives) and how many it did not
+(false positives); precision ``TP / (TP + FP)``, recall ``TP / objects``, and the highest score of a false
+positive. ``--distractors`` renders the scenes with the generator's distractors (round things that are
+not palms; same objects and ground truth as without), where false positives on clutter show.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from gateway.pipeline.contract import ModelContract, TensorSpec
 from gateway.pipeline.merge import Detections, merge_tiles
 from gateway.pipeline.raster import ReadOptions, open_raster
 from gateway.pipeline.tiling import TileSpec, choose_overlap, tile_grid
-from gateway.settings import LimitSettings
+from gateway.settings import LimitSettings, TilingSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ TileRunner = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 ORT_DATATYPES = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(float16)": "FP16"}
 DEFAULT_SCORE_THRESHOLD = 0.05
 MAX_DETS = 10_000
+OPERATING_THRESHOLD = TilingSettings().score_threshold
 
 
 class SeedOverlap(ValueError):
@@ -193,11 +201,16 @@ def coco_results(
     return rows
 
 
-def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """AP, AP50, AP75 overall and per category from COCOeval (see the module docstring).
+def coco_metrics(
+    ground_truth: dict[str, Any], results: list[dict[str, Any]], operating: float = OPERATING_THRESHOLD
+) -> dict[str, Any]:
+    """AP, AP50, AP75 overall and per category from COCOeval, and the operating point at score
+    ``operating`` (see the module docstring).
 
     Returns:
-        ``{"AP", "AP50", "AP75", "per_class": {name: {"AP", "AP50", "AP75"}}, "num_gt", "num_dets"}``.
+        ``{"AP", "AP50", "AP75", "per_class": {name: {"AP", "AP50", "AP75"}}, "num_gt", "num_dets",
+        "at_threshold": {"score_threshold", "iou", "per_class": {name: {"precision", "recall", "tp",
+        "fp", "max_fp_score"}}}}``.
     """
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -242,7 +255,42 @@ def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]]) ->
     anns = ground_truth["annotations"]
     out["num_gt"] = {name: sum(a["category_id"] == i for a in anns) for i, name in names.items()}
     out["num_dets"] = len(results)
+    out["at_threshold"] = _operating_point(ev, operating, ious.index(0.5), names)
     return out
+
+
+def _operating_point(ev: COCOeval, threshold: float, iou_index: int, names: dict[int, str]) -> dict[str, Any]:
+    """Precision and recall of the detections scoring at least ``threshold``, from COCOeval's matches.
+
+    COCOeval matches detections greedily by descending score, so a detection's match depends only on
+    the higher-scoring ones: matching everything above 0.05 matches those above ``threshold`` exactly as
+    matching them alone would.
+    """
+    per: dict[str, dict[str, float | int | None]] = {}
+    for cat_id in ev.params.catIds:
+        tp = fp = objects = 0
+        max_fp: float | None = None
+        for e in ev.evalImgs:
+            if e is None or e["category_id"] != cat_id:
+                continue
+            objects += int(np.count_nonzero(~np.asarray(e["gtIgnore"], bool)))
+            scores = np.asarray(e["dtScores"], np.float64)
+            matched = np.asarray(e["dtMatches"])[iou_index] > 0
+            ignored = np.asarray(e["dtIgnore"])[iou_index].astype(bool)
+            kept = (scores >= threshold) & ~ignored
+            tp += int(np.count_nonzero(kept & matched))
+            false = kept & ~matched
+            fp += int(np.count_nonzero(false))
+            if false.any():
+                max_fp = max(max_fp or 0.0, float(scores[false].max()))
+        per[names[cat_id]] = {
+            "precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "recall": tp / objects if objects else float("nan"),
+            "tp": tp,
+            "fp": fp,
+            "max_fp_score": None if max_fp is None else round(max_fp, 4),
+        }
+    return {"score_threshold": threshold, "iou": 0.5, "per_class": per}
 
 
 def evaluate_scenes(
@@ -300,6 +348,15 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     lines.append(f"{'overall':12s} {metrics['AP']:7.4f} {metrics['AP50']:7.4f} {metrics['AP75']:7.4f}")
     for name, m in metrics["per_class"].items():
         lines.append(f"{name:12s} {m['AP']:7.4f} {m['AP50']:7.4f} {m['AP75']:7.4f}")
+    op = metrics.get("at_threshold")
+    if op:
+        lines.append(f"at score >= {op['score_threshold']:g}, IoU 0.5:")
+        for name, m in op["per_class"].items():
+            top = "-" if m["max_fp_score"] is None else f"{m['max_fp_score']:.2f}"
+            lines.append(
+                f"{name:12s} precision {m['precision']:.4f} recall {m['recall']:.4f} "
+                f"(TP {m['tp']}, FP {m['fp']}, highest FP score {top})"
+            )
     return "\n".join(lines)
 
 
@@ -329,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--grey", action="store_true", help="score the grey (luma) version of each scene, as a 1-band sensor"
     )
+    parser.add_argument(
+        "--distractors", action="store_true", help="render the scenes with distractors (export.synth)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if (args.coco is None) != (args.images is None):
@@ -357,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SeedOverlap as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        scenes = [render_scene(s, args.size) for s in seeds]
+        scenes = [render_scene(s, args.size, distractors=args.distractors) for s in seeds]
         if args.grey:
             scenes = [replace(s, pixels=to_grey(s.pixels)) for s in scenes]
         metrics = evaluate_scenes(
@@ -367,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scene_seeds=[seeds.start, seeds.stop - 1],
             scene_size=args.size,
             colour="grey (luma in all bands)" if args.grey else "rgb",
+            distractors=args.distractors,
         )
         count = len(scenes)
     protocol.update(
@@ -374,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_threshold=args.score_threshold,
         max_dets_per_image=MAX_DETS,
         iou_thresholds="0.50:0.05:0.95",
+        operating_threshold=OPERATING_THRESHOLD,
     )
     metrics["protocol"] = protocol
     print(format_metrics(metrics))
@@ -387,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gateway.model_card import update_card
 
         card = args.onnx.with_name("model_card.json")
-        update_card(card, **{"evaluation_grey" if args.grey else "evaluation": metrics})
+        section = "evaluation" + ("_distractors" if args.distractors else "") + ("_grey" if args.grey else "")
+        update_card(card, **{section: metrics})
         print(f"updated {card}")
     return 0
 

@@ -20,6 +20,7 @@ Output ``detections``: ``float32 [N, K, 6]`` = ``(x1, y1, x2, y2, score, class_i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -219,6 +220,48 @@ def fold_batchnorm(model: PalmNet) -> PalmNet:
                 _fold(module.conv2, module.bn2)
                 module.bn2 = nn.Identity()
     return folded
+
+
+def unfold_batchnorm(folded: PalmNet) -> PalmNet:
+    """The inverse of :func:`fold_batchnorm` for fine-tuning a shipped model: a model with batch norms
+    that computes the folded model's function in eval mode.
+
+    Each folded convolution keeps its weight ``W'``; its bias ``b'`` moves into the batch norm, whose
+    statistics are the identity (``mu = 0``, ``var = 1``, ``gamma = sqrt(1 + eps)``, ``beta = b'``). Train
+    it with its batch norms in eval mode (:func:`freeze_batchnorm`): the statistics stay the identity and
+    ``gamma``, ``beta`` learn as a per-channel scale and shift.
+    """
+    model = PalmNet(folded.config)
+    state = folded.state_dict()
+    plain = model.state_dict()
+    pairs: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, ConvBNReLU):
+            pairs.append((f"{name}.0", f"{name}.1"))
+        elif isinstance(module, ResBlock):
+            pairs.append((f"{name}.conv2", f"{name}.bn2"))
+    moved = set()
+    for conv, bn in pairs:
+        plain[f"{conv}.weight"] = state[f"{conv}.weight"]
+        plain[f"{bn}.bias"] = state[f"{conv}.bias"]
+        norm = model.get_submodule(bn)
+        assert isinstance(norm, nn.BatchNorm2d)
+        plain[f"{bn}.weight"] = torch.full_like(plain[f"{bn}.weight"], math.sqrt(1.0 + norm.eps))
+        plain[f"{bn}.running_mean"] = torch.zeros_like(plain[f"{bn}.running_mean"])
+        plain[f"{bn}.running_var"] = torch.ones_like(plain[f"{bn}.running_var"])
+        moved |= {f"{conv}.weight", f"{conv}.bias"}
+    for key, value in state.items():
+        if key not in moved:
+            plain[key] = value
+    model.load_state_dict(plain)
+    return model.eval()
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every batch norm of ``model`` in eval mode (fixed statistics), after ``model.train()``."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
 
 
 def folded_skeleton(config: PalmNetConfig) -> PalmNet:

@@ -258,6 +258,10 @@ def write_card(
             "--seed 1000000 --card",
             "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
             "--seed 1000000 --grey --card",
+            "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
+            "--seed 1000000 --distractors --card",
+            "python -m export.baseline --scenes 40 --seed 1000000 --grey --card",
+            "python -m export.domain --calibrate-scenes 150 --scenes 300 --card",
             "python -m export.bench --card",
         ],
         "limitations": [

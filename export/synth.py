@@ -644,9 +644,11 @@ def _blob_coverage(
     return np.clip(edge - r + 0.5, 0, 1).astype(np.float32), dx, dy
 
 
-def _broadleaf(cv: _Canvas, cx: float, cy: float, diameter_m: float, bush: bool) -> None:
+def _broadleaf(
+    cv: _Canvas, cx: float, cy: float, diameter_m: float, bush: bool, rng: np.random.Generator | None = None
+) -> None:
     """A round, lumpy crown (broadleaf tree or bush): a distractor that is not a palm."""
-    rng = cv.rng
+    rng = cv.rng if rng is None else rng
     radius = diameter_m / 2 / cv.gsd
     harmonics = (rng.uniform(0.02, 0.09, 4) * (0.5 if bush else 1.0)).astype(np.float32)
     phases = rng.uniform(0, 2 * math.pi, 4).astype(np.float32)
@@ -777,6 +779,205 @@ def _populate(cv: _Canvas, roads: list[F32]) -> list[_Palm]:
     return palms
 
 
+# -------------------------------------------------------------------------------------- distractors
+
+
+#: The distractor layer draws from ``default_rng([seed, DISTRACTOR_STREAM])``, apart from the scene's own
+#: stream, so a scene rendered with ``distractors=True`` keeps every other draw (objects, ground truth,
+#: illumination, noise) of the same seed without them.
+DISTRACTOR_STREAM: Final = 2
+
+
+def _claim(blocked: npt.NDArray[np.bool_], cx: float, cy: float, radius: float) -> bool:
+    """Take the square around ``(cx, cy)`` of half-side ``radius`` when all of it is free ground."""
+    n = blocked.shape[0]
+    c0, r0 = math.floor(cx - radius), math.floor(cy - radius)
+    c1, r1 = math.ceil(cx + radius) + 1, math.ceil(cy + radius) + 1
+    if not (0 <= cx < n and 0 <= cy < n):
+        return False
+    c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, n), min(r1, n)
+    if blocked[r0:r1, c0:c1].any():
+        return False
+    blocked[r0:r1, c0:c1] = True
+    return True
+
+
+def _disc(px: F32, py: F32, cx: float, cy: float, radius: float) -> F32:
+    out: F32 = np.clip(np.float32(radius) - np.hypot(px - cx, py - cy) + 0.5, 0, 1).astype(np.float32)
+    return out
+
+
+def _extruded_shadow(cv: _Canvas, cx: float, cy: float, radius: float, height: float) -> None:
+    """Cast the shadow of an upright cylinder (its disc swept along the sun ray), off its own top."""
+    ox, oy = -cv.sun[0] * height * cv.shadow_per_m, -cv.sun[1] * height * cv.shadow_per_m
+    r = radius + 2
+    win = cv.window(min(cx, cx + ox) - r, min(cy, cy + oy) - r, max(cx, cx + ox) + r, max(cy, cy + oy) + r)
+    if win is None:
+        return
+    px, py = _grid(win)
+    swept = np.clip(radius - _segment_distance(px, py, _vec(cx, cy), _vec(cx + ox, cy + oy)) + 0.5, 0, 1)
+    cv.cast(win, (swept * (1 - _disc(px, py, cx, cy, radius))).astype(np.float32))
+
+
+_TANKS = ((214, 214, 208), (176, 178, 174), (72, 74, 72), (74, 102, 148), (92, 120, 94), (146, 100, 72))
+
+
+def _tank(cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, diameter_m: float) -> None:
+    """A round storage tank seen from above: a flat or gently domed lid with a bright rim and a hatch."""
+    radius = diameter_m / 2 / cv.gsd
+    _extruded_shadow(cv, cx, cy, radius, rng.uniform(2.0, 9.0))
+    win = cv.window(cx - radius - 2, cy - radius - 2, cx + radius + 2, cy + radius + 2)
+    if win is None:
+        return
+    px, py = _grid(win)
+    cov = _disc(px, py, cx, cy, radius)
+    dx, dy = px - np.float32(cx), py - np.float32(cy)
+    dist = np.hypot(dx, dy)
+    dome = 0.95 + rng.uniform(0.0, 0.15) * (dx * cv.sun[0] + dy * cv.sun[1]) / np.float32(max(radius, 1.0))
+    rim = np.where(dist > radius - max(0.4 / cv.gsd, 1.0), 1.12, 1.0)
+    hatch = np.where(np.hypot(dx - radius * 0.45, dy) < max(0.35 / cv.gsd, 1.0), 0.7, 1.0)
+    c0, r0, c1, r1 = win
+    tex = 1.0 + 0.03 * cv.texture[r0:r1, c0:c1]
+    base = _jitter(rng, _TANKS[rng.integers(len(_TANKS))], 0.05)
+    cv.paint(win, cov, base[None, None, :] * (dome * rim * hatch * tex)[..., None])
+
+
+_PARASOLS = ((206, 48, 44), (232, 230, 222), (44, 84, 160), (232, 190, 64), (66, 128, 72), (204, 184, 146))
+
+
+def _parasol(
+    cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, diameter_m: float, colours: F32, panels: int
+) -> None:
+    """A parasol from above: a regular polygon of ``panels`` fabric panels (plain or striped), each lit by
+    its slope towards the sun, with darker seams along its ribs."""
+    radius = diameter_m / 2 / cv.gsd
+    _extruded_shadow(cv, cx, cy, radius * 0.95, rng.uniform(2.0, 2.6))
+    win = cv.window(cx - radius - 2, cy - radius - 2, cx + radius + 2, cy + radius + 2)
+    if win is None:
+        return
+    rot = rng.uniform(0, 2 * math.pi)
+    step = 2 * math.pi / panels
+    corners = [
+        (cx + radius * math.cos(rot + k * step), cy + radius * math.sin(rot + k * step))
+        for k in range(panels)
+    ]
+    px, py = _grid(win)
+    cov = _polygon_coverage(px, py, _convex_hull(np.asarray(corners, np.float32)))
+    dx, dy = px - np.float32(cx), py - np.float32(cy)
+    rel = np.remainder(np.arctan2(dy, dx) - np.float32(rot), np.float32(2 * math.pi))
+    panel = np.minimum((rel / np.float32(step)).astype(np.int64), panels - 1)
+    mid = np.float32(rot) + (panel.astype(np.float32) + 0.5) * np.float32(step)
+    lit = 0.86 + 0.18 * (np.cos(mid) * cv.sun[0] + np.sin(mid) * cv.sun[1])
+    off_rib = np.minimum(rel - panel * np.float32(step), (panel + 1) * np.float32(step) - rel)
+    seam = np.where(off_rib * np.hypot(dx, dy) < 0.7, 0.8, 1.0)
+    fabric = colours[panel % len(colours)]
+    cv.paint(win, cov, fabric * (lit * seam)[..., None])
+
+
+def _roundabout(cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, island_m: float) -> None:
+    """A roundabout's planted centre island inside its ring of asphalt, with a concrete kerb."""
+    g = cv.gsd
+    r_island = island_m / 2 / g
+    r_kerb = r_island + max(0.5 / g, 1.0)
+    r_outer = r_kerb + rng.uniform(6.0, 9.0) / g
+    win = cv.window(cx - r_outer - 2, cy - r_outer - 2, cx + r_outer + 2, cy + r_outer + 2)
+    if win is None:
+        return
+    px, py = _grid(win)
+    c0, r0, c1, r1 = win
+    tex = cv.texture[r0:r1, c0:c1]
+    asphalt = _jitter(rng, (92, 92, 96), 0.05)
+    kerb = _jitter(rng, (188, 186, 178), 0.04)
+    grass = _jitter(rng, _GRASSES[rng.integers(len(_GRASSES))], 0.06)
+    cv.paint(win, _disc(px, py, cx, cy, r_outer), asphalt * (1.0 + 0.03 * tex)[..., None])
+    cv.paint(win, _disc(px, py, cx, cy, r_kerb), np.broadcast_to(kerb, (r1 - r0, c1 - c0, 3)))
+    bed = rng.uniform(0.3, 0.7)  # an inner flower bed or shrub ring, darker than the lawn
+    lawn = grass[None, None, :] * (1.0 + 0.12 * tex)[..., None]
+    shrubs = lawn * np.float32(0.7)
+    inner = _disc(px, py, cx, cy, r_island * bed)[..., None]
+    cv.paint(win, _disc(px, py, cx, cy, r_island), lawn * (1 - inner) + shrubs * inner)
+
+
+def _distractors(cv: _Canvas, seed: int, trees: Sequence[_Palm]) -> None:
+    """Round things that are not palms, on free ground only (never over water, roads, buildings or a
+    palm's crown, so every recorded box keeps what it showed without them): broadleaf orchards and
+    more broadleaf crowns (3 to 9 m), bushes (1 to 4 m) scattered and in hedgerows, round tanks (2.5 to
+    12 m), parasols (2 to 4 m, alone or set out in rows) and roundabout islands (6 to 24 m)."""
+    rng = np.random.default_rng([seed, DISTRACTOR_STREAM])
+    g, n = cv.gsd, cv.size
+    scale = max((n * g) ** 2 / 1e5, 0.3)  # hectares / 10, as in _populate
+    blocked = cv.reserved.copy()
+    for p in trees:
+        win = cv.window(p.cx - p.radius - 3, p.cy - p.radius - 3, p.cx + p.radius + 3, p.cy + p.radius + 3)
+        if win is not None:
+            blocked[win[1] : win[3], win[0] : win[2]] = True
+
+    def anywhere() -> tuple[float, float]:
+        x, y = rng.uniform(0, n, 2)
+        return float(x), float(y)
+
+    for _ in range(int(rng.poisson(0.3 * scale))):
+        x, y = anywhere()
+        island = rng.uniform(6.0, 24.0)
+        if _claim(blocked, x, y, (island / 2 + 10.0) / g):
+            _roundabout(cv, rng, x, y, island)
+    for _ in range(int(rng.poisson(1.5 * scale))):
+        x, y = anywhere()
+        for _ in range(int(rng.choice([1, 1, 2, 3, 4]))):  # tank farms stand in small rows
+            d = rng.uniform(2.5, 12.0)
+            if _claim(blocked, x, y, d / 2 / g + 2):
+                _tank(cv, rng, x, y, d)
+            x += (d + rng.uniform(1.0, 4.0)) / g
+    if rng.random() < 0.45:  # an orchard: broadleaf crowns on a lattice, like a plantation
+        spacing = rng.uniform(5.0, 9.0) / g
+        diameter = min(rng.uniform(3.0, 7.0), spacing * g * 1.05)
+        angle = rng.uniform(0, math.pi)
+        cx, cy = anywhere()
+        half = rng.uniform(0.1, 0.35, 2) * n
+        cu, su = math.cos(angle), math.sin(angle)
+        for i, j in itertools.product(
+            range(int(2 * half[1] / spacing) + 1), range(int(2 * half[0] / spacing) + 1)
+        ):
+            u, v = -half[0] + j * spacing, -half[1] + i * spacing
+            x = cx + u * cu - v * su + rng.normal(0, 0.3 / g)
+            y = cy + u * su + v * cu + rng.normal(0, 0.3 / g)
+            d = diameter * rng.uniform(0.85, 1.15)
+            if rng.random() > 0.08 and _claim(blocked, x, y, d / 2 / g):
+                _broadleaf(cv, x, y, d, False, rng)
+    for _ in range(int(rng.poisson(12 * scale))):
+        x, y = anywhere()
+        d = rng.uniform(3.0, 9.0)
+        if _claim(blocked, x, y, d / 2 / g):
+            _broadleaf(cv, x, y, d, False, rng)
+    for _ in range(int(rng.poisson(30 * scale))):
+        x, y = anywhere()
+        d = rng.uniform(1.0, 4.0)
+        if _claim(blocked, x, y, d / 2 / g):
+            _broadleaf(cv, x, y, d, True, rng)
+    for _ in range(int(rng.poisson(1.0 * scale))):  # hedgerows: bushes in a line
+        x, y = anywhere()
+        heading = rng.uniform(0, 2 * math.pi)
+        for _ in range(int(rng.integers(5, 16))):
+            d = rng.uniform(1.5, 3.5)
+            if _claim(blocked, x, y, d / 2 / g):
+                _broadleaf(cv, x, y, d, True, rng)
+            x += math.cos(heading) * d * 1.1 / g
+            y += math.sin(heading) * d * 1.1 / g
+    for _ in range(int(rng.poisson(1.2 * scale))):  # parasols: a terrace in rows, or a few alone
+        x0, y0 = anywhere()
+        colours = np.stack([_jitter(rng, _PARASOLS[rng.integers(len(_PARASOLS))], 0.04) for _ in range(2)])
+        if rng.random() < 0.5:
+            colours = colours[:1]
+        panels = int(rng.choice([6, 8, 8, 10, 12]))
+        d = rng.uniform(2.0, 4.0)
+        gap = d + rng.uniform(0.8, 3.0)
+        rows, cols = (int(rng.integers(1, 4)), int(rng.integers(2, 7))) if rng.random() < 0.6 else (1, 1)
+        for i, j in itertools.product(range(rows), range(cols)):
+            x, y = x0 + j * gap / g, y0 + i * gap / g
+            if _claim(blocked, x, y, d / 2 / g + 1):
+                _parasol(cv, rng, x, y, d, colours, panels)
+
+
 # ----------------------------------------------------------------------------------------- assembly
 
 
@@ -795,6 +996,7 @@ def render_scene(
     palms: Sequence[PalmAt] = (),
     populate: bool = True,
     shadows: bool = True,
+    distractors: bool = False,
 ) -> Scene:
     """Render one scene.
 
@@ -807,6 +1009,9 @@ def render_scene(
         palms: extra palms at known pixel positions (drawn last, on top, and recorded as ground truth).
         populate: False renders only land cover plus ``palms`` (for tests that need a known layout).
         shadows: False leaves out every cast shadow (for tests that compare drawn pixels with boxes).
+        distractors: True adds round things that are not palms on free ground (see
+            :func:`_distractors`; drawn from their own random stream, so the scene's other content and
+            its ground truth are those of the same seed without them).
 
     Returns:
         The scene with its ground truth.
@@ -844,6 +1049,8 @@ def render_scene(
     # Requested palms draw from their own stream, so adding one changes only its crown and shadow.
     own = np.random.default_rng([seed, 1])
     extra = [_make_palm(cv, p.x, p.y, p.diameter_m, own) for p in palms]
+    if distractors:
+        _distractors(cv, seed, [*trees, *extra])
     for palm in [*trees, *extra]:
         _palm_shadow(cv, palm)
     # Shadows land on the ground and on objects drawn before the trees (buildings, cars, bushes).

@@ -6,7 +6,13 @@
 and a random photometric change (:func:`_photometric`: with probability ``grey_prob`` the crop becomes
 grey, ``Y = 0.299 R + 0.587 G + 0.114 B`` in all three channels, as the gateway reads a 1-band image;
 otherwise each channel is scaled by a factor in ``1 +- jitter``), and minimises the CenterNet
-objective at stride ``S = 4``:
+objective at stride ``S = 4``. With ``distractors`` the training scenes also carry the generator's
+round non-palm objects (``render_scene(..., distractors=True)``: orchards, bushes, tanks, parasols,
+roundabout islands) as hard negatives; their other content and ground truth are unchanged.
+
+With ``init`` (an ONNX exported by ``export.onnx``) the run fine-tunes that model instead of starting
+from random weights: :func:`~export.model.unfold_batchnorm` rebuilds it with identity batch norms, which
+stay in eval mode throughout (their scale and shift still learn); the file's sha256 is recorded.
 
 * heatmap: penalty-reduced focal loss (alpha 2, beta 4) against a Gaussian per object centred on the
   integer cell ``floor(c / S)`` of its box centre ``c``, with ``sigma = max(0.54 * size / (6 S), 0.5)``
@@ -25,6 +31,7 @@ validation AP as it goes) and ``checkpoint.pt`` (weights, model config, training
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -45,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from export.evaluate import evaluate_scenes
-from export.model import STRIDE, TILE, PalmNet, PalmNetConfig, conv_flops
+from export.model import STRIDE, TILE, PalmNet, PalmNetConfig, conv_flops, freeze_batchnorm, unfold_batchnorm
 from export.synth import TRAIN_SEEDS, VAL_SEEDS, Scene, render_scene, to_grey
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,8 @@ class TrainConfig:
     giou_weight: float = 1.0
     grey_prob: float = 0.2
     jitter: float = 0.12
+    distractors: bool = False
+    init: str = ""
     eval_every: int = 500
     log_every: int = 50
     threads: int = 2
@@ -100,12 +109,13 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------- data
 
 
-def render_pool(seeds: Sequence[int], size: int, workers: int) -> list[Scene]:
+def render_pool(seeds: Sequence[int], size: int, workers: int, distractors: bool = False) -> list[Scene]:
     """Render scenes (in ``workers`` processes when > 1); the order follows ``seeds``."""
+    render = functools.partial(render_scene, size=size, distractors=distractors)
     if workers <= 1:
-        return [render_scene(s, size) for s in seeds]
+        return [render(s) for s in seeds]
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(render_scene, seeds, [size] * len(seeds), chunksize=4))
+        return list(pool.map(render, seeds, chunksize=4))
 
 
 def _dihedral(
@@ -338,7 +348,9 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
             logfile.write(json.dumps(record) + "\n")
             logfile.flush()
 
-    pool = render_pool(range(cfg.data_seed, cfg.data_seed + cfg.scenes), cfg.scene_size, cfg.render_workers)
+    pool = render_pool(
+        range(cfg.data_seed, cfg.data_seed + cfg.scenes), cfg.scene_size, cfg.render_workers, cfg.distractors
+    )
     val = (
         render_pool(range(cfg.val_seed, cfg.val_seed + cfg.val_scenes), cfg.val_size, cfg.render_workers)
         if cfg.val_scenes
@@ -348,7 +360,17 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
              time.perf_counter() - started)  # fmt: skip
     emit({"event": "data", "train_scenes": len(pool), "val_scenes": len(val)})
 
-    model = PalmNet(cfg.model)
+    init_sha256 = None
+    if cfg.init:
+        from export.onnx import load_torch_twin, sha256
+
+        model = unfold_batchnorm(load_torch_twin(Path(cfg.init)))
+        if model.config != cfg.model:
+            raise ValueError(f"{cfg.init} is a {model.config}, not the configured {cfg.model}")
+        init_sha256 = sha256(Path(cfg.init))
+        log.info("fine-tuning %s (sha256 %s) with frozen batch-norm statistics", cfg.init, init_sha256)
+    else:
+        model = PalmNet(cfg.model)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW(
@@ -358,6 +380,8 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
     running: dict[str, float] = {}
     for step in range(cfg.steps):
         model.train()
+        if cfg.init:
+            freeze_batchnorm(model)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = sample_batch(rng, pool, cfg.batch, cfg.crop, cfg.grey_prob, cfg.jitter)
@@ -404,6 +428,7 @@ def train(cfg: TrainConfig, out: Path | None = None) -> tuple[PalmNet, list[dict
                     "cpu_s": round(cpu_seconds(), 1),
                     "train_scene_seeds": [cfg.data_seed, cfg.data_seed + cfg.scenes - 1],
                     "val_scene_seeds": [cfg.val_seed, cfg.val_seed + cfg.val_scenes - 1],
+                    "init_sha256": init_sha256,
                     "final_val": next((r["val"] for r in reversed(records) if "val" in r), None),
                     "torch": str(torch.__version__),
                     "gflop_per_tile": round(conv_flops(model) / 1e9, 3),
@@ -422,7 +447,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in asdict(defaults).items():
         if name == "model":
             continue
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            parser.add_argument(
+                f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value
+            )
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     overrides = {k: getattr(args, k) for k in asdict(defaults) if k != "model"}

@@ -259,7 +259,13 @@ async def _run(runtime: Any, files: list[Path], options: Any, out: Path, args: a
         target.write_bytes(render(fmt, [result], runtime.model, tiling, created=datetime.now(UTC)))
         for warning in result.image.warnings:
             print(f"{path}: warning: {warning}", file=sys.stderr)
-        print(f"{path}: {len(result.detections)} detections, {result.tiles_total} tiles -> {target}")
+        domain = result.image.out_of_domain
+        scored = (
+            ""
+            if domain is None
+            else f", out-of-domain score {domain.score:g} (threshold {domain.threshold:g})"
+        )
+        print(f"{path}: {len(result.detections)} detections, {result.tiles_total} tiles{scored} -> {target}")
     if fmt is not OutputFormat.json and len(results) > 1:
         combined = out / f"predictions{FILE_SUFFIXES[fmt]}"
         combined.write_bytes(render(fmt, results, runtime.model, tiling, created=datetime.now(UTC)))

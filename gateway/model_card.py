@@ -1,6 +1,6 @@
 """What the gateway knows about the served model: Triton's name and version directory, and from the model
-card its release, sha256, classes, tensor contract and the ground sample distances it was trained for
-(docs/bring-your-own-model.md lists the fields).
+card its release, sha256, classes, tensor contract, the ground sample distances it was trained for and
+the input baseline the out-of-domain score uses (docs/bring-your-own-model.md lists the fields).
 
 The contract (tile side, ``K``, tensor names) is the card's ``contract`` section, checked against what
 Triton's model metadata states whenever the server can be asked; a model without a card (or whose card
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.pipeline.contract import ContractError, ContractMismatch, ModelContract
+from gateway.pipeline.domain import DomainBaseline
 from gateway.pipeline.resolution import GsdRange
 from gateway.pipeline.result import Category, ModelInfo
 from gateway.settings import TritonSettings
@@ -51,7 +52,8 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
     ``categories`` name the classes; without them every class is reported as ``class_<id>``. Its
     ``resolution`` (:meth:`GsdRange.from_card`) says which ground sample distances the model was trained
     for; a card without one (or with an unreadable one, logged) leaves every file read at its own
-    resolution.
+    resolution. Its ``input_baseline`` (and ``out_of_domain.threshold``) let the gateway score each
+    file's inputs; a card without one, or with an unreadable one, scores none.
 
     Args:
         triton: where the model repository is and which model and version are served.
@@ -66,6 +68,7 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
     categories: tuple[Category, ...] = ()
     resolution: GsdRange | None = None
     release = triton.model_version
+    domain: DomainBaseline | None = None
     card = version_dir / CARD_NAME
     content = _read_card(card)
     if content is None:
@@ -84,6 +87,10 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
             resolution = _resolution(content.get("resolution"), card)
         except (KeyError, ValueError, TypeError) as exc:
             logger.warning("model card %s is unreadable: %s", card, exc)
+        try:
+            domain = DomainBaseline.from_card(content)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            logger.warning("model card %s has an unreadable input_baseline, no file is scored: %s", card, exc)
     if not categories:
         logger.warning(
             "model %r has no categories in %s; its classes are reported as class_<id>",
@@ -98,6 +105,7 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
         categories=categories,
         contract=_agreed_contract(triton, card, served),
         resolution=resolution,
+        domain=domain,
     )
 
 

@@ -33,6 +33,7 @@ from gateway.errors import DecoderFailed, DecoderLost
 from gateway.metrics import Metrics
 from gateway.options import PredictOptions
 from gateway.pipeline import geo
+from gateway.pipeline.domain import assess
 from gateway.pipeline.merge import Candidates, Detections, merge_candidates, tile_candidates
 from gateway.pipeline.raster import ReadOptions, drivers_for_name
 from gateway.pipeline.resolution import ResolutionRequest, to_source_boxes
@@ -289,6 +290,8 @@ class Predictor:
             self.metrics.observe_inputs(
                 inputs, info.gsd_m, [len(c.detections) for c in candidates], merged.scores
             )
+        domain = assess(inputs, self.model.domain) if inputs is not None and self.model.domain else None
+        domain_warning = (domain.warning(),) if domain is not None and domain.out_of_domain else ()
         return ImageResult(
             image=ImageMeta(
                 file_name=file_name,
@@ -297,11 +300,12 @@ class Predictor:
                 sha256=sha256,
                 crs=info.crs,
                 transform=info.transform,
-                warnings=tuple(info.warnings) + _saturation_warning(saturated),
+                warnings=tuple(info.warnings) + _saturation_warning(saturated) + domain_warning,
                 gsd_m=info.gsd_m,
                 gsd_source=None if info.gsd_source is None else str(info.gsd_source),
                 inference_gsd_m=info.inference_gsd_m,
                 resample_factor=info.resample_factor,
+                out_of_domain=domain,
             ),
             detections=merged,
             inputs=inputs,

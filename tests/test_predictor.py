@@ -280,3 +280,46 @@ async def test_an_overlap_above_half_the_models_tile_or_workers_of_another_side_
                 tiling=TilingSettings(),
                 triton=TritonSettings(),
             )
+
+
+async def test_a_file_far_from_the_baseline_is_scored_and_warned_about(
+    pool: DecodePool, geotiff: Callable[..., Path]
+) -> None:
+    from export.synth import render_scene
+    from gateway.pipeline.domain import DomainBaseline, Reference, Variant
+
+    references = {
+        "channel_mean_r": Reference(126.7, 22.8),
+        "channel_mean_g": Reference(125.6, 15.5),
+        "channel_mean_b": Reference(81.8, 17.5),
+        "colourfulness": Reference(36.5, 6.4),
+    }
+    baseline = DomainBaseline((Variant("colour", references),), threshold=4.5)
+    model = ModelInfo("palm", "1", None, contract=FAKE_CONTRACT, domain=baseline)
+    engine = Predictor(
+        pool, FakeInference(box_at_bright_spot), model, tiling=TilingSettings(), triton=TritonSettings()
+    )
+    scene = render_scene(1_000_000, 512).pixels
+    familiar = await engine.predict_file(
+        geotiff(width=512, height=512, data=scene), "scene.tif", PredictOptions(0.5)
+    )
+    assert familiar.image.out_of_domain is not None
+    assert not familiar.image.out_of_domain.out_of_domain
+    assert not any("out of domain" in w for w in familiar.image.warnings)
+
+    white = np.full((3, 512, 512), 250, np.uint8)
+    foreign = await engine.predict_file(
+        geotiff(width=512, height=512, data=white), "white.tif", PredictOptions(0.5)
+    )
+    check = foreign.image.out_of_domain
+    assert check is not None
+    assert check.out_of_domain
+    assert check.statistic == "channel_mean_b"
+    assert check.score == pytest.approx((250 - 81.8) / 17.5, abs=0.01)
+    assert check.warning() in foreign.image.warnings
+
+    unscored = await predictor(pool, FakeInference(box_at_bright_spot)).predict_file(
+        geotiff(width=512, height=512, data=white), "white.tif", PredictOptions(0.5)
+    )
+    assert unscored.image.out_of_domain is None
+    assert not any("out of domain" in w for w in unscored.image.warnings)

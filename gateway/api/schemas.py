@@ -33,6 +33,21 @@ class Ready(BaseModel):
     model: ModelOut
 
 
+class OutOfDomain(BaseModel):
+    """How far a file's input statistics lie from the imagery the model was validated on."""
+
+    score: float = Field(
+        description="the largest deviation of a statistic from the nearest validated variant, in its "
+        "validation standard deviations (floored at 2 levels)"
+    )
+    threshold: float = Field(description="above it the file is out of domain (the model card's, calibrated)")
+    flagged: bool = Field(description="score > threshold; the warnings then say so too")
+    statistic: str = Field(examples=["channel_spread_r"], description="the statistic that drove the score")
+    value: float = Field(description="the file's value of that statistic (8-bit levels)")
+    baseline_mean: float = Field(description="its mean over the validation scenes")
+    variant: Literal["colour", "grey"] = Field(description="the nearest validated imagery")
+
+
 class ImageOut(BaseModel):
     file_name: str
     width: int
@@ -49,6 +64,7 @@ class ImageOut(BaseModel):
         description="the ground sample distance the model saw (the file was resampled when it differs)"
     )
     resample_factor: float = Field(description="source pixels per model pixel along each axis; 1 as read")
+    out_of_domain: OutOfDomain | None = Field(description="null when the model card has no input baseline")
 
 
 class DetectionOut(BaseModel):
@@ -181,6 +197,7 @@ class JobFile(BaseModel):
     gsd_source: Literal["file", "caller"] | None
     inference_gsd_m: float | None = Field(description="the ground sample distance the model saw")
     resample_factor: float | None = Field(description="source pixels per model pixel; null until read")
+    out_of_domain: OutOfDomain | None = Field(description="null until read, or without an input baseline")
     error: FileError | None
     footprint: list[list[float]] | None = Field(
         description="the image's corners as [lon, lat] in WGS 84: top-left, top-right, bottom-right, "

@@ -102,6 +102,7 @@ files = sa.Table(
     sa.Column("gsd_source", sa.String(16)),
     sa.Column("inference_gsd_m", sa.Float),
     sa.Column("resample_factor", sa.Float),
+    sa.Column("out_of_domain", sa.JSON),
     sa.Column("tiles_total", sa.Integer, nullable=False, server_default="0"),
     sa.Column("tiles_done", sa.Integer, nullable=False, server_default="0"),
     sa.Column("tiles_skipped", sa.Integer, nullable=False, server_default="0"),

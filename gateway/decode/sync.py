@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from gateway.decode.pool import DecodePool
 from gateway.decode.session import DecodeSession, TileBatch
+from gateway.pipeline.inputs import InputSummary
 from gateway.pipeline.raster import RasterInfo, ReadOptions
 from gateway.pipeline.tiling import TileSpec
 from gateway.settings import DecodeSettings, LimitSettings
@@ -93,6 +94,11 @@ class SyncDecodeSession:
     @property
     def skipped(self) -> int:
         return self._session.skipped
+
+    @property
+    def inputs(self) -> InputSummary | None:
+        """The statistics of the tiles streamed, once :meth:`batches` is exhausted."""
+        return self._session.inputs
 
     def batches(self, specs: Sequence[TileSpec], batch_size: int = 8) -> Iterator[TileBatch]:
         stream: AsyncIterator[TileBatch] = self._session.batches(specs, batch_size)

@@ -23,6 +23,7 @@ from gateway.errors import GatewayError
 from gateway.jobs.models import Assembly
 from gateway.jobs.store import JobStore, LeaseLost
 from gateway.pipeline.atomic import atomic_write
+from gateway.pipeline.domain import DomainCheck
 from gateway.pipeline.render import (
     DetectionRecord,
     ImageRecord,
@@ -148,6 +149,7 @@ class ResultWriter:
                 gsd_source=row.gsd_source,
                 inference_gsd_m=row.inference_gsd_m,
                 resample_factor=1.0 if row.resample_factor is None else row.resample_factor,
+                out_of_domain=DomainCheck.from_json(row.out_of_domain) if row.out_of_domain else None,
             )
 
     def _detections(self, job_id: str) -> Iterator[DetectionRecord]:

@@ -105,6 +105,8 @@ class FileResult:
     gsd_source: str | None = None
     inference_gsd_m: float | None = None
     resample_factor: float = 1.0
+    out_of_domain: dict[str, Any] | None = None
+    """The file's out-of-domain check (:meth:`~gateway.pipeline.domain.DomainCheck.to_json`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,6 +577,7 @@ class JobStore:
                     gsd_source=result.gsd_source,
                     inference_gsd_m=result.inference_gsd_m,
                     resample_factor=result.resample_factor,
+                    out_of_domain=result.out_of_domain,
                     tiles_total=result.tiles_total,
                     tiles_done=result.tiles_total,
                     tiles_skipped=result.tiles_skipped,

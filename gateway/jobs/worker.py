@@ -374,6 +374,7 @@ def _file_result(result: ImageResult) -> FileResult:
         crs=image.crs,
         transform=list(image.transform) if image.transform is not None else None,
         warnings=list(image.warnings),
+        out_of_domain=image.out_of_domain.to_json() if image.out_of_domain is not None else None,
         tiles_total=result.tiles_total,
         tiles_skipped=result.tiles_skipped,
         rows=rows,

@@ -12,8 +12,9 @@ rebuilds its documents exactly.
 
 The COCO document is the same shape for one image (``/v1/predict?format=coco``) and for many:
 ``info`` records the model and the tiling/merge parameters that produced it, ``images`` carry size,
-sha256, georeferencing and resolution (:func:`resolution_record`), ``annotations`` carry ``score`` so
-the file loads both with ``pycocotools.coco.COCO`` and, as a result list, with ``COCO.loadRes``.
+sha256, georeferencing, resolution (:func:`resolution_record`), warnings and the out-of-domain check
+(:func:`domain_record`), ``annotations`` carry ``score`` so the file loads both with
+``pycocotools.coco.COCO`` and, as a result list, with ``COCO.loadRes``.
 
 Boxes follow the COCO convention: ``[x, y, width, height]`` in pixels of the original image, ``x, y`` the
 top-left corner, rounded to 0.01 px; scores are rounded to 1e-4 and ``area`` is
@@ -33,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from gateway.pipeline.domain import DomainCheck
 from gateway.pipeline.merge import Detections
 from gateway.pipeline.result import Category, GeoJSONGeometry, ImageMeta, ImageResult, ModelInfo, TilingInfo
 
@@ -85,6 +87,7 @@ class ImageRecord:
         gsd_source: where ``gsd_m`` comes from (``"file"`` or ``"caller"``).
         inference_gsd_m: the ground sample distance the model saw.
         resample_factor: source pixels per model pixel along each axis (1.0: read as it is).
+        out_of_domain: the file's out-of-domain check, ``None`` when it was not scored.
     """
 
     id: int
@@ -99,6 +102,7 @@ class ImageRecord:
     gsd_source: str | None = None
     inference_gsd_m: float | None = None
     resample_factor: float = 1.0
+    out_of_domain: DomainCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +176,7 @@ def image_record(image_id: int, image: ImageMeta) -> ImageRecord:
         gsd_source=image.gsd_source,
         inference_gsd_m=image.inference_gsd_m,
         resample_factor=image.resample_factor,
+        out_of_domain=image.out_of_domain,
     )
 
 
@@ -192,6 +197,15 @@ def resolution_record(
 
 def _round_or_none(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def domain_record(check: DomainCheck | None) -> dict[str, Any] | None:
+    """An image's ``out_of_domain`` member in every document: ``score`` (the distance of its input
+    statistics from the model's validation imagery, in standard deviations), ``threshold``, ``flagged``
+    (``score > threshold``), the ``statistic`` that drove the score with its ``value`` and
+    ``baseline_mean``, and the nearest validated ``variant`` (``colour`` or ``grey``); ``null`` when the
+    model has no input baseline (see :mod:`gateway.pipeline.domain`)."""
+    return None if check is None else check.to_json()
 
 
 def detection_batch(image_id: int, result: ImageResult) -> DetectionBatch:
@@ -327,6 +341,7 @@ def to_json(result: ImageResult, model: ModelInfo) -> dict[str, Any]:
             "crs": image.crs,
             "transform": list(image.transform) if image.transform is not None else None,
             **resolution_record(image.gsd_m, image.gsd_source, image.inference_gsd_m, image.resample_factor),
+            "out_of_domain": domain_record(image.out_of_domain),
         },
         "detections": detection_records(result, model),
         "tiles": {"total": result.tiles_total, "skipped": result.tiles_skipped},
@@ -425,6 +440,8 @@ def write_coco(
                     "crs": image.crs,
                     "transform": image.transform,
                     **_image_resolution(image),
+                    "warnings": image.warnings,
+                    "out_of_domain": domain_record(image.out_of_domain),
                 }
             )
         )

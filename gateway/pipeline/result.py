@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.pipeline.contract import ModelContract
+from gateway.pipeline.domain import DomainBaseline, DomainCheck
 from gateway.pipeline.inputs import InputSummary
 from gateway.pipeline.merge import Detections
 from gateway.pipeline.resolution import GsdRange
@@ -38,6 +39,8 @@ class ModelInfo:
         contract: the tensors the model takes and returns (tile size, ``K``, names).
         resolution: the ground sample distances the model was trained for (its card's ``resolution``);
             ``None`` when the card states none, and then no file is resampled or refused for its GSD.
+        domain: the card's input baseline and out-of-domain threshold (:mod:`gateway.pipeline.domain`);
+            ``None`` when the card records no baseline (no file is scored then).
     """
 
     name: str
@@ -47,6 +50,7 @@ class ModelInfo:
     categories: tuple[Category, ...] = ()
     contract: ModelContract = field(kw_only=True)
     resolution: GsdRange | None = None
+    domain: DomainBaseline | None = None
 
     def category_name(self, category_id: int) -> str:
         """The name of ``category_id``; ``class_<id>`` for an id the model's table lacks."""
@@ -87,6 +91,9 @@ class ImageMeta:
     resample_factor: float = 1.0
     """Source pixels per model pixel along each axis (:mod:`gateway.pipeline.resolution`); 1.0 when the
     file was read at its own resolution."""
+    out_of_domain: DomainCheck | None = None
+    """How far the image's input statistics lie from the model's validation imagery; ``None`` when the
+    model has no baseline or no pixel was valid. Above its threshold, ``warnings`` says so too."""
 
 
 @dataclass(frozen=True, slots=True)

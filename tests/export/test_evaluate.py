@@ -138,3 +138,29 @@ def test_cli_refuses_a_coco_file_whose_image_sizes_differ(
 
     assert main(["--onnx", str(onnx), "--coco", str(truth), "--images", str(images)]) == 2
     assert "a.tif is 600 x 500 px but the COCO file says 1200 x 500" in capsys.readouterr().err
+
+
+def test_operating_point_counts_matches_above_the_threshold() -> None:
+    """Two palms; detections: a hit at 0.9, a miss at 0.6 (false positive), a hit at 0.2 (below 0.3)."""
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "area": 100, "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "palm_tree"}, {"id": 2, "name": "building"}],
+    }
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [80, 80, 10, 10], "score": 0.6},
+        {"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.2},
+    ]
+    op = coco_metrics(gt, results, operating=0.3)["at_threshold"]
+    assert op["score_threshold"] == 0.3
+    palm = op["per_class"]["palm_tree"]
+    assert (palm["tp"], palm["fp"]) == (1, 1)
+    assert palm["precision"] == 0.5
+    assert palm["recall"] == 0.5
+    assert palm["max_fp_score"] == 0.6
+    low = coco_metrics(gt, results, operating=0.1)["at_threshold"]["per_class"]["palm_tree"]
+    assert (low["tp"], low["fp"], low["recall"]) == (2, 1, 1.0)

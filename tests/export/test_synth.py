@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -129,3 +130,32 @@ def test_imports_without_torch() -> None:
     code = "import sys, export.synth; sys.exit(1 if 'torch' in sys.modules else 0)"
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
+def test_distractors_keep_every_object_and_draw_only_on_free_ground() -> None:
+    """The distractor layer has its own random stream: the scene's objects, their boxes and every other
+    draw are those of the seed without it; it adds round non-palm things away from the ground truth."""
+    plain = render_scene(1_000_003, 768, 0.3)
+    busy = render_scene(1_000_003, 768, 0.3, distractors=True)
+    assert np.array_equal(plain.boxes, busy.boxes)
+    assert np.array_equal(plain.categories, busy.categories)
+    assert (plain.crs, plain.transform, plain.gsd) == (busy.crs, busy.transform, busy.gsd)
+    changed = _changed(busy.pixels, plain.pixels)
+    assert changed.mean() > 0.01
+    # Distractors are never placed on a palm's crown or a building: inside the boxes only the odd shadow
+    # and the optics blur of a neighbour reach (a few percent of the boxes' pixels at most).
+    inside = np.zeros_like(changed)
+    for x1, y1, x2, y2 in plain.boxes.astype(int):
+        inside[y1:y2, x1:x2] = True
+    assert changed[inside].mean() < 0.05
+    assert changed[~inside].mean() > changed[inside].mean()
+    again = render_scene(1_000_003, 768, 0.3, distractors=True)
+    assert np.array_equal(busy.pixels, again.pixels)
+
+
+def test_distractors_off_is_the_scene_as_it_always_was() -> None:
+    # The pixels of render_scene(1_000_000, 256) before the distractor layer existed (commit 439022b).
+    pixels = render_scene(1_000_000, 256).pixels
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == (
+        "17c30d13f891ff87c912606eb13956b35b77d2c2edeadef10c39faf12922dee4"
+    )

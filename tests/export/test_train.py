@@ -75,3 +75,30 @@ def test_photometric_grey_is_the_luma_in_every_channel_and_jitter_stays_near() -
     assert ratio.max() < 1.12
 
     assert _photometric(np.random.default_rng(3), crop, grey_prob=0.0, jitter=0.0) is crop
+
+
+# torch's ONNX exporter calls a pytree API it has itself deprecated (a FutureWarning from inside torch).
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
+def test_fine_tuning_starts_from_the_exported_model(tmp_path: Path) -> None:
+    """``init`` rebuilds an exported model with identity batch norms (the same function) and trains it
+    with frozen statistics; the run records the file's sha256."""
+    from export.model import PalmNet, unfold_batchnorm
+    from export.onnx import export_onnx, load_torch_twin, sha256
+
+    torch.manual_seed(5)
+    base = PalmNet(TINY.model).eval()
+    onnx = export_onnx(base, tmp_path / "base.onnx")
+    twin = load_torch_twin(onnx)
+    unfolded = unfold_batchnorm(twin)
+    tiles = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        for a, b in zip(twin.raw(tiles), unfolded.raw(tiles), strict=True):
+            assert torch.allclose(a, b, atol=1e-4)
+    cfg = TrainConfig(**{**TINY.to_json(), "model": TINY.model, "init": str(onnx), "steps": 3})
+    model, _ = train(cfg, tmp_path / "run")
+    blob = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert blob["train_config"]["init_sha256"] == sha256(onnx)
+    stats = {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    assert stats
+    assert all(torch.all(v == 0) for k, v in stats.items() if k.endswith("running_mean"))
+    assert all(torch.all(v == 1) for k, v in stats.items() if k.endswith("running_var"))

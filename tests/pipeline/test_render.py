@@ -16,6 +16,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from export.synth import PALM_CATEGORIES
+from gateway.pipeline.domain import DomainCheck
 from gateway.pipeline.merge import Detections
 from gateway.pipeline.render import (
     ROWS_PER_CHUNK,
@@ -135,6 +136,8 @@ def test_one_image_coco_is_compact_json_with_fields_in_the_documented_order() ->
                 "gsd_source": "file",
                 "inference_gsd_m": 0.3,
                 "resample_factor": 1.0,
+                "warnings": [],
+                "out_of_domain": None,
             }
         ],
         "annotations": [
@@ -470,3 +473,51 @@ def test_a_batch_refuses_columns_that_do_not_fit() -> None:
         DetectionBatch(1, np.ones(2, np.int64), np.ones((2, 4)), np.ones(2), [None])
     with pytest.raises(ValueError, match="integers"):
         DetectionBatch(1, np.ones(2), np.ones((2, 4)), np.ones(2))
+
+
+FLAGGED = DomainCheck(
+    score=7.91, threshold=4.5, variant="colour", statistic="channel_spread_b", value=65.2, reference=14.79
+)
+IN_DOMAIN = replace(FLAGGED, score=1.2, statistic="channel_mean_r", value=130.0, reference=126.7)
+
+
+def test_an_out_of_domain_image_says_so_with_its_score_in_every_format() -> None:
+    foreign, familiar = result("landsat.tif", 2), result("scene.tif", 1)
+    foreign = replace(
+        foreign, image=replace(foreign.image, out_of_domain=FLAGGED, warnings=(FLAGGED.warning(),))
+    )
+    familiar = replace(familiar, image=replace(familiar.image, out_of_domain=IN_DOMAIN))
+    expected = {
+        "score": 7.91,
+        "threshold": 4.5,
+        "flagged": True,
+        "statistic": "channel_spread_b",
+        "value": 65.2,
+        "baseline_mean": 14.79,
+        "variant": "colour",
+    }
+
+    body = to_json(foreign, MODEL)
+    assert body["image"]["out_of_domain"] == expected
+    assert body["warnings"] == [FLAGGED.warning()]
+    assert "7.9 standard deviations" in body["warnings"][0]
+    assert "channel_spread_b" in body["warnings"][0]
+    assert to_json(familiar, MODEL)["image"]["out_of_domain"]["flagged"] is False
+
+    coco = rendered(OutputFormat.coco, [foreign, familiar])
+    assert coco["images"][0]["out_of_domain"] == expected
+    assert coco["images"][0]["warnings"] == [FLAGGED.warning()]
+    assert coco["images"][1]["out_of_domain"]["score"] == 1.2
+    assert coco["images"][1]["warnings"] == []
+
+    geojson = rendered(OutputFormat.geojson, [foreign, familiar])
+    assert geojson["warnings"] == [{"file_name": "landsat.tif", "message": FLAGGED.warning()}]
+
+
+def test_a_job_image_record_carries_its_check_into_coco() -> None:
+    buffer = io.BytesIO()
+    record = ImageRecord(1, "a.tif", 64, 64, None, None, None, (FLAGGED.warning(),), FLAGGED)
+    write_coco(buffer, info={}, categories=MODEL.categories, images=[record], detections=[])
+    image = json.loads(buffer.getvalue())["images"][0]
+    assert DomainCheck.from_json(image["out_of_domain"]) == FLAGGED
+    assert image["warnings"] == [FLAGGED.warning()]
