@@ -13,6 +13,7 @@ from gateway.model_card import load_model_info
 from gateway.pipeline.domain import DEFAULT_THRESHOLD, STD_FLOOR, DomainBaseline, DomainCheck, assess
 from gateway.pipeline.inputs import InputSummary
 from gateway.settings import REPO_ROOT, TritonSettings
+from tests.fakes import FAKE_CONTRACT
 
 
 def stat(mean: float, std: float) -> dict[str, float]:
@@ -169,17 +170,17 @@ def test_the_gateway_reads_the_baseline_from_the_model_card(
     version = tmp_path / "palm" / "1"
     version.mkdir(parents=True)
     (version / "model_card.json").write_text(json.dumps({"sha256": "ab" * 32, **card()}))
-    info = load_model_info(TritonSettings(model_repository=tmp_path))
+    info = load_model_info(TritonSettings(model_repository=tmp_path), FAKE_CONTRACT)
     assert info.domain == BASELINE
 
     (version / "model_card.json").write_text(json.dumps({"sha256": "ab" * 32}))
-    assert load_model_info(TritonSettings(model_repository=tmp_path)).domain is None
+    assert load_model_info(TritonSettings(model_repository=tmp_path), FAKE_CONTRACT).domain is None
 
     broken = card()
     broken["input_baseline"]["statistics"]["colourfulness"] = {"mean": "bright"}
     (version / "model_card.json").write_text(json.dumps({"sha256": "ab" * 32, **broken}))
     with caplog.at_level(logging.WARNING, logger="gateway.model_card"):
-        info = load_model_info(TritonSettings(model_repository=tmp_path))
+        info = load_model_info(TritonSettings(model_repository=tmp_path), FAKE_CONTRACT)
     assert info.domain is None
     assert info.sha256 == "ab" * 32
     assert "input_baseline" in caplog.text

@@ -516,7 +516,7 @@ def test_an_out_of_domain_image_says_so_with_its_score_in_every_format() -> None
 
 def test_a_job_image_record_carries_its_check_into_coco() -> None:
     buffer = io.BytesIO()
-    record = ImageRecord(1, "a.tif", 64, 64, None, None, None, (FLAGGED.warning(),), FLAGGED)
+    record = ImageRecord(1, "a.tif", 64, 64, None, None, None, (FLAGGED.warning(),), out_of_domain=FLAGGED)
     write_coco(buffer, info={}, categories=MODEL.categories, images=[record], detections=[])
     image = json.loads(buffer.getvalue())["images"][0]
     assert DomainCheck.from_json(image["out_of_domain"]) == FLAGGED
