@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from export.synth import render_scene, write_geotiff
+from gateway import procfs
 from gateway.serving import listen
 
 
@@ -120,6 +121,25 @@ def hostile(address: tuple[str, int], scene_request: bytes, stop: threading.Even
     return dict(counts)
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its living descendants (Triton, its stubs, the decode workers)."""
+    return sum(procfs.cpu_seconds(p) or 0.0 for p in [pid, *procfs.descendants(pid)])
+
+
+class CpuShare:
+    """Cores used by the gateway's process tree and by this script (its clients) over a phase."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.began = (time.perf_counter(), tree_cpu_s(pid), time.process_time())
+
+    def end(self) -> str:
+        wall = time.perf_counter() - self.began[0]
+        server = (tree_cpu_s(self.pid) - self.began[1]) / wall
+        clients = (time.process_time() - self.began[2]) / wall
+        return f"cores used: gateway tree {server:.2f}, this script's clients {clients:.2f}"
+
+
 def summary(name: str, times: list[float], codes: Counter[int]) -> str:
     ordered = sorted(times)
     p95 = ordered[int(0.95 * (len(ordered) - 1))] if ordered else float("nan")
@@ -153,7 +173,9 @@ def main() -> None:
         process, url = start_gateway(work / "state")
         try:
             address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+            share = CpuShare(process.pid)
             idle_times, idle_codes = honest(url, tile, args.seconds, args.honest)
+            idle_cpu = share.end()
             stop = threading.Event()
             result: dict[str, dict[str, int]] = {}
             attackers = threading.Thread(
@@ -161,14 +183,16 @@ def main() -> None:
             )
             attackers.start()
             time.sleep(2)  # let the slow and idle connections pile up first
+            share = CpuShare(process.pid)
             busy_times, busy_codes = honest(url, tile, args.seconds, args.honest)
+            busy_cpu = share.end()
             stop.set()
             attackers.join()
         finally:
             process.terminate()
             process.wait(60)
-    print(summary("idle", idle_times, idle_codes))
-    print(summary("hostile", busy_times, busy_codes))
+    print(f"{summary('idle', idle_times, idle_codes)}; {idle_cpu}")
+    print(f"{summary('hostile', busy_times, busy_codes)}; {busy_cpu}")
     print(f"hostile connections opened: {result.get('c')}")
     ratio = statistics.median(busy_times) / statistics.median(idle_times)
     refused = busy_codes.get(503, 0)
