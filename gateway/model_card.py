@@ -38,10 +38,13 @@ def card_contract(triton: TritonSettings) -> ModelContract | None:
     Raises:
         ContractError: the card's ``contract`` section describes tensors the gateway cannot serve.
     """
-    content = _read_card(card_path(triton))
+    return _stated_contract(_read_card(card_path(triton)), card_path(triton))
+
+
+def _stated_contract(content: dict[str, Any] | None, card: Path) -> ModelContract | None:
     if content is None or not content.get("contract"):
         return None
-    return ModelContract.from_card(content["contract"], source=f"model card {card_path(triton)}")
+    return ModelContract.from_card(content["contract"], source=f"model card {card}")
 
 
 def load_model_info(triton: TritonSettings, served: ModelContract | None = None) -> ModelInfo:
@@ -103,14 +106,15 @@ def load_model_info(triton: TritonSettings, served: ModelContract | None = None)
         sha256=sha256,
         triton_version=triton.model_version,
         categories=categories,
-        contract=_agreed_contract(triton, card, served),
+        contract=_agreed_contract(triton, card, _stated_contract(content, card), served),
         resolution=resolution,
         domain=domain,
     )
 
 
-def _agreed_contract(triton: TritonSettings, card: Path, served: ModelContract | None) -> ModelContract:
-    stated = card_contract(triton)
+def _agreed_contract(
+    triton: TritonSettings, card: Path, stated: ModelContract | None, served: ModelContract | None
+) -> ModelContract:
     if stated is None and served is None:
         raise ContractError(
             f"the contract of model {triton.model_name!r} is unknown: {card} states none (no card, or no "
