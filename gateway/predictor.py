@@ -137,6 +137,7 @@ class Predictor:
         sha256: str | None = None,
         progress: ProgressCallback | None = None,
         priority: Priority = Priority.ONLINE,
+        quicklook_max_side: int | None = None,
     ) -> ImageResult:
         """Detect objects in the raster at ``path``.
 
@@ -157,19 +158,34 @@ class Predictor:
             priority: :attr:`Priority.ONLINE` for a caller waiting on the answer,
                 :attr:`Priority.BATCH` for a job's file (served after online work, on bounded
                 capacity, see :mod:`gateway.scheduling`).
+            quicklook_max_side: also paint the tiles into a quicklook PNG of at most this side
+                (:attr:`ImageResult.quicklook_png`) as they are read (the file is read once for
+                both).
 
         Raises:
             GatewayError: a subclass naming why the file or the inference failed.
         """
         try:
             return await self._predict_once(
-                path, file_name, options, sha256=sha256, progress=progress, priority=priority
+                path,
+                file_name,
+                options,
+                sha256=sha256,
+                progress=progress,
+                priority=priority,
+                quicklook_max_side=quicklook_max_side,
             )
         except DecoderLost as lost:
             logger.warning("%s: %s; trying once more on a fresh decoder", file_name, lost.detail)
         try:
             return await self._predict_once(
-                path, file_name, options, sha256=sha256, progress=progress, priority=priority
+                path,
+                file_name,
+                options,
+                sha256=sha256,
+                progress=progress,
+                priority=priority,
+                quicklook_max_side=quicklook_max_side,
             )
         except DecoderLost as again:
             raise DecoderFailed(
@@ -206,6 +222,7 @@ class Predictor:
         sha256: str | None,
         progress: ProgressCallback | None,
         priority: Priority,
+        quicklook_max_side: int | None,
     ) -> ImageResult:
         tiling = self.tiling
         triton = self.triton
@@ -225,6 +242,7 @@ class Predictor:
             self.overlap,
             triton.batch_size,
             first_batch=max(1, triton.batch_size // 4) if ramp else None,
+            quicklook_max_side=quicklook_max_side,
         )
         saturated = 0
         first_result = 0.0
@@ -264,6 +282,7 @@ class Predictor:
                     raise
                 skipped = session.skipped
                 inputs = session.inputs
+                look = session.stream_quicklook
             # The decoder is back in the pool while the last batches are still at Triton.
             candidates = await batches.drain(report)
         finally:
@@ -312,6 +331,7 @@ class Predictor:
             geometries=geometries,
             tiles_total=total,
             tiles_skipped=skipped,
+            quicklook_png=None if look is None else look.png,
             timings={
                 "open": opened - started,
                 "first_result": (first_result or decoded) - opened,

@@ -25,6 +25,7 @@ from gateway.pipeline.tiling import balanced_batch
 from gateway.predictor import Predictor
 from gateway.scheduling import Priority
 from gateway.settings import DecodeSettings, TilingSettings, TritonSettings
+from tests.factories import read_png
 from tests.fakes import FAKE_CONTRACT, FakeInference, K, box_at_bright_spot
 
 
@@ -107,6 +108,26 @@ async def test_an_inference_outage_fails_the_file_and_the_pool_carries_on(
     backend.fail = False
     result = await predictor(pool, backend).predict_file(path, "a.tif", PredictOptions(0.5))
     assert result.tiles_total == 9
+
+
+async def test_a_quicklook_asked_for_comes_with_the_result_from_the_same_read(
+    pool: DecodePool, geotiff: Callable[..., Path]
+) -> None:
+    data = np.full((3, 512, 1280), 7, np.uint8)
+    data[:, :, 500:] = 0
+    path = geotiff(width=1280, height=512, data=data, nodata=0)
+    backend = FakeInference(box_at_bright_spot)
+    plain = await predictor(pool, backend).predict_file(path, "masked.tif", PredictOptions(0.5))
+    result = await predictor(pool, backend).predict_file(
+        path, "masked.tif", PredictOptions(0.5), quicklook_max_side=640
+    )
+    assert plain.quicklook_png is None
+    assert result.quicklook_png is not None
+    rgba = read_png(result.quicklook_png)
+    assert rgba.shape == (256, 640, 4)
+    assert (rgba[:, :250] == (7, 7, 7, 255)).all()
+    assert (rgba[:, 250:] == 0).all(), "nodata, and the skipped tile, are transparent"
+    assert backend.tiles_seen == 2 * 2, "the quicklook read no tile of its own for the model"
 
 
 @pytest.mark.parametrize(

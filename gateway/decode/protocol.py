@@ -9,6 +9,8 @@ Requests (gateway → worker, stdin): one JSON object per line, ``{"op": ...}``:
   ``read_height``: resampled when its GSD is finer than the model's) and balances the batch size
   (:func:`~gateway.pipeline.tiling.balanced_batch`). A ``grid`` request may be sent right behind
   ``open`` without waiting for ``info`` (one round trip less); if that ``open`` failed, it is ignored.
+  Optional ``quicklook_max_side``: paint the streamed tiles into a quicklook of at most that side too
+  (:class:`~gateway.pipeline.raster.quicklook.TileCanvas`), sent just before ``end``.
 * ``cancel``: stop the current ``tiles`` stream after the batch in flight.
 * ``quicklook``: ``max_side``: render the open raster as an RGBA PNG whose longest side is at most
   ``max_side`` (:mod:`gateway.pipeline.raster.quicklook`); only between streams, never during one.
@@ -25,7 +27,8 @@ Replies (worker → gateway, the worker's original stdout): frames of a 12-byte 
   payload ``bool [n, S, S]`` (``S``: the tile side of the worker's region);
 * ``end`` (``skipped``, ``cancelled``, ``inputs``: the statistics of the tiles sent, see
   :mod:`gateway.pipeline.inputs`) after the last batch; ``closed`` after ``close``;
-* ``quicklook`` (``width``, ``height``) with the PNG as payload;
+* ``quicklook`` (``width``, ``height``) with the PNG as payload, after a ``quicklook`` request or, for a
+  ``tiles`` request that asked for one, right before its ``end``;
 * ``error`` (``error``: a GatewayError class name, ``detail``, ``extensions``, ``recycle``: the worker
   exits after sending it).
 

@@ -128,6 +128,9 @@ class StreamPlan:
     overlap: int
     batch_size: int = 8
     first_batch: int | None = None
+    quicklook_max_side: int | None = None
+    """Also paint the streamed tiles into a quicklook of at most this side
+    (:attr:`DecodeSession.stream_quicklook` once the stream ends): the file is read once for both."""
 
 
 class _WorkerLost(Exception):
@@ -173,6 +176,8 @@ class DecodeSession:
         self.inputs: InputSummary | None = None
         """Statistics of the tiles the model was given (once :meth:`batches` ends; see
         :mod:`gateway.pipeline.inputs`)."""
+        self.stream_quicklook: Quicklook | None = None
+        """The plan's quicklook (once :meth:`batches` ends), when the plan asked for one."""
 
     @property
     def info(self) -> RasterInfo:
@@ -205,6 +210,7 @@ class DecodeSession:
                     grid=[plan.tile, plan.overlap],
                     batch_size=plan.batch_size,
                     first_batch=plan.first_batch,
+                    quicklook_max_side=plan.quicklook_max_side,
                 )
             await self._send(requests)  # one write: the worker wakes once for both
             meta, _ = await self._receive(0)
@@ -246,11 +252,16 @@ class DecodeSession:
             meta, payload = await self._receive(quicklook.png_max_bytes(rows, cols))
         except _WorkerLost as exc:
             raise exc.failure from None
-        kind = meta.get("kind")
-        if kind == "error":
+        if meta.get("kind") == "error":
             raise self._failed(meta)
-        if kind != "quicklook" or (meta.get("width"), meta.get("height")) != (cols, rows):
-            raise self._lost(f"unexpected reply {kind!r} to quicklook").failure
+        return self._quicklook(meta, payload, (rows, cols))
+
+    def _quicklook(
+        self, meta: dict[str, Any], payload: npt.NDArray[np.uint8], shape: tuple[int, int]
+    ) -> Quicklook:
+        rows, cols = shape
+        if meta.get("kind") != "quicklook" or (meta.get("width"), meta.get("height")) != (cols, rows):
+            raise self._lost(f"unexpected reply {meta.get('kind')!r} for a quicklook").failure
         png = payload.tobytes()
         if not png.startswith(quicklook.PNG_SIGNATURE):
             raise self._lost("a quicklook that is not a PNG").failure
@@ -281,7 +292,12 @@ class DecodeSession:
                 raise RuntimeError("this session streams its plan's grid; call batches() without specs")
             assert self._plan is not None
             grid = tile_grid(*self.info.read_size, self._plan.tile, self._plan.overlap)
-            return self._stream(grid, self._batch_limit(self._plan.batch_size), zero_copy, requested=True)
+            look = None
+            if self._plan.quicklook_max_side:
+                side = min(max(1, self._plan.quicklook_max_side), quicklook.MAX_SIDE)
+                look = quicklook.quicklook_shape(self.info.width, self.info.height, side)
+            batch_size = self._batch_limit(self._plan.batch_size)
+            return self._stream(grid, batch_size, zero_copy, requested=True, quicklook_shape=look)
         if self._state is not SessionState.OPEN:
             raise RuntimeError(f"batches() needs an open session, not a {self._state} one")
         if specs is None:
@@ -294,10 +310,18 @@ class DecodeSession:
         return max(1, min(batch_size, self._pool.slot_tiles))
 
     async def _stream(
-        self, specs: list[TileSpec], batch_size: int, zero_copy: bool, *, requested: bool
+        self,
+        specs: list[TileSpec],
+        batch_size: int,
+        zero_copy: bool,
+        *,
+        requested: bool,
+        quicklook_shape: tuple[int, int] | None = None,
     ) -> AsyncIterator[TileBatch]:
         self._state = SessionState.STREAMING
         max_payload = batch_size * protocol.mask_bytes(self._worker.region.tile_size)
+        if quicklook_shape is not None:
+            max_payload = max(max_payload, quicklook.png_max_bytes(*quicklook_shape))
         try:
             if not requested:
                 await self._send(
@@ -310,6 +334,8 @@ class DecodeSession:
                 kind = meta.get("kind")
                 if kind == "batch":
                     yield self._batch(meta, payload, specs, batch_size, zero_copy)
+                elif kind == "quicklook" and quicklook_shape is not None and self.stream_quicklook is None:
+                    self.stream_quicklook = self._quicklook(meta, payload, quicklook_shape)
                 elif kind == "end":
                     self.skipped = int(meta.get("skipped", 0))
                     self.inputs = _inputs(meta.get("inputs"))

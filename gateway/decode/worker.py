@@ -184,7 +184,12 @@ def _serve(channel: _Channel, region: TileRegion, opener: Opener, memory_limit: 
                         f"tiles requested at another size than the region's {region.tile_size}"
                     )
                 first = min(max(1, int(message.get("first_batch") or batch_size)), batch_size)
-                _stream(channel, region, reader, specs, batch_size, first)
+                canvas = None
+                if message.get("quicklook_max_side"):
+                    side = min(max(1, int(message["quicklook_max_side"])), quicklook.MAX_SIDE)
+                    info = reader.info
+                    canvas = quicklook.TileCanvas(info.width, info.height, *info.read_size, side)
+                _stream(channel, region, reader, specs, batch_size, first, canvas)
             elif op == "quicklook":
                 if reader is None:
                     raise RuntimeError("quicklook requested before open")
@@ -240,9 +245,11 @@ def _stream(
     specs: list[TileSpec],
     batch_size: int,
     first_batch: int,
+    canvas: quicklook.TileCanvas | None = None,
 ) -> None:
     """Write the tiles of ``specs`` into free slots, a batch per slot (the first one of ``first_batch``
-    tiles), announcing each filled slot; stop early on ``cancel``."""
+    tiles), announcing each filled slot; stop early on ``cancel``. With a ``canvas``, paint every tile
+    on it too and send the quicklook before ``end``."""
     batch_size = max(1, min(batch_size, region.slot_tiles))
     limit = max(1, min(first_batch, batch_size))
     position = {id(spec): i for i, spec in enumerate(specs)}
@@ -283,6 +290,8 @@ def _stream(
         k = len(indices)
         pixels[k] = tile.pixels
         statistics.add(tile.pixels, tile.valid, tile.spec.width, tile.spec.height)
+        if canvas is not None:
+            canvas.add(tile.spec, tile.pixels, tile.valid)
         if tile.valid is not None:
             if not masked:
                 valid[:k] = True
@@ -297,6 +306,9 @@ def _stream(
     if indices and flush():
         cancelled()
         return
+    if canvas is not None:
+        png = canvas.png()
+        channel.send({"kind": "quicklook", "width": canvas.cols, "height": canvas.rows}, memoryview(png))
     summary = statistics.summary()
     channel.send(
         {

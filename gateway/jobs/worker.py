@@ -192,8 +192,9 @@ class JobWorker:
         heartbeat = asyncio.create_task(self._heartbeat(claim, asyncio.current_task()))
         try:
             result = await self._predict(claim)
-            if self.jobs.quicklook_max_side:
-                await self._quicklook(claim)
+            if result.quicklook_png is not None:
+                key = QUICKLOOK_KEY.format(job_id=claim.job_id, position=claim.position)
+                await self.db.run(self._write, key, result.quicklook_png)
             file_result = _file_result(result)
             await self.db.run(self.store.complete, claim, file_result)
             if self.metrics is not None:
@@ -244,26 +245,14 @@ class JobWorker:
             self._progress[claim.file_id] = (done, total)
 
         return await self.predictor.predict_file(
-            path, claim.name, options, sha256=claim.sha256, progress=progress, priority=Priority.BATCH
+            path,
+            claim.name,
+            options,
+            sha256=claim.sha256,
+            progress=progress,
+            priority=Priority.BATCH,
+            quicklook_max_side=self.jobs.quicklook_max_side or None,
         )
-
-    async def _quicklook(self, claim: Claim) -> None:
-        """Store the file's quicklook for the results map; a file whose quicklook fails still succeeds."""
-        path = await self.db.run(self.storage.local_path, claim.storage_key)
-        options = PredictOptions.parse(
-            score_threshold=None,
-            bands=claim.parameters.get("bands"),
-            default_score_threshold=self.settings.tiling.score_threshold,
-            max_pixels=None,
-        )
-        try:
-            look = await self.predictor.quicklook(
-                path, claim.name, options, max_side=self.jobs.quicklook_max_side, priority=Priority.BATCH
-            )
-            key = QUICKLOOK_KEY.format(job_id=claim.job_id, position=claim.position)
-            await self.db.run(self._write, key, look.png)
-        except GatewayError as exc:
-            logger.warning("job %s file %s: no quicklook (%s)", claim.job_id, claim.name, exc.detail)
 
     def _write(self, key: str, data: bytes) -> None:
         with atomic_write(self.storage.result_path(key)) as out:

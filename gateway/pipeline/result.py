@@ -110,3 +110,5 @@ class ImageResult:
     timings: Mapping[str, float] = field(default_factory=dict)
     """Seconds per stage: ``open``, ``first_result`` (open to the first batch's detections), ``tiles``
     (open to the last), ``merge``, ``georeference``."""
+    quicklook_png: bytes | None = None
+    """The whole image as an RGBA PNG, when the caller asked for one and it could be rendered."""

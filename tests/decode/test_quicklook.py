@@ -1,5 +1,5 @@
 """Quicklooks: the same pixels as the tiles, alpha from validity, a real PNG, rendered in a decode worker
-between streams without disturbing them."""
+between streams without disturbing them, or painted from a stream's own tiles."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from gateway.decode import DecodePool
+from gateway.decode import DecodePool, StreamPlan
 from gateway.errors import CorruptRaster
-from gateway.pipeline.raster import open_raster, quicklook
+from gateway.pipeline.raster import RasterReader, open_raster, quicklook
+from gateway.pipeline.raster.policy import UInt8Array
 from gateway.pipeline.tiling import tile_grid
 from gateway.settings import DecodeSettings, LimitSettings
 from tests.factories import make_geotiff, read_png
@@ -60,6 +61,65 @@ def test_the_png_decodes_to_the_pixels_written() -> None:
     np.testing.assert_array_equal(read_png(png), rgba)
 
 
+def test_a_png_written_in_pieces_equals_one_written_whole() -> None:
+    rng = np.random.default_rng(4)
+    rgba = rng.integers(0, 256, (20, 9, 4), dtype=np.uint8)
+    writer = quicklook.PngWriter(20, 9)
+    for start, stop in ((0, 1), (1, 1), (1, 12), (12, 20)):
+        writer.add(rgba[start:stop])
+    np.testing.assert_array_equal(read_png(writer.finish()), rgba)
+    with pytest.raises(ValueError, match="do not fit"):
+        writer.add(rgba[:1])
+    short = quicklook.PngWriter(20, 9)
+    short.add(rgba[:19])
+    with pytest.raises(ValueError, match="19 of 20 rows"):
+        short.finish()
+
+
+def _painted(reader: RasterReader, max_side: int) -> UInt8Array:
+    info = reader.info
+    canvas = quicklook.TileCanvas(info.width, info.height, *info.read_size, max_side)
+    for tile in reader.tiles(tile_grid(*info.read_size, 512, 128)):
+        canvas.add(tile.spec, tile.pixels, tile.valid)
+    return read_png(canvas.png())
+
+
+@pytest.mark.parametrize("name", ["masked16", "grey", "wide"])
+def test_a_canvas_painted_from_the_tiles_is_the_image_sampled_at_its_pixel_centres(
+    files: dict[str, Path], name: str
+) -> None:
+    with open_raster(files[name], LIMITS) as reader:
+        width, height = reader.info.width, reader.info.height
+        full = quicklook.render(reader, reader.plan, width, height, max(width, height))
+        assert_array_equal_rgba(_painted(reader, max(width, height)), full)
+        small = _painted(reader, 100)
+    rows, cols = quicklook.quicklook_shape(width, height, 100)
+    ys = ((np.arange(rows) + 0.5) * height / rows).astype(int)
+    xs = ((np.arange(cols) + 0.5) * width / cols).astype(int)
+    assert_array_equal_rgba(small, full[ys][:, xs])
+
+
+def test_a_canvas_leaves_uncovered_pixels_transparent_and_wants_row_major_tiles() -> None:
+    pixels = np.full((3, 512, 512), 7, np.uint8)
+    top_left, top_right, bottom_left, _ = tile_grid(1024, 1024, 512, 0)
+    canvas = quicklook.TileCanvas(1024, 1024, 1024, 1024, 1024)
+    canvas.add(top_right, pixels, None)
+    canvas.add(bottom_left, pixels, None)
+    with pytest.raises(ValueError, match="row-major"):
+        canvas.add(top_left, pixels, None)
+    rgba = read_png(canvas.png())
+    painted = np.zeros((1024, 1024), bool)
+    painted[:512, 512:] = painted[512:, :512] = True
+    assert (rgba[painted] == (7, 7, 7, 255)).all()
+    assert (rgba[~painted] == 0).all(), "pixels no tile covered stay transparent"
+
+
+def assert_array_equal_rgba(actual: UInt8Array, expected: UInt8Array) -> None:
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(actual[..., 3], expected[..., 3])
+    np.testing.assert_array_equal(actual[..., :3], expected[..., :3])
+
+
 @pytest.mark.parametrize("name", ["masked16", "grey"])
 def test_a_full_size_quicklook_has_the_tiles_pixels_and_alpha_from_validity(
     files: dict[str, Path], name: str
@@ -104,6 +164,27 @@ async def test_a_worker_renders_it_between_streams_and_keeps_serving(
     async with pool.open(files["grey"]) as session:
         assert (await session.quicklook(64)).width == 64
     assert pool.pids == worker, "errors and quicklooks leave the worker in step"
+
+
+async def test_a_stream_that_asks_for_a_quicklook_paints_it_from_its_tiles(
+    pool: DecodePool, files: dict[str, Path]
+) -> None:
+    worker = pool.pids
+    plan = StreamPlan(tile=512, overlap=128, batch_size=2, quicklook_max_side=1000)
+    async with pool.open(files["wide"], plan=plan) as session:
+        tiles = sum([len(b.specs) async for b in session.batches()])
+        look = session.stream_quicklook
+        rendered = await session.quicklook(1000)
+    assert tiles == len(tile_grid(3000, 120, 512, 128))
+    assert look is not None
+    assert (look.width, look.height) == (1000, 40)
+    with open_raster(files["wide"], LIMITS) as reader:
+        assert_array_equal_rgba(read_png(look.png), _painted(reader, 1000))
+    assert read_png(rendered.png).shape == read_png(look.png).shape
+    async with pool.open(files["grey"], plan=StreamPlan(tile=512, overlap=128)) as session:
+        assert sum([len(b.specs) async for b in session.batches()]) == 1
+        assert session.stream_quicklook is None, "no quicklook unless the plan asks"
+    assert pool.pids == worker
 
 
 async def test_quicklook_is_refused_while_a_stream_runs(pool: DecodePool, files: dict[str, Path]) -> None:
