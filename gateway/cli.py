@@ -126,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+SMALL_RUN_BYTES = 32 * 1024**2
+"""Inputs up to this size in all (a few dozen uncompressed 512 px tiles) run on one model instance of
+the embedded server (docs/performance.md, "palm-serve predict start to exit"); PALM_TRITON__INSTANCES
+overrides."""
+
+
 def _exit_now(code: int) -> None:
     """End the process once its work is done and its servers are stopped, skipping the interpreter's
     teardown of gRPC and numpy (a fifth of a one-tile run: docs/performance.md, "palm-serve predict")."""
@@ -213,6 +219,11 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # Files are read one after another: one decode worker is enough, and starts sooner.
     settings = settings.model_copy(update={"decode": settings.decode.model_copy(update={"workers": 1})})
+    triton = settings.triton
+    small = sum(path.stat().st_size for path in files) <= SMALL_RUN_BYTES
+    if triton.url is None and triton.instances is None and small:
+        # A few tiles: a second model instance would take longer to start than it saves.
+        settings = settings.model_copy(update={"triton": triton.model_copy(update={"instances": 1})})
 
     from gateway.pipeline.contract import ContractError
     from gateway.runtime import open_runtime

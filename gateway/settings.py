@@ -54,6 +54,12 @@ class TritonSettings(BaseModel):
     model_config_name: str = Field(
         default="cpu", description="Embedded server only: palm/configs/<name>.pbtxt selects the CPU config."
     )
+    instances: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Embedded server only: model instances to run instead of the config's count.",
+    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one gRPC infer call.")
     ready_timeout_s: float = Field(default=120.0, gt=0, description="How long the embedded server may take.")
     batch_size: int = Field(

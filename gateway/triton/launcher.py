@@ -9,6 +9,10 @@ the ``tritonserver`` binary that the ``nvidia-pytriton`` wheel bundles (python b
 * **backends**: ``<data_dir>/triton/backends/python/`` links ``libtriton_python.so``, its utils module
   and the stub built for this interpreter; the child's ``PATH`` starts with this interpreter's ``bin``
   so the stub imports our numpy and onnxruntime.
+* **instances**: with ``settings.instances`` set, the server gets a repository of its own under
+  ``<state_dir>/repositories/<pid>-<token>/``: the model's files linked, and its config with that
+  instance count (:func:`with_instances`). ``palm-serve predict`` asks for one instance on small inputs,
+  where starting the second costs more than it gives back.
 * **readiness**: :meth:`EmbeddedTriton.start` returns once ``/v2/models/<name>/versions/<v>/ready``
   answers 200, or raises :class:`~gateway.errors.InferenceUnavailable` after ``ready_timeout_s``.
 * **supervision**: a daemon thread waits on the child; if it dies, the thread cleans up and respawns
@@ -39,6 +43,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -116,6 +121,33 @@ class TritonDistribution:
             if not path.exists():
                 raise InferenceUnavailable(f"the nvidia-pytriton wheel is incomplete: {path} is missing")
         return dist
+
+
+_INSTANCE_GROUP = re.compile(r"instance_group\s*\[\s*\{(?P<group>[^{}\[\]]*)\}\s*\]")
+_COUNT = re.compile(r"\bcount\s*:\s*\d+")
+
+
+def with_instances(config: str, instances: int) -> str:
+    """A model config (``config.pbtxt`` text) with its one instance group running ``instances``
+    instances; a config without ``instance_group`` gets one of the default kind.
+
+    Raises:
+        ValueError: the config has several instance groups (or one this reader cannot parse).
+    """
+    groups = list(_INSTANCE_GROUP.finditer(config))
+    if not groups:
+        if "instance_group" in config:
+            raise ValueError("cannot read this config's instance_group to change its count")
+        return f"{config.rstrip()}\ninstance_group [ {{ count: {instances} }} ]\n"
+    if len(groups) > 1:
+        raise ValueError("the config has several instance_group entries; set their counts there")
+    group = groups[0]
+    body = group["group"]
+    if _COUNT.search(body):
+        counted = _COUNT.sub(f"count: {instances}", body)
+    else:
+        counted = f" count: {instances} {body}"
+    return config[: group.start("group")] + counted + config[group.end("group") :]
 
 
 def free_ports(count: int) -> list[int]:
@@ -206,7 +238,7 @@ class EmbeddedTriton:
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
         self.on_restart = on_restart
-        token = secrets.token_hex(4)
+        self._token = token = secrets.token_hex(4)
         self.shm_prefix = f"{SHM_PREFIX}palm_{os.getpid()}_{token}_"
         self.lanes_name = f"{LANES_PREFIX}{os.getpid()}_{token}"
         self.log_path = self.state_dir / "tritonserver.log"
@@ -221,6 +253,7 @@ class EmbeddedTriton:
         self._restarts = 0
         self._lock = threading.Lock()
         self._stopped = False
+        self._repository: Path | None = None
 
     # -- public state -------------------------------------------------------------------------------
 
@@ -330,6 +363,8 @@ class EmbeddedTriton:
             self._join()
         self._kill_stragglers()
         self._unlink_shm()
+        if self._repository is not None:
+            shutil.rmtree(self._repository, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedTriton:
         self.start()
@@ -491,10 +526,11 @@ class EmbeddedTriton:
         assert self._distribution is not None
         assert self._ports is not None
         s = self.settings
+        repository = self._repository or Path(s.model_repository).resolve()
         command = [
             *parent_death_prefix(),
             str(self._distribution.binary),
-            f"--model-repository={Path(s.model_repository).resolve()}",
+            f"--model-repository={repository}",
             f"--backend-directory={self.state_dir / 'backends'}",
             "--model-control-mode=explicit",
             f"--load-model={s.model_name}",
@@ -516,7 +552,7 @@ class EmbeddedTriton:
                 f"--backend-config=python,shm-default-byte-size={self.shm_byte_size}",
                 f"--backend-config=python,shm-growth-byte-size={self.shm_byte_size}",
             ]
-        if s.model_config_name:
+        if s.model_config_name and self._repository is None:
             command.append(f"--model-config-name={s.model_config_name}")
         command.extend(self.extra_args)
         return command
@@ -551,6 +587,31 @@ class EmbeddedTriton:
             staging = backend / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
             staging.symlink_to(target)
             os.replace(staging, link)
+        if self.settings.instances is not None and self._repository is None:
+            self._repository = self._write_repository(self.settings.instances)
+
+    def _write_repository(self, instances: int) -> Path:
+        """A repository serving the configured model with ``instances`` instances (its own, removed at
+        stop; those of processes that died are swept here)."""
+        s = self.settings
+        source = Path(s.model_repository).resolve() / s.model_name
+        config = source / "configs" / f"{s.model_config_name}.pbtxt" if s.model_config_name else None
+        if config is None or not config.is_file():
+            config = source / "config.pbtxt"
+        text = with_instances(config.read_text(), instances)
+        parent = self.state_dir / "repositories"
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.iterdir():
+            owner = stale.name.split("-", 1)[0]
+            if owner.isdigit() and int(owner) != os.getpid() and not alive(int(owner)):
+                shutil.rmtree(stale, ignore_errors=True)
+        model = parent / f"{os.getpid()}-{self._token}" / s.model_name
+        model.mkdir(parents=True)
+        for entry in source.iterdir():
+            if entry.name not in ("config.pbtxt", "configs"):
+                (model / entry.name).symlink_to(entry)
+        (model / "config.pbtxt").write_text(text)
+        return model.parent
 
     # -- cleanup ------------------------------------------------------------------------------------
 

@@ -57,6 +57,25 @@ def test_stop_leaves_no_process_and_no_shared_memory(make_triton: Callable[..., 
     assert not server.ready
 
 
+def test_an_instance_count_runs_that_many_stubs_from_a_repository_removed_at_stop(
+    make_triton: Callable[..., EmbeddedTriton], triton_settings: TritonSettings
+) -> None:
+    server = make_triton(triton_settings.model_copy(update={"instances": 1}))
+    server.start()
+    repositories = list((server.state_dir / "repositories").iterdir())
+    stubs = [pid for pid in our_processes(server) if pid != server.pid]
+    log = server.log_path.read_text()
+    config = (repositories[0] / "palm" / "config.pbtxt").read_text()
+    server.stop()
+    assert len(stubs) == 1, "one python-backend stub for one instance"
+    assert "palm_0_0" in log
+    assert "palm_0_1" not in log
+    assert len(repositories) == 1
+    assert "count: 1" in config
+    assert not repositories[0].exists(), "the server's own repository goes with it"
+    assert (triton_settings.model_repository / "palm" / "configs" / "cpu.pbtxt").read_text().count("count: 2")
+
+
 async def test_a_killed_server_is_restarted_and_the_client_recovers(
     make_triton: Callable[..., EmbeddedTriton], triton_settings: TritonSettings, scene_tiles: np.ndarray
 ) -> None:

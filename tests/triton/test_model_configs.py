@@ -11,6 +11,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from gateway.scheduling import Priority
 from gateway.settings import REPO_ROOT
+from gateway.triton.launcher import with_instances
 
 MODEL_DIR = REPO_ROOT / "model_repository" / "palm"
 CONFIG_FILES = sorted(MODEL_DIR.rglob("*.pbtxt"))
@@ -98,3 +99,31 @@ def test_a_misspelled_field_does_not_parse() -> None:
     """The parser is strict: the check above would catch a typo in any config."""
     with pytest.raises(text_format.ParseError):
         text_format.Parse('name: "palm"\nmax_batch_sise: 8\n', mc.ModelConfig())
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.relative_to(MODEL_DIR).as_posix())
+def test_an_instance_count_override_changes_only_the_count(path: Path) -> None:
+    original = load(path)
+    changed = text_format.Parse(with_instances(path.read_text(), 1), mc.ModelConfig())
+    assert [group.count for group in changed.instance_group] == [1]
+    assert changed.instance_group[0].kind == original.instance_group[0].kind
+    changed.instance_group[0].count = original.instance_group[0].count
+    assert changed == original
+
+
+def test_an_instance_count_is_added_where_the_config_has_none_and_refused_where_it_is_ambiguous() -> None:
+    bare = 'name: "m"\nbackend: "python"\ninstance_group [ { kind: KIND_CPU } ]\n'
+    assert load_text(with_instances(bare, 3)).instance_group[0].count == 3
+    assert load_text(with_instances('name: "m"\n', 2)).instance_group[0].count == 2
+    for unreadable in (
+        "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]",
+        "instance_group [ { count: 1 }, { count: 2 } ]",
+    ):
+        with pytest.raises(ValueError, match="cannot read"):
+            with_instances(unreadable, 2)
+    with pytest.raises(ValueError, match="several"):
+        with_instances("instance_group [ { count: 1 } ]\ninstance_group [ { count: 2 } ]", 2)
+
+
+def load_text(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
