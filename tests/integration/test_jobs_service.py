@@ -199,9 +199,10 @@ def test_sigkill_and_restart_give_the_same_results(
             return list(client.get(f"/v1/jobs/{job_id}/files").json()["files"])
 
     conditions: dict[str, Callable[[dict[str, Any]], bool]] = {
+        # A file of these scenes takes about as long as the heartbeat that records its tiles done, so
+        # a claimed (running) file is the moment; its tiles are then at the decoder or at Triton.
         "mid-file": lambda j: (
-            j["progress"]["files_done"] >= 1
-            and any(f["status"] == "running" and f["tiles_done"] > 0 for f in files(j))
+            j["progress"]["files_done"] >= 1 and any(f["status"] == "running" for f in files(j))
         ),
         "between-files": lambda j: j["progress"]["files_done"] >= 3,
     }
