@@ -250,20 +250,7 @@ def write_card(
         ],
         "resolution": resolution(training),
         "training": training,
-        "reproduce": [
-            "python -m export.train --out runs/palmnet  # flags from training (defaults = shipped run)",
-            "python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt "
-            "--out model_repository/palm/1/model.onnx --version " + version,
-            "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
-            "--seed 1000000 --card",
-            "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
-            "--seed 1000000 --grey --card",
-            "python -m export.evaluate --onnx model_repository/palm/1/model.onnx --scenes 40 "
-            "--seed 1000000 --distractors --card",
-            "python -m export.baseline --scenes 40 --seed 1000000 --grey --card",
-            "python -m export.domain --calibrate-scenes 150 --scenes 300 --card",
-            "python -m export.bench --card",
-        ],
+        "reproduce": reproduce(version, training),
         "limitations": [
             "Trained on synthetic scenes only (export.synth); accuracy on real imagery is unmeasured.",
             f"At most {model.config.top_k} detections per 512 px tile (a plantation at 7.5 m triangular "
@@ -281,6 +268,52 @@ def write_card(
     out = card_path or onnx_path.with_name("model_card.json")
     out.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
     return out
+
+
+def reproduce(version: str, training: dict[str, Any] | None) -> list[str]:
+    """The commands that rebuild this model and its card: training (for a fine-tune, its base first,
+    with the defaults, then the fine-tune with the flags it ran with), export, evaluation, baselines."""
+    served = "model_repository/palm/1/model.onnx"
+    if training and training.get("init"):
+        from export.train import TrainConfig
+
+        defaults = TrainConfig().to_json()
+        changed = {
+            key: value
+            for key, value in training.items()
+            if key in defaults and key not in ("init", "model") and value != defaults[key]
+        }
+        flags = " ".join(_flag(key, value) for key, value in changed.items())
+        steps = [
+            "python -m export.train --out runs/palmnet  # the base model: the defaults",
+            "python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt --out runs/palmnet/model.onnx"
+            f"  # the base; the shipped run started from sha256 {training.get('init_sha256')}",
+            f"python -m export.train --init runs/palmnet/model.onnx {flags} --out runs/palmnet-finetune",
+            f"python -m export.onnx --checkpoint runs/palmnet-finetune/checkpoint.pt --out {served} "
+            f"--version {version}",
+        ]
+    else:
+        steps = [
+            "python -m export.train --out runs/palmnet  # flags from training (defaults = shipped run)",
+            "python -m export.onnx --checkpoint runs/palmnet/checkpoint.pt "
+            f"--out {served} --version {version}",
+        ]
+    return [
+        *steps,
+        f"python -m export.evaluate --onnx {served} --scenes 40 --seed 1000000 --card",
+        f"python -m export.evaluate --onnx {served} --scenes 40 --seed 1000000 --grey --card",
+        f"python -m export.evaluate --onnx {served} --scenes 40 --seed 1000000 --distractors --card",
+        "python -m export.baseline --scenes 40 --seed 1000000 --grey --card",
+        "python -m export.domain --calibrate-scenes 150 --scenes 300 --card",
+        "python -m export.bench --card",
+    ]
+
+
+def _flag(key: str, value: Any) -> str:
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else f"--no-{key.replace('_', '-')}"
+    return f"{name} {value}"
 
 
 def load_checkpoint(path: Path) -> tuple[PalmNet, dict[str, Any]]:
