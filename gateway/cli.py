@@ -171,7 +171,10 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     config = uvicorn_config(create_app(settings), settings.http, settings.log_level)
     logger.info("palm-serve listening on http://%s:%d (ready once the model is loaded)", host, port)
     with listener:
-        uvicorn.Server(config).run(sockets=[listener])
+        try:
+            uvicorn.Server(config).run(sockets=[listener])
+        except KeyboardInterrupt:  # uvicorn shut down on Ctrl-C, then raised it again
+            return 130
     return 0
 
 
