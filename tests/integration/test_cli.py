@@ -146,7 +146,15 @@ def test_serve_starts_embedded_triton_and_stops_cleanly(tmp_path: Path, stop: si
     env = {**os.environ, "PALM_DATA_DIR": str(tmp_path / "var"), "PALM_PORT": str(port)}
     env.pop("PALM_TRITON_URL", None)
     env.pop("PALM_TRITON__URL", None)
-    proc = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*CLI, "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # As from a terminal: Ctrl-C's default action, whatever this test process inherited (a
+        # background job of a non-interactive shell starts with SIGINT ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         ready = None
