@@ -165,8 +165,9 @@ class Predictor:
         Raises:
             GatewayError: a subclass naming why the file or the inference failed.
         """
-        try:
-            return await self._predict_once(
+
+        def attempt() -> Coroutine[Any, Any, ImageResult]:
+            return self._predict_once(
                 path,
                 file_name,
                 options,
@@ -175,18 +176,13 @@ class Predictor:
                 priority=priority,
                 quicklook_max_side=quicklook_max_side,
             )
+
+        try:
+            return await attempt()
         except DecoderLost as lost:
             logger.warning("%s: %s; trying once more on a fresh decoder", file_name, lost.detail)
         try:
-            return await self._predict_once(
-                path,
-                file_name,
-                options,
-                sha256=sha256,
-                progress=progress,
-                priority=priority,
-                quicklook_max_side=quicklook_max_side,
-            )
+            return await attempt()
         except DecoderLost as again:
             raise DecoderFailed(
                 f"The decoder was stopped twice while reading this file ({again.extensions.get('signal')}); "

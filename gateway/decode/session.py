@@ -245,7 +245,7 @@ class DecodeSession:
         """
         if self._state is not SessionState.OPEN:
             raise RuntimeError(f"quicklook() needs an open session with no stream, not a {self._state} one")
-        side = min(max(1, max_side), quicklook.MAX_SIDE)
+        side = quicklook.capped_side(max_side)
         rows, cols = quicklook.quicklook_shape(self.info.width, self.info.height, side)
         try:
             await self._send(protocol.request("quicklook", max_side=side))
@@ -294,7 +294,7 @@ class DecodeSession:
             grid = tile_grid(*self.info.read_size, self._plan.tile, self._plan.overlap)
             look = None
             if self._plan.quicklook_max_side:
-                side = min(max(1, self._plan.quicklook_max_side), quicklook.MAX_SIDE)
+                side = quicklook.capped_side(self._plan.quicklook_max_side)
                 look = quicklook.quicklook_shape(self.info.width, self.info.height, side)
             batch_size = self._batch_limit(self._plan.batch_size)
             return self._stream(grid, batch_size, zero_copy, requested=True, quicklook_shape=look)

@@ -186,14 +186,14 @@ def _serve(channel: _Channel, region: TileRegion, opener: Opener, memory_limit: 
                 first = min(max(1, int(message.get("first_batch") or batch_size)), batch_size)
                 canvas = None
                 if message.get("quicklook_max_side"):
-                    side = min(max(1, int(message["quicklook_max_side"])), quicklook.MAX_SIDE)
+                    side = quicklook.capped_side(int(message["quicklook_max_side"]))
                     info = reader.info
                     canvas = quicklook.TileCanvas(info.width, info.height, *info.read_size, side)
                 _stream(channel, region, reader, specs, batch_size, first, canvas)
             elif op == "quicklook":
                 if reader is None:
                     raise RuntimeError("quicklook requested before open")
-                max_side = min(max(1, int(message["max_side"])), quicklook.MAX_SIDE)
+                max_side = quicklook.capped_side(int(message["max_side"]))
                 rgba = quicklook.render(reader, reader.plan, reader.info.width, reader.info.height, max_side)
                 png = quicklook.encode_png(rgba)
                 channel.send(

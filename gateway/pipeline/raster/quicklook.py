@@ -48,6 +48,11 @@ class ShapedSource(Protocol):
     ) -> npt.NDArray[Any]: ...
 
 
+def capped_side(max_side: int) -> int:
+    """The longest side a decode worker renders when asked for ``max_side``: 1 to :data:`MAX_SIDE`."""
+    return min(max(1, max_side), MAX_SIDE)
+
+
 def quicklook_shape(width: int, height: int, max_side: int) -> tuple[int, int]:
     """``(rows, cols)`` of the quicklook of a ``width`` x ``height`` image: the longest side is
     ``min(max_side, longest side)``, the other keeps the aspect ratio (at least one pixel)."""
