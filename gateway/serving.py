@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import socket
 from typing import Any, ClassVar
 
@@ -38,6 +39,11 @@ from gateway.errors import PROBLEM_JSON, TYPE_BASE
 from gateway.settings import HttpSettings
 
 logger = logging.getLogger(__name__)
+
+
+PEER_CLOSED = "palm.peer_closed"
+"""ASGI scope extension set by :class:`GuardedHttpToolsProtocol`; its ``closed`` is a callable telling
+whether the client has closed its end of the connection (see :func:`gateway.api.deps.client_gone`)."""
 
 
 class _Refused(Exception):
@@ -72,6 +78,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
+
+    def peer_closed(self) -> bool:
+        """Whether the client has closed its end of the connection, bytes of it still unread or not.
+
+        uvicorn learns of a close only when it reads the end of the stream, an event-loop turn or
+        more after the last body bytes; the kernel knows at once (``POLLRDHUP``, the check nginx makes
+        before it drops work for a client that left). A client that only half-closes is gone here as
+        it is for uvicorn, which closes the connection on end of stream.
+        """
+        if self.transport.is_closing():
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP)
+        return bool(poller.poll(0))
 
     def data_received(self, data: bytes) -> None:
         # Bytes count towards the header limit when the chunk starts inside a request's line and
@@ -115,6 +138,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {PEER_CLOSED: {"closed": self.peer_closed}}
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_count = 0

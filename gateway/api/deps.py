@@ -19,6 +19,7 @@ from gateway.jobs.engine import Jobs
 from gateway.metrics import Metrics
 from gateway.pipeline.result import ModelInfo
 from gateway.predictor import Predictor
+from gateway.serving import PEER_CLOSED
 from gateway.settings import Settings
 
 T = TypeVar("T")
@@ -43,6 +44,16 @@ class Services:
     uploads: Admission
     jobs: Jobs | None = None
     triton_metrics_url: str | None = None
+
+
+async def client_gone(request: Request) -> bool:
+    """Whether the client has left. The connection itself is asked where the server offers it
+    (:data:`gateway.serving.PEER_CLOSED`): a client that sends its upload and closes at once is gone
+    before the server has read the end of the stream, so before it reports a disconnect."""
+    peer_closed = request.scope.get("extensions", {}).get(PEER_CLOSED, {}).get("closed")
+    if peer_closed is not None and peer_closed():
+        return True
+    return await request.is_disconnected()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

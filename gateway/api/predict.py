@@ -10,7 +10,14 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from gateway.api.deps import PredictAccess, Services, ServicesDep, StrictQuery, unless_disconnected
+from gateway.api.deps import (
+    PredictAccess,
+    Services,
+    ServicesDep,
+    StrictQuery,
+    client_gone,
+    unless_disconnected,
+)
 from gateway.api.schemas import PROBLEM_RESPONSES, PredictResponse
 from gateway.errors import ClientClosedRequest, GatewayError
 from gateway.options import PredictOptions
@@ -121,7 +128,7 @@ async def predict(
     try:
         services.metrics.upload_bytes.inc(upload.size)
         services.metrics.stage_latency.labels("upload").observe(uploaded - received)
-        if await request.is_disconnected():  # the client sent its file and left: nobody to answer
+        if await client_gone(request):  # the client sent its file and left: nobody to answer
             raise ClientClosedRequest("the client closed the connection after its upload")
         # A prediction slot is taken only now that there is work: a slow upload holds none.
         async with services.admission.slot():
@@ -196,6 +203,8 @@ async def quicklook(
             sha256=False,
         )
     try:
+        if await client_gone(request):
+            raise ClientClosedRequest("the client closed the connection after its upload")
         async with services.admission.slot():
             look = await unless_disconnected(
                 request,

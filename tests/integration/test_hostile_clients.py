@@ -386,6 +386,30 @@ def test_work_for_a_departed_client_is_cancelled(gateway: Gateway, tmp_path: Pat
     assert sent < 25 / 4  # 25 tiles in batches of 4: most were never sent
 
 
+def test_a_client_that_sends_its_upload_and_closes_starts_no_decoding(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    scene = write_geotiff(render_scene(1_000_405, size=2048), tmp_path / "big.tif").read_bytes()
+    body = multipart(scene)
+    request = (
+        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    decoders = gateway.decoder_pids
+    cpu_before = sum(procfs.cpu_seconds(pid) or 0.0 for pid in decoders)
+    closed_before = gateway.counter("499")
+    for _ in range(20):
+        with socket.create_connection(gateway.address, timeout=5) as conn:
+            conn.sendall(request)
+    deadline = time.monotonic() + 10
+    while gateway.counter("499") < closed_before + 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gateway.counter("499") == closed_before + 20
+    decoding_s = sum(procfs.cpu_seconds(pid) or 0.0 for pid in decoders) - cpu_before
+    # Opening this scene and cutting its first batch takes its decoder about 10 ms.
+    assert decoding_s < 0.05, f"{decoding_s:.2f} s of decoding for 20 clients that had left"
+
+
 def test_a_decoder_killed_mid_file_is_retried_not_blamed(gateway: Gateway, tmp_path: Path) -> None:
     scene = write_geotiff(render_scene(1_000_403, size=2048), tmp_path / "big.tif").read_bytes()
     gateway.backend.delay_s = 0.3  # the worker waits on free slots while the model is slow
