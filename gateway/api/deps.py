@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 
 from gateway.admission import Admission
 from gateway.auth.dependency import metrics_access, require_jobs, require_predict
@@ -46,14 +47,38 @@ class Services:
     triton_metrics_url: str | None = None
 
 
+PEER_CHECK_BYTES = 1 << 18
+"""How much of a body :func:`body_stream` reads between two asks whether its client is still there."""
+
+
+def _peer_closed(request: Request) -> Callable[[], bool] | None:
+    check: Callable[[], bool] | None = request.scope.get("extensions", {}).get(PEER_CLOSED, {}).get("closed")
+    return check
+
+
 async def client_gone(request: Request) -> bool:
     """Whether the client has left. The connection itself is asked where the server offers it
     (:data:`gateway.serving.PEER_CLOSED`): a client that sends its upload and closes at once is gone
     before the server has read the end of the stream, so before it reports a disconnect."""
-    peer_closed = request.scope.get("extensions", {}).get(PEER_CLOSED, {}).get("closed")
+    peer_closed = _peer_closed(request)
     if peer_closed is not None and peer_closed():
         return True
     return await request.is_disconnected()
+
+
+async def body_stream(request: Request) -> AsyncIterator[bytes]:
+    """``request.stream()``, ending in :class:`ClientDisconnect` as soon as the client has closed its
+    end (asked every :data:`PEER_CHECK_BYTES`): the megabytes a departed client left in the kernel's
+    buffers are then dropped unread instead of parsed and written to disk."""
+    peer_closed = _peer_closed(request)
+    unchecked = 0
+    async for chunk in request.stream():
+        yield chunk
+        unchecked += len(chunk)
+        if peer_closed is not None and unchecked >= PEER_CHECK_BYTES:
+            unchecked = 0
+            if peer_closed():
+                raise ClientDisconnect
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from gateway.api.deps import JobsAccess, JobsDep, JobsPrincipal, StrictQuery
+from gateway.api.deps import JobsAccess, JobsDep, JobsPrincipal, StrictQuery, body_stream
 from gateway.api.schemas import PROBLEM_RESPONSES, FileList, Job, JobList
 from gateway.auth.tenants import limits_for
 from gateway.errors import InputError, UnsupportedMediaType
@@ -154,7 +154,7 @@ async def create_job(
             tenant=principal.tenant,
             content_type=content_type,
             content_length=request.headers.get("content-length"),
-            body=request.stream(),
+            body=body_stream(request),
             idempotency_key=idempotency_key,
         )
     jobs.wake()
@@ -175,7 +175,7 @@ async def add_files(job_id: str, request: Request, jobs: JobsDep, principal: Job
             tenant=principal.tenant,
             content_type=request.headers.get("content-type"),
             content_length=request.headers.get("content-length"),
-            body=request.stream(),
+            body=body_stream(request),
         )
     return JSONResponse(await jobs.view(job_id, principal.tenant))
 

@@ -15,6 +15,7 @@ from gateway.api.deps import (
     Services,
     ServicesDep,
     StrictQuery,
+    body_stream,
     client_gone,
     unless_disconnected,
 )
@@ -118,7 +119,7 @@ async def predict(
         upload = await receive_upload(
             request.headers.get("content-type"),
             request.headers.get("content-length"),
-            request.stream(),
+            body_stream(request),
             settings.data_dir / "uploads",
             settings.limits.max_upload_bytes,
             # Only COCO reports the image's sha256 (images[].sha256); hashing costs CPU per byte.
@@ -197,7 +198,7 @@ async def quicklook(
         upload = await receive_upload(
             request.headers.get("content-type"),
             request.headers.get("content-length"),
-            request.stream(),
+            body_stream(request),
             settings.data_dir / "uploads",
             settings.limits.max_upload_bytes,
             sha256=False,
