@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import secrets
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,13 +115,15 @@ def model_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 class RecordingSession:
     """Stands in for onnxruntime: one detection row per tile, filled with the tile's mean."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, delay_s: float = 0.0) -> None:
         self.calls: list[np.ndarray] = []
         self.fail = fail
+        self.delay_s = delay_s
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         images = feeds["images"]
         self.calls.append(images)
+        time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("boom")
         means = images.reshape(images.shape[0], -1).mean(axis=1, dtype=np.float64)
@@ -332,6 +335,30 @@ def test_a_lone_tile_stays_on_its_own_core_while_another_instance_computes(
     first.finalize()
     second.finalize()
     assert not table.exists()
+
+
+def test_lone_tiles_move_to_the_instance_share_while_every_core_is_slower_and_back(
+    two_instances: tuple[Any, Any, Path],
+) -> None:
+    first, _, _ = two_instances
+
+    def lone_tiles_on_every_core(calls: int) -> int:
+        before = len(first.solo.calls)
+        for value in range(calls):
+            first.execute([{"images": FakeTensor("images", tiles(1, value))}])
+        return len(first.solo.calls) - before
+
+    first.solo.delay_s = 0.02  # the other cores are busy: a call on all of them waits for them
+    lone_tiles_on_every_core(16)  # what it takes to learn that (the first is on every core)
+    assert 1 <= lone_tiles_on_every_core(16) <= 3, "lone tiles stay on the slower session, or never retry it"
+
+    first.solo.delay_s, first.session.delay_s = 0.0, 0.02  # the cores are free again
+    lone_tiles_on_every_core(16)
+    assert lone_tiles_on_every_core(16) >= 13
+
+    # Batches never take part: they stay on the instance's share whatever lone tiles measured.
+    first.execute([{"images": FakeTensor("images", tiles(2, 9))}])
+    assert first.session.calls[-1].shape[0] == 2
 
 
 def test_without_an_instance_name_every_call_stays_on_the_instance_share(

@@ -25,9 +25,10 @@ for a thread the OS gave to the decoder, and while one instance hands its answer
 computes. Measured gain: docs/performance.md, "What was done to get here" (two single-threaded
 instances). A lone tile would then take one core's time, so a call of at most ``solo_max_tiles`` tiles
 that arrives while no other instance of this model is executing runs on a second session using every
-core (measured gain: docs/performance.md, "Serving", single-tile stage medians). Instances mark
-themselves busy in a tiny shared ``/dev/shm`` table (:class:`_Lanes`); without it every call stays on
-its own threads.
+core (measured gain: docs/performance.md, "Serving", single-tile stage medians) while that has lately
+been faster than the instance's own share, which it is not while other work keeps the cores busy
+(:class:`_LoneCalls`). Instances mark themselves busy in a tiny shared ``/dev/shm`` table
+(:class:`_Lanes`); without it every call stays on its own threads.
 
 Errors: a request that cannot be decoded gets its own error response; the others in the batch still
 run. If onnxruntime itself fails, every request of that batch gets the error (they shared the call).
@@ -39,6 +40,7 @@ import ctypes
 import json
 import mmap
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -81,6 +83,7 @@ class TritonPythonModel:
 
     solo: Any = None
     lanes: _Lanes | None = None
+    lone_calls: _LoneCalls
     solo_max_tiles = 0
     input_name = ""
     tile_shape: tuple[int, ...] = ()
@@ -123,6 +126,7 @@ class TritonPythonModel:
         self.solo_max_tiles = max(0, int(_parameter(config, "solo_max_tiles", "1")))
         self.solo = None
         self.lanes = None
+        self.lone_calls = _LoneCalls()
         if self.solo_max_tiles and cores > threads:
             self.lanes = _Lanes.open(args.get("model_instance_name", ""))
             if self.lanes is not None:
@@ -168,14 +172,19 @@ class TritonPythonModel:
         return responses
 
     def _run(self, images: np.ndarray) -> list[np.ndarray]:
-        """One onnxruntime call, on every core when it is small and nobody else is computing."""
+        """One onnxruntime call, on every core when it is small, nobody else is computing and every core
+        has lately been the faster way for such a call (:class:`_LoneCalls`)."""
         if self.lanes is None:
             return self.session.run(self.output_names, {self.input_name: images})
         self.lanes.enter()
         try:
-            alone = images.shape[0] <= self.solo_max_tiles and not self.lanes.others_busy()
-            session = self.solo if alone else self.session
-            return session.run(self.output_names, {self.input_name: images})
+            if images.shape[0] > self.solo_max_tiles or self.lanes.others_busy():
+                return self.session.run(self.output_names, {self.input_name: images})
+            solo = self.lone_calls.pick_solo()
+            started = time.perf_counter()
+            outputs = (self.solo if solo else self.session).run(self.output_names, {self.input_name: images})
+            self.lone_calls.record(solo, (time.perf_counter() - started) / images.shape[0])
+            return outputs
         finally:
             self.lanes.leave()
 
@@ -210,6 +219,37 @@ def _session(path: str, threads: int) -> ort.InferenceSession:
     # Triton owns the process; spinning threads would steal the cores the next batch needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+class _LoneCalls:
+    """Which session a lone call (at most ``solo_max_tiles`` tiles, no other instance computing) has
+    lately run faster on: the one on every core or the instance's own share.
+
+    Every core helps such a call only while the other cores are free for it. When the gateway, the
+    decoders or anything else on the host keep them busy, onnxruntime's threads wait for one another
+    and the call takes longer than on one core. So each lone call's time per tile goes into an
+    exponentially weighted mean for its session, the next one runs on the faster, and every
+    ``explore_every``-th runs on the other to keep its figure current.
+    """
+
+    def __init__(self, explore_every: int = 8, weight: float = 0.5) -> None:
+        self.explore_every = explore_every
+        self.weight = weight
+        self.mean_s: dict[bool, float | None] = {True: None, False: None}
+        self.calls = 0
+
+    def pick_solo(self) -> bool:
+        """Whether the next lone call runs on every core."""
+        self.calls += 1
+        solo, own = self.mean_s[True], self.mean_s[False]
+        if solo is None or own is None:
+            return solo is None
+        faster = solo <= own
+        return not faster if self.calls % self.explore_every == 0 else faster
+
+    def record(self, solo: bool, seconds_per_tile: float) -> None:
+        mean = self.mean_s[solo]
+        self.mean_s[solo] = seconds_per_tile if mean is None else mean + self.weight * (seconds_per_tile - mean)
 
 
 class _Lanes:
