@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import __version__
-from gateway.admission import Admission
+from gateway.admission import EMBEDDED_BUSY_UPLOAD_BYTES_PER_S, Admission, UploadPacer
 from gateway.api import docs, health, pages, predict
 from gateway.api import jobs as jobs_api
 from gateway.api import webhooks as webhooks_api
@@ -32,6 +32,14 @@ from gateway.runtime import open_runtime
 from gateway.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+
+def upload_pacer(settings: Settings, admission: Admission) -> UploadPacer | None:
+    """The pacing of /v1/predict uploads while ``admission`` has predictions in progress, if any."""
+    rate = settings.limits.busy_upload_bytes_per_s
+    if rate is None:  # the embedded Triton runs on the gateway's own cores; an external one does not
+        rate = EMBEDDED_BUSY_UPLOAD_BYTES_PER_S if settings.triton.url is None else 0
+    return UploadPacer(rate, lambda: admission.active > 0) if rate else None
 
 
 def create_app(
@@ -59,18 +67,22 @@ def create_app(
     metrics = metrics if metrics is not None else Metrics()
 
     uploads = Admission(settings.limits.max_concurrent_uploads, "uploads")
+    large_uploads = Admission(settings.limits.max_concurrent_large_uploads, "uploads over 2 MiB")
 
     def services(
         ready: Predictor, jobs: Jobs | None = None, triton_metrics_url: str | None = None
     ) -> Services:
+        admission = Admission(settings.limits.max_concurrent_predicts, "predictions")
         return Services(
             settings=settings,
             metrics=metrics,
             model=ready.model,
             predictor=ready,
             readiness=ready.inference,
-            admission=Admission(settings.limits.max_concurrent_predicts, "predictions"),
+            admission=admission,
             uploads=uploads,
+            large_uploads=large_uploads,
+            pacer=upload_pacer(settings, admission),
             jobs=jobs,
             triton_metrics_url=triton_metrics_url,
         )

@@ -16,6 +16,9 @@ Which layer enforces what (``HttpSettings``, ``PALM_HTTP__*``)::
         under body_min_rate_bytes after body_grace_s                -> 408, connection closed
       a response sent before its request body was read             -> connection closed
       multipart framing, part counts and byte caps                  -> 400 / 413
+      more large bodies (over 2 MiB) to /v1/predict than allowed    -> 503 + Retry-After
+      large bodies while predictions are in progress                -> read at a shared pace
+      a client that closed its end (POLLRDHUP, see peer_closed)    -> rest of body unread, 499
 
 Every refusal is RFC 9457 problem+json, the ones written here included. A reverse proxy in front
 (``deploy/nginx.conf``) enforces the same kinds of limits earlier and buffers slow clients itself.

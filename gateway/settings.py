@@ -93,6 +93,24 @@ class LimitSettings(BaseModel):
     max_concurrent_uploads: int = Field(
         default=64, gt=0, description="Uploads streaming to disk at once; more get 503 + Retry-After."
     )
+    max_concurrent_large_uploads: int = Field(
+        default=8,
+        gt=0,
+        description=(
+            "Uploads to /v1/predict and /v1/quicklook over 2 MiB (declared, or of unknown length) "
+            "streaming at once, within max_concurrent_uploads; more get 503 + Retry-After."
+        ),
+    )
+    busy_upload_bytes_per_s: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "While predictions are in progress, uploads to /v1/predict and /v1/quicklook are read no "
+            "faster than this in total (bytes/s), each past its first 2 MiB, so that a flood of large "
+            "uploads cannot take the cores the predictions need. Unset: 64 MiB/s with the embedded "
+            "(CPU) Triton, unpaced with an external one; 0: never paced."
+        ),
+    )
     max_predict_pixels: int = Field(
         default=64_000_000, gt=0, description="Above this /v1/predict answers 413."
     )

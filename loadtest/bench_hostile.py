@@ -11,7 +11,8 @@ Starts ``palm-serve serve`` (embedded Triton, default limits) on a free 127.0.0.
    * a departed-client loop: a 2048x2048 scene is uploaded whole and the connection dropped at once,
      over and over.
 
-Prints both rows and the ratio of the p50s (target: under 2x, and no 503 for honest clients). Every
+Prints both rows, the gateway's answers to the hostile requests by status, and the ratio of the p50s
+(target: under 2x, and no 503 for honest clients). Every
 client stops by itself when the phase ends. Run: ``python -m loadtest.bench_hostile [--seconds 20]``.
 """
 
@@ -140,6 +141,20 @@ class CpuShare:
         return f"cores used: gateway tree {server:.2f}, this script's clients {clients:.2f}"
 
 
+def predict_statuses(url: str) -> Counter[str]:
+    """``/v1/predict`` answers so far by status, from the gateway's own metrics."""
+    counts: Counter[str] = Counter()
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("palm_http_requests_total{") and 'route="/v1/predict"' in line:
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def busy_codes_as_text(codes: Counter[int]) -> Counter[str]:
+    return Counter({str(code): count for code, count in codes.items()})
+
+
 def summary(name: str, times: list[float], codes: Counter[int]) -> str:
     ordered = sorted(times)
     p95 = ordered[int(0.95 * (len(ordered) - 1))] if ordered else float("nan")
@@ -184,16 +199,19 @@ def main() -> None:
             attackers.start()
             time.sleep(2)  # let the slow and idle connections pile up first
             share = CpuShare(process.pid)
+            before = predict_statuses(url)
             busy_times, busy_codes = honest(url, tile, args.seconds, args.honest)
             busy_cpu = share.end()
             stop.set()
             attackers.join()
+            answered = predict_statuses(url) - before - busy_codes_as_text(busy_codes)
         finally:
             process.terminate()
             process.wait(60)
     print(f"{summary('idle', idle_times, idle_codes)}; {idle_cpu}")
     print(f"{summary('hostile', busy_times, busy_codes)}; {busy_cpu}")
     print(f"hostile connections opened: {result.get('c')}")
+    print(f"the gateway's answers to them on /v1/predict, by status: {dict(sorted(answered.items()))}")
     ratio = statistics.median(busy_times) / statistics.median(idle_times)
     refused = busy_codes.get(503, 0)
     print(f"p50 under attack / idle: {ratio:.2f}x (target < 2x); honest 503s: {refused} (target 0)")

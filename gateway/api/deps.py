@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Protocol, TypeVar
 
@@ -12,7 +14,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
-from gateway.admission import Admission
+from gateway.admission import Admission, UploadPacer, is_large_upload
 from gateway.auth.dependency import metrics_access, require_jobs, require_predict
 from gateway.auth.principal import Principal
 from gateway.errors import ClientClosedRequest, InvalidParameter, TemporarilyUnavailable
@@ -43,8 +45,18 @@ class Services:
     readiness: ReadinessProbe
     admission: Admission
     uploads: Admission
+    large_uploads: Admission | None = None
+    pacer: UploadPacer | None = None
     jobs: Jobs | None = None
     triton_metrics_url: str | None = None
+
+    @asynccontextmanager
+    async def upload_slot(self, content_length: str | None) -> AsyncIterator[None]:
+        """Room for one request body: a slot of ``uploads``, and of ``large_uploads`` too when the body
+        is large (:func:`gateway.admission.is_large_upload`); :class:`Overloaded` when either is full."""
+        large = self.large_uploads if is_large_upload(content_length) else None
+        async with self.uploads.slot(), large.slot() if large is not None else contextlib.nullcontext():
+            yield
 
 
 PEER_CHECK_BYTES = 1 << 18
@@ -66,19 +78,25 @@ async def client_gone(request: Request) -> bool:
     return await request.is_disconnected()
 
 
-async def body_stream(request: Request) -> AsyncIterator[bytes]:
+async def body_stream(request: Request, pacer: UploadPacer | None = None) -> AsyncIterator[bytes]:
     """``request.stream()``, ending in :class:`ClientDisconnect` as soon as the client has closed its
     end (asked every :data:`PEER_CHECK_BYTES`): the megabytes a departed client left in the kernel's
-    buffers are then dropped unread instead of parsed and written to disk."""
+    buffers are then dropped unread instead of parsed and written to disk. With a ``pacer``, each
+    chunk it paces waits its turn there before the next is read, once the client is known present."""
     peer_closed = _peer_closed(request)
     unchecked = 0
+    read = 0
     async for chunk in request.stream():
         yield chunk
+        read += len(chunk)
         unchecked += len(chunk)
-        if peer_closed is not None and unchecked >= PEER_CHECK_BYTES:
+        paced = pacer is not None and pacer.paces(read)
+        if peer_closed is not None and (paced or unchecked >= PEER_CHECK_BYTES):
             unchecked = 0
-            if peer_closed():
+            if peer_closed():  # before waiting a turn: a departed client's turn would be wasted
                 raise ClientDisconnect
+        if paced and pacer is not None:
+            await pacer.pace(len(chunk))
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -115,11 +115,11 @@ async def predict(
         gsd=gsd,
     )
     received = time.perf_counter()
-    async with services.uploads.slot():
+    async with services.upload_slot(request.headers.get("content-length")):
         upload = await receive_upload(
             request.headers.get("content-type"),
             request.headers.get("content-length"),
-            body_stream(request),
+            body_stream(request, services.pacer),
             settings.data_dir / "uploads",
             settings.limits.max_upload_bytes,
             # Only COCO reports the image's sha256 (images[].sha256); hashing costs CPU per byte.
@@ -194,11 +194,11 @@ async def quicklook(
         default_score_threshold=settings.tiling.score_threshold,
         max_pixels=settings.limits.max_predict_pixels,
     )
-    async with services.uploads.slot():
+    async with services.upload_slot(request.headers.get("content-length")):
         upload = await receive_upload(
             request.headers.get("content-type"),
             request.headers.get("content-length"),
-            body_stream(request),
+            body_stream(request, services.pacer),
             settings.data_dir / "uploads",
             settings.limits.max_upload_bytes,
             sha256=False,

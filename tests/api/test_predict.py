@@ -6,7 +6,10 @@ can check each format's body exactly and the json body against the documented re
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,12 +17,13 @@ import httpx
 import pytest
 
 from export.synth import PALM_CATEGORIES
+from gateway.admission import EMBEDDED_BUSY_UPLOAD_BYTES_PER_S, Admission
 from gateway.api.schemas import PredictResponse
-from gateway.app import create_app
+from gateway.app import create_app, upload_pacer
 from gateway.decode import DecodePool
 from gateway.pipeline.result import ModelInfo
 from gateway.predictor import Predictor
-from gateway.settings import DecodeSettings, Settings
+from gateway.settings import DecodeSettings, LimitSettings, Settings, TritonSettings
 from tests.fakes import FAKE_CONTRACT, FakeInference, fixed_box
 
 
@@ -102,3 +106,49 @@ async def test_the_image_in_a_wrongly_named_part_or_twice_is_explained(
     )
     assert twice.status_code == 400
     assert "more than one part named 'file'" in twice.json()["detail"]
+
+
+async def test_a_large_upload_is_paced_while_another_prediction_is_in_progress(
+    tmp_path: Path, geotiff: Callable[..., Path]
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        decode=DecodeSettings(workers=1, file_timeout_s=60),
+        limits=LimitSettings(busy_upload_bytes_per_s=2 * 1024**2),
+    )
+    not_an_image = {"file": ("noise.tif", os.urandom(4 * 1024**2), "image/tiff")}  # refused once in
+    tile = {"file": ("scene.tif", geotiff(width=256, height=256).read_bytes(), "image/tiff")}
+    async with DecodePool(settings.decode, settings.limits, tile_size=512) as pool:
+        predictor = Predictor(
+            pool,
+            FakeInference(fixed_box(100, 100, 120, 120), delay_s=2.0),
+            ModelInfo("palm", "1", "ab" * 32, categories=PALM_CATEGORIES, contract=FAKE_CONTRACT),
+            tiling=settings.tiling,
+            triton=settings.triton,
+        )
+        app = create_app(settings, predictor=predictor)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+
+                async def upload_seconds() -> float:
+                    started = time.perf_counter()
+                    assert (await http.post("/v1/predict", files=not_an_image)).status_code == 415
+                    return time.perf_counter() - started
+
+                idle = await upload_seconds()
+                predicting = asyncio.ensure_future(http.post("/v1/predict", files=tile))
+                await asyncio.sleep(0.3)
+                busy = await upload_seconds()
+                assert (await predicting).status_code == 200
+    # 2 MiB past the free ones at 2 MiB/s: about a second more.
+    assert busy > idle + 0.6, (idle, busy)
+
+
+def test_uploads_are_paced_by_default_only_beside_the_embedded_triton() -> None:
+    admission = Admission(1)
+    embedded = upload_pacer(Settings(), admission)
+    assert embedded is not None
+    assert embedded.bytes_per_s == EMBEDDED_BUSY_UPLOAD_BYTES_PER_S
+    assert upload_pacer(Settings(triton=TritonSettings(url="127.0.0.1:8001")), admission) is None
+    assert upload_pacer(Settings(limits=LimitSettings(busy_upload_bytes_per_s=0)), admission) is None

@@ -193,6 +193,31 @@ def test_stalled_uploads_neither_block_predictions_nor_stay(gateway: Gateway, ti
         assert "request body stalled" in problem["detail"]
 
 
+def test_a_flood_of_large_uploads_is_refused_at_the_door_and_small_ones_still_pass(
+    gateway: Gateway, tile_bytes: bytes
+) -> None:
+    head = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
+        b"Content-Length: 9000000\r\n\r\n"
+    )
+    large = []
+    try:
+        for _ in range(8):  # every large-upload slot (the default limit)
+            conn = socket.create_connection(gateway.address, timeout=6)
+            conn.sendall(head + multipart(b"x" * 1024)[:1024])
+            large.append(conn)
+        time.sleep(0.3)  # the eight are streaming
+        status, problem = problem_of(raw(gateway.address, head + multipart(b"x" * 1024)[:1024]))
+        assert status == 503
+        assert "uploads over 2 MiB" in problem["detail"]
+
+        honest = post_predict(gateway, tile_bytes)
+        assert honest.status_code == 200, honest.text
+    finally:
+        for conn in large:
+            conn.close()
+
+
 # 1b ------------------------------------------------------------------------------------------------
 
 
