@@ -46,12 +46,15 @@ twice what the model reads of DEFLATE scenes per second on 2 cores, so pacing ne
 
 def is_large_upload(content_length: str | None) -> bool:
     """Whether a body of this declared ``Content-Length`` (``None``: chunked) is a large upload."""
-    return content_length is None or not content_length.isdigit() or int(content_length) > LARGE_UPLOAD_BYTES
+    if content_length is None or not (content_length.isascii() and content_length.isdigit()):
+        return True
+    return int(content_length) > LARGE_UPLOAD_BYTES
 
 
 class UploadPacer:
     """A budget of bytes per second shared by the large uploads read while ``busy()`` says that
-    predictions are in progress.
+    predictions are in progress (the app counts those of /v1/predict and /v1/quicklook; job files do
+    not count).
 
     Reading an upload costs the gateway CPU (socket, multipart parsing, writing): about 2 ms per MB on
     a 2-core host whose model reads 25 MB of scene a second. When the model and the gateway share the
@@ -80,10 +83,12 @@ class UploadPacer:
         """Whether the next chunk of a body of which ``read`` bytes are in waits its turn."""
         return read > self.free_bytes and self.busy()
 
-    async def pace(self, chunk: int) -> None:
-        """Wait for the turn of ``chunk`` bytes just read (call only when :meth:`paces`)."""
+    async def pace(self, read: int, chunk: int) -> None:
+        """Wait for the turn of the ``chunk`` bytes just read, ``read`` in all (call only when
+        :meth:`paces`); the free bytes in the chunk take no turn."""
+        paced = min(chunk, read - self.free_bytes)
         now = asyncio.get_running_loop().time()
         start = max(now, self._next_at)
-        self._next_at = start + chunk / self.bytes_per_s
+        self._next_at = start + paced / self.bytes_per_s
         if start > now:
             await asyncio.sleep(start - now)

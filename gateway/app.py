@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def upload_pacer(settings: Settings, admission: Admission) -> UploadPacer | None:
-    """The pacing of /v1/predict uploads while ``admission`` has predictions in progress, if any."""
+    """The pacing of /v1/predict and /v1/quicklook bodies while ``admission`` (those endpoints'
+    predictions) has requests in progress, if any."""
     rate = settings.limits.busy_upload_bytes_per_s
     if rate is None:  # the embedded Triton runs on the gateway's own cores; an external one does not
         rate = EMBEDDED_BUSY_UPLOAD_BYTES_PER_S if settings.triton.url is None else 0
@@ -67,12 +68,16 @@ def create_app(
     metrics = metrics if metrics is not None else Metrics()
 
     uploads = Admission(settings.limits.max_concurrent_uploads, "uploads")
-    large_uploads = Admission(settings.limits.max_concurrent_large_uploads, "uploads over 2 MiB")
+    # Paced uploads hold their slots longer; large ones have slots of their own (UploadPacer).
+    large_uploads = Admission(
+        settings.limits.max_concurrent_large_uploads, "uploads over 2 MiB or of unknown length"
+    )
 
     def services(
         ready: Predictor, jobs: Jobs | None = None, triton_metrics_url: str | None = None
     ) -> Services:
         admission = Admission(settings.limits.max_concurrent_predicts, "predictions")
+        pacer = upload_pacer(settings, admission)
         return Services(
             settings=settings,
             metrics=metrics,
@@ -81,8 +86,8 @@ def create_app(
             readiness=ready.inference,
             admission=admission,
             uploads=uploads,
-            large_uploads=large_uploads,
-            pacer=upload_pacer(settings, admission),
+            large_uploads=large_uploads if pacer is not None else None,
+            pacer=pacer,
             jobs=jobs,
             triton_metrics_url=triton_metrics_url,
         )

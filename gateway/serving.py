@@ -16,9 +16,13 @@ Which layer enforces what (``HttpSettings``, ``PALM_HTTP__*``)::
         under body_min_rate_bytes after body_grace_s                -> 408, connection closed
       a response sent before its request body was read             -> connection closed
       multipart framing, part counts and byte caps                  -> 400 / 413
-      more large bodies (over 2 MiB) to /v1/predict than allowed    -> 503 + Retry-After
-      large bodies while predictions are in progress                -> read at a shared pace
-      a client that closed its end (POLLRDHUP, see peer_closed)    -> rest of body unread, 499
+      with the embedded Triton (uploads paced, gateway.admission.UploadPacer):
+        more large bodies (over 2 MiB, or chunked) to /v1/predict
+        and /v1/quicklook than max_concurrent_large_uploads         -> 503 + Retry-After
+        their bytes past 2 MiB while /v1/predict or /v1/quicklook
+        requests are predicting                                     -> read at a shared pace
+      a client that closed its end (POLLRDHUP, see peer_closed;
+        bodies read through gateway.api.deps.body_stream)           -> rest of body unread, 499
 
 Every refusal is RFC 9457 problem+json, the ones written here included. A reverse proxy in front
 (``deploy/nginx.conf``) enforces the same kinds of limits earlier and buffers slow clients itself.
@@ -45,8 +49,12 @@ logger = logging.getLogger(__name__)
 
 
 PEER_CLOSED = "palm.peer_closed"
-"""ASGI scope extension set by :class:`GuardedHttpToolsProtocol`; its ``closed`` is a callable telling
-whether the client has closed its end of the connection (see :func:`gateway.api.deps.client_gone`)."""
+"""ASGI scope extension set by :class:`GuardedHttpToolsProtocol` where the kernel can tell (Linux's
+``POLLRDHUP``); its ``closed`` is a callable telling whether the client has closed its end of the
+connection (see :func:`gateway.api.deps.client_gone`). Elsewhere the app learns of a close only when
+the server reads the end of the stream."""
+
+_POLLRDHUP: int | None = getattr(select, "POLLRDHUP", None) if hasattr(select, "poll") else None
 
 
 class _Refused(Exception):
@@ -93,10 +101,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return True
         sock = self.transport.get_extra_info("socket")
-        if sock is None:
+        if sock is None or _POLLRDHUP is None:
             return False
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLRDHUP)
+        poller.register(sock.fileno(), _POLLRDHUP)
         return bool(poller.poll(0))
 
     def data_received(self, data: bytes) -> None:
@@ -141,7 +149,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {PEER_CLOSED: {"closed": self.peer_closed}}
+        if _POLLRDHUP is not None:
+            self.scope.setdefault("extensions", {})[PEER_CLOSED] = {"closed": self.peer_closed}
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_count = 0

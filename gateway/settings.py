@@ -94,21 +94,22 @@ class LimitSettings(BaseModel):
         default=64, gt=0, description="Uploads streaming to disk at once; more get 503 + Retry-After."
     )
     max_concurrent_large_uploads: int = Field(
-        default=8,
+        default=16,
         gt=0,
         description=(
-            "Uploads to /v1/predict and /v1/quicklook over 2 MiB (declared, or of unknown length) "
-            "streaming at once, within max_concurrent_uploads; more get 503 + Retry-After."
+            "While uploads are paced (busy_upload_bytes_per_s): bodies to /v1/predict and /v1/quicklook "
+            "over 2 MiB or of unknown length streaming at once, within max_concurrent_uploads; more get "
+            "503 + Retry-After."
         ),
     )
     busy_upload_bytes_per_s: int | None = Field(
         default=None,
         ge=0,
         description=(
-            "While predictions are in progress, uploads to /v1/predict and /v1/quicklook are read no "
-            "faster than this in total (bytes/s), each past its first 2 MiB, so that a flood of large "
-            "uploads cannot take the cores the predictions need. Unset: 64 MiB/s with the embedded "
-            "(CPU) Triton, unpaced with an external one; 0: never paced."
+            "While /v1/predict or /v1/quicklook requests are predicting, the bodies of those endpoints "
+            "are read no faster than this in total (bytes/s), each past its first 2 MiB, so that a "
+            "flood of large uploads cannot take the cores the predictions need. Unset: 64 MiB/s with "
+            "the embedded (CPU) Triton, unpaced with an external one; 0: never paced."
         ),
     )
     max_predict_pixels: int = Field(
@@ -370,6 +371,14 @@ class Settings(BaseSettings):
     def _refuse_unsafe(self) -> Settings:
         if self.webhook.lease_s <= self.webhook.timeout_s:
             raise ValueError("webhook.lease_s must be longer than webhook.timeout_s")
+        paced = self.limits.busy_upload_bytes_per_s
+        slowest = 2 * self.limits.max_concurrent_large_uploads * self.http.body_min_rate_bytes
+        if paced and paced < slowest:
+            # A paced wait counts against the body's minimum rate: honest uploads would time out.
+            raise ValueError(
+                f"limits.busy_upload_bytes_per_s must be 0 or at least {slowest} (twice "
+                "limits.max_concurrent_large_uploads x http.body_min_rate_bytes)"
+            )
         return self
 
 

@@ -41,7 +41,7 @@ async def read_paced(pacer: UploadPacer, size: int) -> float:
     started = time.perf_counter()
     for read in range(CHUNK, size + 1, CHUNK):
         if pacer.paces(read):
-            await pacer.pace(CHUNK)
+            await pacer.pace(read, CHUNK)
     return time.perf_counter() - started
 
 

@@ -87,6 +87,8 @@ async def body_stream(request: Request, pacer: UploadPacer | None = None) -> Asy
     unchecked = 0
     read = 0
     async for chunk in request.stream():
+        if not chunk:
+            continue
         yield chunk
         read += len(chunk)
         unchecked += len(chunk)
@@ -96,7 +98,7 @@ async def body_stream(request: Request, pacer: UploadPacer | None = None) -> Asy
             if peer_closed():  # before waiting a turn: a departed client's turn would be wasted
                 raise ClientDisconnect
         if paced and pacer is not None:
-            await pacer.pace(len(chunk))
+            await pacer.pace(read, len(chunk))
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -3,13 +3,17 @@ request whose connection reports a close through the server's ``palm.peer_closed
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from starlette.requests import ClientDisconnect, Request
 
-from gateway.api.deps import PEER_CHECK_BYTES, body_stream, client_gone
+from gateway.admission import Admission, UploadPacer
+from gateway.api.deps import PEER_CHECK_BYTES, Services, body_stream, client_gone
+from gateway.errors import Overloaded
 from gateway.serving import PEER_CLOSED
+from gateway.settings import Settings
 
 CHUNK = 64 * 1024
 
@@ -64,10 +68,57 @@ async def test_a_server_without_the_extension_streams_as_before() -> None:
     assert len(body) == 40 * CHUNK
 
 
-async def test_a_client_that_closed_after_its_body_is_gone_before_the_server_reads_the_end() -> None:
+async def test_client_gone_asks_the_connection_before_any_disconnect_is_reported() -> None:
     connection = Connection(chunks=1)
     request = connection.request()
     _ = [chunk async for chunk in body_stream(request)]
     assert not await client_gone(request)
     connection.closed = True
     assert await client_gone(request)
+
+
+async def test_a_departed_client_takes_no_turn_of_the_pace() -> None:
+    pacer = UploadPacer(1024**2, lambda: True, free_bytes=0)  # 64 KiB chunks: 62 ms a turn
+    connection = Connection(chunks=40)
+    connection.closed = True
+
+    async def read_all() -> None:
+        async for _ in body_stream(connection.request(), pacer):
+            pass
+
+    started = time.perf_counter()
+    with pytest.raises(ClientDisconnect):
+        await read_all()
+    assert time.perf_counter() - started < 0.05
+    assert connection.received == 1
+
+
+async def test_a_present_client_is_paced() -> None:
+    pacer = UploadPacer(1024**2, lambda: True, free_bytes=0)
+    connection = Connection(chunks=8)  # 512 KiB: half a second at 1 MiB/s
+    started = time.perf_counter()
+    _ = [chunk async for chunk in body_stream(connection.request(), pacer)]
+    assert 0.35 < time.perf_counter() - started < 2
+
+
+async def test_large_and_chunked_bodies_take_a_large_slot_and_give_both_back_when_refused() -> None:
+    uploads, large = Admission(4), Admission(1, "uploads over 2 MiB or of unknown length")
+    services = Services(
+        settings=Settings(),
+        metrics=None,  # type: ignore[arg-type]
+        model=None,  # type: ignore[arg-type]
+        predictor=None,  # type: ignore[arg-type]
+        readiness=None,  # type: ignore[arg-type]
+        admission=Admission(1),
+        uploads=uploads,
+        large_uploads=large,
+    )
+    async with services.upload_slot(None):  # chunked: of unknown length
+        assert (uploads.active, large.active) == (1, 1)
+        with pytest.raises(Overloaded, match="uploads over 2 MiB"):
+            async with services.upload_slot(str(3 * 1024**2)):
+                pass
+        assert uploads.active == 1
+        async with services.upload_slot("1000"):  # small bodies need no large slot
+            assert (uploads.active, large.active) == (2, 1)
+    assert (uploads.active, large.active) == (0, 0)

@@ -138,7 +138,8 @@ async def test_a_large_upload_is_paced_while_another_prediction_is_in_progress(
 
                 idle = await upload_seconds()
                 predicting = asyncio.ensure_future(http.post("/v1/predict", files=tile))
-                await asyncio.sleep(0.3)
+                while not app.state.services.admission.active:  # the tile is in and predicting
+                    await asyncio.sleep(0.01)
                 busy = await upload_seconds()
                 assert (await predicting).status_code == 200
     # 2 MiB past the free ones at 2 MiB/s: about a second more.
@@ -147,8 +148,15 @@ async def test_a_large_upload_is_paced_while_another_prediction_is_in_progress(
 
 def test_uploads_are_paced_by_default_only_beside_the_embedded_triton() -> None:
     admission = Admission(1)
-    embedded = upload_pacer(Settings(), admission)
+    embedded = upload_pacer(Settings(triton=TritonSettings(url=None), limits=LimitSettings()), admission)
     assert embedded is not None
     assert embedded.bytes_per_s == EMBEDDED_BUSY_UPLOAD_BYTES_PER_S
-    assert upload_pacer(Settings(triton=TritonSettings(url="127.0.0.1:8001")), admission) is None
+    external = Settings(triton=TritonSettings(url="127.0.0.1:8001"), limits=LimitSettings())
+    assert upload_pacer(external, admission) is None
     assert upload_pacer(Settings(limits=LimitSettings(busy_upload_bytes_per_s=0)), admission) is None
+
+
+def test_a_pace_that_would_time_out_honest_uploads_is_refused() -> None:
+    with pytest.raises(ValueError, match="busy_upload_bytes_per_s must be 0 or at least"):
+        Settings(limits=LimitSettings(busy_upload_bytes_per_s=100_000))
+    assert Settings(limits=LimitSettings(busy_upload_bytes_per_s=0)).limits.busy_upload_bytes_per_s == 0

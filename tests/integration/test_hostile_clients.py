@@ -25,7 +25,7 @@ import pytest
 from fastapi import FastAPI
 
 from export.synth import render_scene, write_geotiff
-from gateway import procfs
+from gateway import procfs, serving
 from gateway.app import create_app
 from gateway.metrics import Metrics
 from gateway.settings import DecodeSettings, HttpSettings, LimitSettings, Settings, TritonSettings
@@ -202,7 +202,7 @@ def test_a_flood_of_large_uploads_is_refused_at_the_door_and_small_ones_still_pa
     )
     large = []
     try:
-        for _ in range(8):  # every large-upload slot (the default limit)
+        for _ in range(LimitSettings().max_concurrent_large_uploads):  # every large-upload slot
             conn = socket.create_connection(gateway.address, timeout=6)
             conn.sendall(head + multipart(b"x" * 1024)[:1024])
             large.append(conn)
@@ -216,6 +216,14 @@ def test_a_flood_of_large_uploads_is_refused_at_the_door_and_small_ones_still_pa
     finally:
         for conn in large:
             conn.close()
+
+
+def test_without_the_kernels_close_signal_predictions_still_work(
+    gateway: Gateway, tile_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serving, "_POLLRDHUP", None)  # as on macOS and Windows
+    honest = post_predict(gateway, tile_bytes)
+    assert honest.status_code == 200, honest.text
 
 
 # 1b ------------------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ def two_instances(
         model = _initialize(
             model_module, tmp_path, {"onnx_file": "tiny.onnx"}, count=2, instance=f"palm_0_{index}"
         )
-        assert "calls of <= 1 tiles on an idle server use 2" in FakeLogger.messages[-1]
+        assert "calls of <= 1 tiles on an idle server may use 2" in FakeLogger.messages[-1]
         model.session, model.solo = RecordingSession(), RecordingSession()
         models.append(model)
     table = Path("/dev/shm") / lanes

@@ -133,7 +133,7 @@ class TritonPythonModel:
                 self.solo = _session(path, cores)
         self.logger.log_info(
             f"{self.name}: loaded {path} on onnxruntime {ort.__version__} with {threads} intra-op threads"
-            + (f"; calls of <= {self.solo_max_tiles} tiles on an idle server use {cores}" if self.solo else "")
+            + (f"; calls of <= {self.solo_max_tiles} tiles on an idle server may use {cores}" if self.solo else "")
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
