@@ -80,7 +80,7 @@ class UploadPacer:
         self._next_at = 0.0
 
     def paces(self, read: int) -> bool:
-        """Whether the next chunk of a body of which ``read`` bytes are in waits its turn."""
+        """Whether a body of which ``read`` bytes are now in waits a turn before its next read."""
         return read > self.free_bytes and self.busy()
 
     async def pace(self, read: int, chunk: int) -> None:
