@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -24,7 +25,9 @@ from gateway.errors import ClientClosedRequest, GatewayError
 from gateway.options import PredictOptions
 from gateway.pipeline.render import MEDIA_TYPES, OutputFormat, render
 from gateway.pipeline.result import ImageResult
-from gateway.uploads import discard, receive_upload
+from gateway.uploads import Upload, discard, receive_upload
+
+T = TypeVar("T")
 
 router = APIRouter(tags=["inference"], dependencies=[PredictAccess, StrictQuery])
 
@@ -115,34 +118,48 @@ async def predict(
         gsd=gsd,
     )
     received = time.perf_counter()
-    async with services.upload_slot(request.headers.get("content-length")):
-        upload = await receive_upload(
-            request.headers.get("content-type"),
-            request.headers.get("content-length"),
-            body_stream(request, services.pacer),
-            settings.data_dir / "uploads",
-            settings.limits.max_upload_bytes,
-            # Only COCO reports the image's sha256 (images[].sha256); hashing costs CPU per byte.
-            sha256=format is OutputFormat.coco,
-        )
+    # Only COCO reports the image's sha256 (images[].sha256); hashing costs CPU per byte.
+    upload = await _receive(request, services, sha256=format is OutputFormat.coco)
     uploaded = time.perf_counter()
     try:
         services.metrics.upload_bytes.inc(upload.size)
         services.metrics.stage_latency.labels("upload").observe(uploaded - received)
-        if await client_gone(request):  # the client sent its file and left: nobody to answer
-            raise ClientClosedRequest("the client closed the connection after its upload")
-        # A prediction slot is taken only now that there is work: a slow upload holds none.
-        async with services.admission.slot():
-            result = await unless_disconnected(
-                request,
-                services.predictor.predict_file(upload.path, upload.file_name, options, sha256=upload.sha256),
-            )
+        result = await _while_present(
+            request,
+            services,
+            lambda: services.predictor.predict_file(
+                upload.path, upload.file_name, options, sha256=upload.sha256
+            ),
+        )
     except GatewayError as exc:
         services.metrics.images.labels(exc.slug).inc()
         raise
     finally:
         discard(upload)
     return _respond(services, result, options, format, {"upload": uploaded - received})
+
+
+async def _receive(request: Request, services: Services, *, sha256: bool) -> Upload:
+    """The request's one file, streamed to disk under an upload slot, paced, and within the size cap."""
+    async with services.upload_slot(request.headers.get("content-length")):
+        return await receive_upload(
+            request.headers.get("content-type"),
+            request.headers.get("content-length"),
+            body_stream(request, services.pacer),
+            services.settings.data_dir / "uploads",
+            services.settings.limits.max_upload_bytes,
+            sha256=sha256,
+        )
+
+
+async def _while_present(request: Request, services: Services, start: Callable[[], Awaitable[T]]) -> T:
+    """The work ``start`` begins, under a prediction slot and cancelled if the client leaves; none at all
+    for a client that sent its file and left already. The slot is taken only now that there is work:
+    a slow upload holds none."""
+    if await client_gone(request):
+        raise ClientClosedRequest("the client closed the connection after its upload")
+    async with services.admission.slot():
+        return await unless_disconnected(request, start())
 
 
 def _respond(
@@ -194,23 +211,13 @@ async def quicklook(
         default_score_threshold=settings.tiling.score_threshold,
         max_pixels=settings.limits.max_predict_pixels,
     )
-    async with services.upload_slot(request.headers.get("content-length")):
-        upload = await receive_upload(
-            request.headers.get("content-type"),
-            request.headers.get("content-length"),
-            body_stream(request, services.pacer),
-            settings.data_dir / "uploads",
-            settings.limits.max_upload_bytes,
-            sha256=False,
-        )
+    upload = await _receive(request, services, sha256=False)
     try:
-        if await client_gone(request):
-            raise ClientClosedRequest("the client closed the connection after its upload")
-        async with services.admission.slot():
-            look = await unless_disconnected(
-                request,
-                services.predictor.quicklook(upload.path, upload.file_name, options, max_side=max_side),
-            )
+        look = await _while_present(
+            request,
+            services,
+            lambda: services.predictor.quicklook(upload.path, upload.file_name, options, max_side=max_side),
+        )
     finally:
         discard(upload)
     return Response(look.png, media_type="image/png", headers={"Cache-Control": "no-store"})
