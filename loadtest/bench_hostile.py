@@ -12,8 +12,8 @@ Starts ``palm-serve serve`` (embedded Triton, default limits) on a free 127.0.0.
      over and over.
 
 Prints both rows, the gateway's answers to the hostile requests by status, and the ratio of the p50s
-(target: under 2x, and no 503 for honest clients). Every
-client stops by itself when the phase ends. Run: ``python -m loadtest.bench_hostile [--seconds 20]``.
+(target: under 2x, and no 503 for honest clients). Every client stops by itself when the phase ends.
+Run: ``python -m loadtest.bench_hostile [--seconds 20]``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from export.synth import render_scene, write_geotiff
 from gateway import procfs
@@ -144,15 +145,11 @@ class CpuShare:
 def predict_statuses(url: str) -> Counter[str]:
     """``/v1/predict`` answers so far by status, from the gateway's own metrics."""
     counts: Counter[str] = Counter()
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("palm_http_requests_total{") and 'route="/v1/predict"' in line:
-            status = line.split('status="', 1)[1].split('"', 1)[0]
-            counts[status] += int(float(line.rsplit(" ", 1)[1]))
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "palm_http_requests_total" and sample.labels.get("route") == "/v1/predict":
+                counts[sample.labels["status"]] += int(sample.value)
     return counts
-
-
-def busy_codes_as_text(codes: Counter[int]) -> Counter[str]:
-    return Counter({str(code): count for code, count in codes.items()})
 
 
 def summary(name: str, times: list[float], codes: Counter[int]) -> str:
@@ -204,7 +201,8 @@ def main() -> None:
             busy_cpu = share.end()
             stop.set()
             attackers.join()
-            answered = predict_statuses(url) - before - busy_codes_as_text(busy_codes)
+            honest_codes = Counter({str(code): count for code, count in busy_codes.items()})
+            answered = predict_statuses(url) - before - honest_codes
         finally:
             process.terminate()
             process.wait(60)

@@ -11,10 +11,12 @@ import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from export.synth import PALM_CATEGORIES
 from gateway.admission import EMBEDDED_BUSY_UPLOAD_BYTES_PER_S, Admission
@@ -27,13 +29,15 @@ from gateway.settings import DecodeSettings, LimitSettings, Settings, TritonSett
 from tests.fakes import FAKE_CONTRACT, FakeInference, fixed_box
 
 
-@pytest.fixture
-async def http(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(data_dir=tmp_path / "data", decode=DecodeSettings(workers=1, file_timeout_s=60))
+@asynccontextmanager
+async def serving(
+    settings: Settings, inference: FakeInference
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The real app, decode worker included, around ``inference``, and a client talking to it in process."""
     async with DecodePool(settings.decode, settings.limits, tile_size=512) as pool:
         predictor = Predictor(
             pool,
-            FakeInference(fixed_box(100, 100, 120, 120)),
+            inference,
             ModelInfo("palm", "1", "ab" * 32, categories=PALM_CATEGORIES, contract=FAKE_CONTRACT),
             tiling=settings.tiling,
             triton=settings.triton,
@@ -42,7 +46,14 @@ async def http(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-                yield client
+                yield app, client
+
+
+@pytest.fixture
+async def http(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(data_dir=tmp_path / "data", decode=DecodeSettings(workers=1, file_timeout_s=60))
+    async with serving(settings, FakeInference(fixed_box(100, 100, 120, 120))) as (_, client):
+        yield client
 
 
 async def test_each_format_reports_the_box(http: httpx.AsyncClient, geotiff: Callable[..., Path]) -> None:
@@ -118,30 +129,20 @@ async def test_a_large_upload_is_paced_while_another_prediction_is_in_progress(
     )
     not_an_image = {"file": ("noise.tif", os.urandom(4 * 1024**2), "image/tiff")}  # refused once in
     tile = {"file": ("scene.tif", geotiff(width=256, height=256).read_bytes(), "image/tiff")}
-    async with DecodePool(settings.decode, settings.limits, tile_size=512) as pool:
-        predictor = Predictor(
-            pool,
-            FakeInference(fixed_box(100, 100, 120, 120), delay_s=2.0),
-            ModelInfo("palm", "1", "ab" * 32, categories=PALM_CATEGORIES, contract=FAKE_CONTRACT),
-            tiling=settings.tiling,
-            triton=settings.triton,
-        )
-        app = create_app(settings, predictor=predictor)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+    slow = FakeInference(fixed_box(100, 100, 120, 120), delay_s=2.0)
+    async with serving(settings, slow) as (app, http):
 
-                async def upload_seconds() -> float:
-                    started = time.perf_counter()
-                    assert (await http.post("/v1/predict", files=not_an_image)).status_code == 415
-                    return time.perf_counter() - started
+        async def upload_seconds() -> float:
+            started = time.perf_counter()
+            assert (await http.post("/v1/predict", files=not_an_image)).status_code == 415
+            return time.perf_counter() - started
 
-                idle = await upload_seconds()
-                predicting = asyncio.ensure_future(http.post("/v1/predict", files=tile))
-                while not app.state.services.admission.active:  # the tile is in and predicting
-                    await asyncio.sleep(0.01)
-                busy = await upload_seconds()
-                assert (await predicting).status_code == 200
+        idle = await upload_seconds()
+        predicting = asyncio.ensure_future(http.post("/v1/predict", files=tile))
+        while not app.state.services.admission.active:  # the tile is in and predicting
+            await asyncio.sleep(0.01)
+        busy = await upload_seconds()
+        assert (await predicting).status_code == 200
     # 2 MiB past the free ones at 2 MiB/s: about a second more.
     assert busy > idle + 0.6, (idle, busy)
 

@@ -153,6 +153,15 @@ def multipart(
     )
 
 
+def predict_request(payload: bytes) -> bytes:
+    """A whole ``POST /v1/predict`` with ``payload`` as its one file part, as raw bytes."""
+    body = multipart(payload)
+    return (
+        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
 @pytest.fixture(scope="module")
 def tile_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return write_geotiff(
@@ -399,11 +408,7 @@ def test_the_body_is_capped_as_a_whole_and_refused_bodies_close_the_connection(
 
 def test_work_for_a_departed_client_is_cancelled(gateway: Gateway, tmp_path: Path) -> None:
     scene = write_geotiff(render_scene(1_000_402, size=2048), tmp_path / "big.tif").read_bytes()
-    body = multipart(scene)
-    request = (
-        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = predict_request(scene)
     gateway.backend.delay_s = 0.5
     calls = gateway.backend.calls
     with socket.create_connection(gateway.address, timeout=5) as conn:
@@ -423,11 +428,7 @@ def test_a_client_that_sends_its_upload_and_closes_starts_no_decoding(
     gateway: Gateway, tmp_path: Path
 ) -> None:
     scene = write_geotiff(render_scene(1_000_405, size=2048), tmp_path / "big.tif").read_bytes()
-    body = multipart(scene)
-    request = (
-        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = predict_request(scene)
     decoders = gateway.decoder_pids
     cpu_before = sum(procfs.cpu_seconds(pid) or 0.0 for pid in decoders)
     closed_before = gateway.counter("499")
@@ -491,12 +492,8 @@ async def test_departed_clients_leave_triton_idle_for_the_next_one(
     real_gateway: str, triton_server: EmbeddedTriton, tmp_path: Path, tile_bytes: bytes
 ) -> None:
     scene = write_geotiff(render_scene(1_000_404, size=2048), tmp_path / "big.tif").read_bytes()
-    body = multipart(scene)
     host, port = real_gateway.removeprefix("http://").split(":")
-    request = (
-        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = predict_request(scene)
 
     def honest_p50() -> float:
         with httpx.Client(base_url=real_gateway, timeout=60) as client:
@@ -530,11 +527,7 @@ async def test_departed_clients_leave_triton_idle_for_the_next_one(
 def test_bodies_sent_with_their_headers_on_a_kept_alive_connection_pass(
     gateway: Gateway, tile_bytes: bytes
 ) -> None:
-    body = multipart(tile_bytes)
-    request = (
-        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = predict_request(tile_bytes)
     assert len(request) > 4 * FAST_LIMITS.max_header_bytes
     with socket.create_connection(gateway.address, timeout=30) as conn:
         reader = conn.makefile("rb")
